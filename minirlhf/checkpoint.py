@@ -1,0 +1,165 @@
+"""Hugging Face checkpoint folders in and out, with `safetensors` only, and atomic writes.
+
+`load_model` reads `config.json` and `model.safetensors` (or the shards listed in
+`model.safetensors.index.json`) straight into our modules: the network is built on the meta device (no random
+init, no `transformers` model in between) and the tensors are assigned in the dtype and on the device asked for.
+`save_model` writes the same layout back (sharded above `max_shard_bytes`), with the tokenizer, so
+`transformers.AutoModelForCausalLM` / `AutoModelForSequenceClassification` load what we save. Every write goes
+to a temporary path first and is renamed into place, so a killed run never leaves a half-written output.
+"""
+import json
+import os
+import shutil
+import uuid
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minirlhf.model import CausalLM, RewardModel, config_from_hf
+
+ARCHITECTURES = {  # model_type -> (causal LM class, reward model class) names in transformers
+    "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+    "mistral": ("MistralForCausalLM", "MistralForSequenceClassification"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
+}
+
+
+def atomic_write_text(path, text):
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_config(path) -> dict:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
+    with open(config_path) as f:
+        return json.load(f)
+
+
+def weight_files(path) -> list[str]:
+    """The safetensors files of a checkpoint folder: one file, or the shards named by the index."""
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise FileNotFoundError(f"{index}: lists shard(s) that do not exist: {missing}")
+        return [os.path.join(path, s) for s in shards]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                            "(minirlhf reads safetensors only, never pickled .bin weights)")
+
+
+def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0):
+    """Load a checkpoint as a `CausalLM` (kind="causal") or a `RewardModel` (kind="reward").
+
+    A reward model may start from a causal LM checkpoint: the backbone is loaded and the new `score` head is
+    drawn from N(0, initializer_range^2) with a generator seeded by `seed`, as `transformers` initialises it.
+    """
+    hf = read_config(path)
+    cfg = config_from_hf(hf, source=os.path.join(path, "config.json"))
+    with torch.device("meta"):
+        model = (CausalLM if kind == "causal" else RewardModel)(cfg)
+    expected = model.state_dict()
+    state = {}
+    for file in weight_files(path):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                if name not in expected:
+                    continue  # e.g. lm_head.weight of a tied or reward checkpoint, rotary buffers
+                tensor = f.get_tensor(name)
+                if tensor.shape != expected[name].shape:
+                    raise ValueError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
+                                     f"{tuple(expected[name].shape)}")
+                state[name] = tensor.to(dtype)
+    if kind == "reward" and "score.weight" not in state:
+        std = hf.get("initializer_range", 0.02)
+        generator = torch.Generator().manual_seed(seed)
+        state["score.weight"] = (torch.randn(1, cfg.hidden_size, generator=generator) * std).to(dtype).to(device)
+    missing = [name for name in expected if name not in state]
+    if missing:
+        raise ValueError(f"{path}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    model.load_state_dict(state, assign=True, strict=True)
+    return model
+
+
+def hf_config_for(model, tokenizer=None, dtype=None) -> dict:
+    cfg = model.config
+    hf = dict(cfg.hf)
+    is_reward = isinstance(model, RewardModel)
+    hf["architectures"] = [ARCHITECTURES[cfg.model_type][1 if is_reward else 0]]
+    if dtype is not None:
+        hf["dtype"] = str(dtype).removeprefix("torch.")
+    if is_reward:
+        hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    if hf.get("pad_token_id") is None and tokenizer is not None and tokenizer.pad_token_id is not None:
+        hf["pad_token_id"] = tokenizer.pad_token_id  # transformers' reward models need it to find the last token
+    return hf
+
+
+def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=5 * 2**30, extra_files=None):
+    """Write `model` (or a gathered full `state_dict` of it) as a Hugging Face folder, atomically.
+
+    `extra_files` maps file names to JSON-able objects written into the same folder (e.g. training state).
+    """
+    state = state_dict if state_dict is not None else model.state_dict()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    dtype = next(iter(state.values())).dtype
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    shards, current, size = [], {}, 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({name: fname for name in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf_config_for(model, tokenizer, dtype), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for fname, obj in (extra_files or {}).items():
+        with open(os.path.join(tmp, fname), "w") as f:
+            json.dump(obj, f, indent=2)
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def replace_dir(tmp, out_dir):
+    """Move the finished folder `tmp` to `out_dir`; an existing `out_dir` is swapped out, then deleted."""
+    old = None
+    if os.path.exists(out_dir):
+        old = f"{tmp}.old"
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old:
+        shutil.rmtree(old)

@@ -1,0 +1,103 @@
+"""One code path from a single CPU process to many GPUs and nodes: process groups, FSDP2, gathering.
+
+`python script.py` runs as rank 0 of 1; `torchrun --nproc_per_node=N script.py` (or across nodes with
+`--nnodes`) starts N ranks that shard every transformer block and then the root with FSDP2
+(`torch.distributed.fsdp.fully_shard`): NCCL on CUDA, gloo on CPU, bf16 compute with fp32 gradient reduction on
+GPU. FSDP averages gradients over ranks, so a loss normalised by the global number of pairs and multiplied by
+`world_size` (see `losses.window_mean`) gives the gradient of one process that sees the global batch.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+
+def init_distributed():
+    """-> (rank, world_size, device). Starts a process group only when launched by torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def apply_fsdp(model, bf16=False):
+    """Shard each block, then the root (embeddings, final norm, heads), when more than one rank runs.
+
+    Sharding per block lets FSDP gather one block's weights at a time in forward and backward. The root unit
+    holds the (possibly tied) output embedding, so the fused log-prob op called inside `CausalLM.forward` sees
+    it unsharded. With one rank the model is returned as it is (the same math without the wrapper).
+    """
+    if world_size() == 1:
+        return model
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def full_state_dict(model):
+    """The full (unsharded) state dict on CPU, on every rank: a collective, so every rank must call it."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()  # all-gather of the shards
+        out[name] = tensor.detach().to("cpu", copy=True)
+    return out
+
+
+def all_gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...]; [obj] with one process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(tensor):
+    """In place sum over ranks (a sync point); returns the tensor."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor

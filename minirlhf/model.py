@@ -1,0 +1,280 @@
+"""A Llama-family decoder written from scratch: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3.
+
+One network covers the family: RMSNorm, rotary position embeddings (RoPE, Su et al. 2021, with the
+Llama 3.1 frequency scaling), grouped-query attention through `F.scaled_dot_product_attention`, and a SwiGLU
+MLP. The families differ only by switches read from the Hugging Face `config.json` (q/k/v bias for Qwen2,
+per-head q/k RMSNorm for Qwen3, a sliding window for Mistral v0.1, tied embeddings for Llama 3.2 and small
+Qwens). Module names mirror `transformers`, so `state_dict()` keys are exactly the hub's keys.
+
+Two heads on the same backbone:
+- `CausalLM` returns logits, or final hidden states, or (given `labels`) per-token log-probs computed by
+  the chunked fused op of `logprobs.py`, so training never holds (B, T, V) logits.
+- `RewardModel` is the Bradley-Terry reward model r(x, y) of the paper (Dong et al. 2024, eq. 2): a scalar
+  `score` head read at the last non-padding token, the layout of `LlamaForSequenceClassification`.
+
+The KV-cache hook is one method: a cache object with `update(layer_idx, k, v) -> (k_all, v_all)`; the
+sampler (`sampler.py`) owns the cache's layout.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from minirlhf.logprobs import fused_token_logps
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    pad_token_id: int | None
+    hf: dict  # the raw config.json, written back on save
+
+
+def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
+    """Read a Hugging Face config dict (old `rope_theta`/`rope_scaling` or new `rope_parameters` form)."""
+    def fail(what):
+        raise ValueError(f"{source}: unsupported {what}; minirlhf supports model_type in {SUPPORTED_MODEL_TYPES}")
+    model_type = d.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        fail(f"model_type {model_type!r}")
+    if d.get("hidden_act", "silu") != "silu":
+        fail(f"hidden_act {d['hidden_act']!r} (only 'silu')")
+    if d.get("quantization_config"):
+        fail("quantization_config (load an unquantized checkpoint)")
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    rope_theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        fail(f"rope_type {rope_type!r} (supported: {SUPPORTED_ROPE_TYPES})")
+    sliding_window = d.get("sliding_window")
+    if model_type in ("qwen2", "qwen3"):
+        if d.get("use_sliding_window"):
+            fail("use_sliding_window=true")
+        sliding_window = None
+    heads = d["num_attention_heads"]
+    attention_bias = bool(d.get("attention_bias", False))
+    return ModelConfig(
+        model_type=model_type, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta), rope_scaling=rope if rope_type != "default" else None,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias,
+        mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
+        sliding_window=sliding_window, pad_token_id=d.get("pad_token_id"), hf=dict(d))
+
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """(head_dim/2,) fp32 inverse frequencies theta^(-2i/d), with Llama 3.1's smooth long-context scaling."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.get("rope_type", s.get("type")) == "linear":
+        return inv_freq / s["factor"]
+    # llama3: long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    factor, lo, hi, old_len = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, hd); cos, sin (B, 1, T, hd). The rotate-half convention of the Hugging Face checkpoints."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in fp32 whatever the activation dtype, as the reference implementations do
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        D, H, Hkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(D, H * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, Hkv * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, Hkv * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * hd, D, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache):
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, -1, hd)
+        k = self.k_proj(x).view(B, T, -1, hd)
+        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, hd)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, hd)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd), past included
+        # mask None means plain causal attention with no padding: SDPA's flash path
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, F_, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(D, F_, bias=b)
+        self.up_proj = nn.Linear(D, F_, bias=b)
+        self.down_proj = nn.Linear(F_, D, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def build_attention_mask(attention_mask, T, sliding_window=None):
+    """(B, S) 0/1 key mask -> (B, 1, T, S) bool, True = attend. Queries are the last T of the S keys.
+
+    A query may see a key iff the key is real, not in its future and (Mistral) inside the window. Each query
+    also sees itself, so padded queries get a finite (ignored) output instead of NaN from an empty softmax.
+    """
+    B, S = attention_mask.shape
+    q_idx = torch.arange(S - T, S, device=attention_mask.device)[:, None]  # (T, 1)
+    k_idx = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
+    allowed = k_idx <= q_idx
+    if sliding_window is not None:
+        allowed = allowed & (k_idx > q_idx - sliding_window)
+    mask = allowed[None] & attention_mask.bool()[:, None, :]  # (B, T, S)
+    return (mask | (k_idx == q_idx)[None])[:, None]
+
+
+class Backbone(nn.Module):
+    """Embeddings, blocks and final norm: `model.*` in the Hugging Face layout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None):
+        """Final hidden states (B, T, D). See `CausalLM.forward` for the arguments."""
+        B, T = input_ids.shape
+        if attention_mask is None and kv_cache is not None:
+            raise ValueError("a kv_cache forward needs an attention_mask over all keys (cache + current)")
+        if attention_mask is None and self.cfg.sliding_window is not None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            if attention_mask is None or attention_mask.dim() != 2:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            else:  # left or right padding: a token's position counts the real tokens before it
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        mask = attention_mask
+        if attention_mask is not None and attention_mask.dim() == 2:
+            no_padding = kv_cache is None and self.cfg.sliding_window is None and bool(attention_mask.all())
+            mask = None if no_padding else build_attention_mask(attention_mask, T, self.cfg.sliding_window)
+        inv_freq = rope_inv_freq(self.cfg, input_ids.device)
+        freqs = position_ids[:, :, None].float() * inv_freq  # (B, T, hd/2), fp32 like the reference
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        x = self.embed_tokens(input_ids)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                # recompute each block's activations in backward: memory O(layers) instead of O(layers x acts)
+                x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """The policy: backbone + LM head (`lm_head`, or the input embedding when tied)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def output_weight(self):
+        """(V, D) output embedding."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, labels=None,
+                return_hidden=False):
+        """input_ids (B, T); attention_mask (B, S) 0/1 over all keys (cache + current) or a ready bool
+        (B, 1, T, S) mask; position_ids (B, T) default from the mask. Returns logits (B, T, V), or hidden
+        (B, T, D) if `return_hidden`, or fp32 token_logps (B, T) of `labels` (-100 = ignored, gives 0)."""
+        h = self.model(input_ids, attention_mask, position_ids, kv_cache)
+        if return_hidden:
+            return h
+        if labels is not None:
+            # inside forward so that FSDP2 has gathered the (possibly tied) output weight right now
+            return fused_token_logps(h, self.output_weight(), labels)
+        return F.linear(h, self.output_weight())
+
+
+class RewardModel(nn.Module):
+    """Bradley-Terry reward model: backbone + `score` (D -> 1) read at the last non-padding token."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        """input_ids, attention_mask (B, T) -> rewards (B,) fp32."""
+        h = self.model(input_ids, attention_mask)  # (B, T, D)
+        B, T = input_ids.shape
+        if attention_mask is None:
+            last = torch.full((B,), T - 1, device=input_ids.device)
+        else:  # rightmost real token: works for left and right padding, like transformers' pad-token rule
+            last = (attention_mask.long() * torch.arange(T, device=input_ids.device)).argmax(-1)
+        return self.score(h[torch.arange(B, device=h.device), last]).squeeze(-1).float()

@@ -1,0 +1,124 @@
+"""Loading and saving Hugging Face checkpoint folders: round trips through `transformers`, shards, dtypes, errors."""
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from minirlhf.checkpoint import load_model, save_model, weight_files
+from tiny import ragged_batch, save_tiny
+
+
+@pytest.mark.parametrize("family", ["llama3.2", "qwen3", "mistral"])
+def test_round_trip_through_transformers(tmp_path, family):
+    save_tiny(tmp_path / "src", family)
+    model = load_model(tmp_path / "src").eval()
+    save_model(model, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids, mask = ragged_batch([6, 3], "left")
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+                           transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src")(
+                               input_ids=ids, attention_mask=mask).logits[mask.bool()])
+        torch.testing.assert_close(model(ids, mask)[mask.bool()],
+                                   reloaded(input_ids=ids, attention_mask=mask).logits[mask.bool()], atol=1e-4, rtol=0)
+
+
+def test_reward_model_round_trip_and_new_head(tmp_path):
+    save_tiny(tmp_path / "lm", "llama3")
+    reward_model = load_model(tmp_path / "lm", kind="reward", seed=3).eval()  # causal LM -> new score head
+    assert reward_model.score.weight.abs().sum() > 0
+    save_model(reward_model, tmp_path / "rm")
+    config = json.load(open(tmp_path / "rm" / "config.json"))
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 1
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    ids, mask = ragged_batch([6, 3, 4], "right")
+    with torch.no_grad():
+        torch.testing.assert_close(reward_model(ids, mask), hf(input_ids=ids, attention_mask=mask).logits[:, 0],
+                                   atol=1e-4, rtol=0)
+
+
+def test_sharded_save_and_load(tmp_path):
+    save_tiny(tmp_path / "src", "llama3")
+    model = load_model(tmp_path / "src").eval()
+    save_model(model, tmp_path / "sharded", max_shard_bytes=20_000)
+    files = weight_files(tmp_path / "sharded")
+    assert len(files) > 2 and os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
+    again = load_model(tmp_path / "sharded")
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()
+    ids, _ = ragged_batch([5], "right")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_load(tmp_path, dtype):
+    save_tiny(tmp_path, "qwen2")
+    full = load_model(tmp_path).eval()
+    half = load_model(tmp_path, dtype=dtype).eval()
+    assert all(p.dtype == dtype for p in half.parameters())
+    ids, mask = ragged_batch([7, 4], "left")
+    with torch.no_grad():
+        err = (half(ids, mask).float() - full(ids, mask))[mask.bool()].abs().max()
+    assert err < 0.1  # bf16 has 8 bits of mantissa; a wrong layout would be off by O(1)
+
+
+def test_save_is_atomic_and_replaces(tmp_path):
+    save_tiny(tmp_path / "src", "llama3")
+    model = load_model(tmp_path / "src")
+    save_model(model, tmp_path / "out")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2)
+    save_model(model, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["out", "src"]  # no temporary folders left behind
+    assert torch.equal(load_model(tmp_path / "out").model.norm.weight, model.model.norm.weight)
+
+
+def test_tokenizer_saved_beside_weights(tmp_path, tokenizer):
+    save_tiny(tmp_path / "src", "llama3", vocab_size=len(tokenizer))
+    save_model(load_model(tmp_path / "src"), tmp_path / "out", tokenizer=tokenizer)
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert again.chat_template == tokenizer.chat_template and len(again) == len(tokenizer)
+
+
+def test_unsupported_model_type(tmp_path):
+    save_tiny(tmp_path, "llama3")
+    config = json.load(open(tmp_path / "config.json"))
+    json.dump({**config, "model_type": "gpt2"}, open(tmp_path / "config.json", "w"))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        load_model(tmp_path)
+
+
+def test_unsupported_rope_type(tmp_path):
+    save_tiny(tmp_path, "llama3", rope_scaling=dict(rope_type="yarn", factor=4.0, rope_theta=1e4,
+                                                     original_max_position_embeddings=64))
+    with pytest.raises(ValueError, match="rope_type 'yarn'"):
+        load_model(tmp_path)
+
+
+def test_missing_weight_file(tmp_path):
+    save_tiny(tmp_path, "llama3")
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_model(tmp_path)
+
+
+def test_missing_tensor(tmp_path):
+    save_tiny(tmp_path, "llama3")
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight"):
+        load_model(tmp_path)
+
+
+def test_shape_mismatch(tmp_path):
+    save_tiny(tmp_path, "llama3")
+    config = json.load(open(tmp_path / "config.json"))
+    json.dump({**config, "intermediate_size": 64}, open(tmp_path / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"mlp\..*_proj.weight has shape \((48, 32|32, 48)\), config.json implies"):
+        load_model(tmp_path)
