@@ -278,3 +278,23 @@ class RewardModel(nn.Module):
         else:  # rightmost real token: works for left and right padding, like transformers' pad-token rule
             last = (attention_mask.long() * torch.arange(T, device=input_ids.device)).argmax(-1)
         return self.score(h[torch.arange(B, device=h.device), last]).squeeze(-1).float()
+
+
+def init_model(hf_config: dict, kind="causal", seed=0, std=None):
+    """A freshly initialised model from a config dict, as `transformers` initialises one: N(0, std^2) for
+    linear and embedding weights (std = initializer_range), zero biases, unit norms; seeded, no global RNG."""
+    cfg = config_from_hf(hf_config)
+    std = hf_config.get("initializer_range", 0.02) if std is None else std
+    with torch.device("meta"):
+        model = (CausalLM if kind == "causal" else RewardModel)(cfg)
+    model = model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
+    return model

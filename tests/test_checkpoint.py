@@ -122,3 +122,17 @@ def test_shape_mismatch(tmp_path):
     json.dump({**config, "intermediate_size": 64}, open(tmp_path / "config.json", "w"))
     with pytest.raises(ValueError, match=r"mlp\..*_proj.weight has shape \((48, 32|32, 48)\), config.json implies"):
         load_model(tmp_path)
+
+
+def test_init_model_is_seeded_and_loads_in_transformers(tmp_path):
+    from minirlhf.model import init_model
+    config = transformers.LlamaConfig(**{**__import__("tiny").COMMON}).to_dict()
+    a, b, c = init_model(config, seed=1), init_model(config, seed=1), init_model(config, seed=2)
+    assert torch.equal(a.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, c.model.layers[0].mlp.up_proj.weight)
+    assert abs(a.model.embed_tokens.weight.std().item() - 0.2) < 0.02  # initializer_range of tiny.COMMON
+    save_model(a, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids, _ = ragged_batch([5], "right")
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(ids), hf(input_ids=ids).logits, atol=1e-4, rtol=0)

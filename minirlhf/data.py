@@ -1,0 +1,220 @@
+"""Preference and SFT data: loading, row formats, tokenisation, truncation, collation and sharded shuffling.
+
+Row formats (TRL's conventions; column names are arguments that scripts expose as flags):
+  standard        prompt, chosen, rejected are strings
+  conversational  prompt is a list of {"role", "content"} messages (or a string); chosen / rejected are lists
+                  of assistant messages
+  implicit prompt chosen and rejected are whole conversations (RLHFlow, UltraFeedback-binarized): the prompt is
+                  every message before the last assistant message, which must be the same in both; anything
+                  after the last assistant message is dropped and a prompt column, if present, is ignored
+SFT rows: prompt/completion (strings or messages), a `messages` conversation (train on its last assistant turn),
+or a preference row (train on chosen).
+Everything goes through the chat template (minirlhf.tokenizer): a string prompt is one user message, so the same
+content gives the same token ids in every format.
+
+Truncation rule: a row whose prompt is longer than max_prompt_length tokens is a bad row (never cut: cutting a
+prompt changes the task); then each response is cut from the right so prompt + response <= max_length (a cut
+response loses its EOS). Bad rows (missing or empty field, wrong type, prompt too long, chosen identical to
+rejected, prompts that differ or break the template's prefix property) raise DataError naming the file, row and
+field; with skip_bad=True they are skipped and the count per reason is printed and returned.
+"""
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import datasets
+import torch
+
+from minirlhf.checkpoint import atomic_write_text
+from minirlhf.tokenizer import check_chat_template, encode_pair
+
+
+class DataError(ValueError):
+    """A bad data row: the message names the file, the row index and the field."""
+
+
+@dataclass
+class Pair:  # one preference example; chosen_ids / rejected_ids hold the response tokens only
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+@dataclass
+class Sequence:  # one SFT / scoring example
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+def load_dataset_any(path, split="train") -> datasets.Dataset:
+    """A .json / .jsonl / .parquet file, a Dataset.save_to_disk folder, or else anything `datasets.load_dataset`
+    takes with `split` (a hub name, a folder of data files)."""
+    path = str(path)
+    if any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(path)
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    ext = os.path.splitext(path)[1]
+    if ext in (".json", ".jsonl", ".parquet"):
+        if not os.path.exists(path):
+            raise FileNotFoundError(path)
+        return datasets.load_dataset("parquet" if ext == ".parquet" else "json", data_files=path, split="train")
+    return datasets.load_dataset(path, split=split)
+
+
+def write_jsonl(path, rows):
+    """Write rows as JSON lines atomically (temporary file + rename), so readers never see half a file."""
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+class _Bad(Exception):  # internal: (reason, field, message), turned into DataError or a skip count
+    pass
+
+
+def _field(row, column):
+    """row[column] as a string or a list of {"role", "content"} messages, else _Bad."""
+    value = row.get(column)
+    if value is None:
+        have = "" if column in row else f" (row has columns {sorted(row)})"
+        raise _Bad("missing", column, f"missing{have}")
+    if isinstance(value, str):
+        if not value.strip():
+            raise _Bad("empty", column, "empty string")
+        return value
+    if not isinstance(value, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        raise _Bad("wrong_type", column, f"expected a string or a list of {{'role', 'content'}} string messages, "
+                                         f"got {type(value).__name__}: {str(value)[:80]}")
+    if not value or any(not m["content"].strip() for m in value):
+        raise _Bad("empty", column, "empty message list or message content")
+    return [{"role": m["role"], "content": m["content"]} for m in value]  # drop extra keys arrow adds
+
+
+def _split(row, prompt_column, response_columns):
+    """(prompt, [response per column]) in any supported format, prompt = str or messages."""
+    responses = [_field(row, c) for c in response_columns]
+    if not any(isinstance(r, list) and any(m["role"] != "assistant" for m in r) for r in responses):
+        return _field(row, prompt_column), responses
+    prompts = []  # implicit prompt: whole conversations, split before the last assistant message
+    for j, (column, conversation) in enumerate(zip(response_columns, responses)):
+        roles = [m["role"] for m in conversation] if isinstance(conversation, list) else []
+        if "assistant" not in roles:
+            raise _Bad("wrong_type", column, "expected a conversation with an assistant message like the other "
+                                             "response column")
+        k = len(roles) - 1 - roles[::-1].index("assistant")
+        prompts.append(conversation[:k])
+        responses[j] = conversation[k:k + 1]
+    if not prompts[0]:
+        raise _Bad("empty", response_columns[0], "conversation has no messages before its last assistant message")
+    if any(p != prompts[0] for p in prompts[1:]):
+        raise _Bad("prompt_mismatch", response_columns[1], "conversation does not share the prompt (messages before "
+                                                           f"the last assistant message) of {response_columns[0]}")
+    return prompts[0], responses
+
+
+def _tokenize_rows(rows, tokenizer, prompt_column, response_columns, max_length, max_prompt_length, chat_template,
+                   skip_bad, source):
+    """[(prompt_ids, [response_ids per column])] with the truncation rule applied, and skip counts per reason."""
+    if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
+    check_chat_template(tokenizer, chat_template)  # a tokenizer problem, not a row problem: fail before row 0
+    out, skipped = [], Counter()
+    for i, row in enumerate(rows):
+        try:
+            prompt, responses = _split(row, prompt_column, response_columns)
+            encoded = []
+            for column, response in zip(response_columns, responses):
+                try:
+                    encoded.append(encode_pair(tokenizer, prompt, response, chat_template))
+                except ValueError as e:
+                    raise _Bad("template", column, str(e))
+            prompt_ids = encoded[0][0]
+            if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+                raise _Bad("prompt_too_long", prompt_column,
+                           f"prompt is {len(prompt_ids)} tokens > max_prompt_length {max_prompt_length}")
+            if len(encoded) == 2 and encoded[0][1] == encoded[1][1]:
+                raise _Bad("identical", response_columns[1], f"identical to {response_columns[0]}")
+        except _Bad as bad:
+            reason, column, message = bad.args
+            if not skip_bad:
+                raise DataError(f"{source}: row {i}: field {column!r}: {message}") from None
+            skipped[reason] += 1
+            continue
+        limit = None if max_length is None else max_length - len(prompt_ids)
+        out.append((prompt_ids, [ids[:limit] for _, ids in encoded]))
+    if skipped:
+        print(f"{source}: skipped {sum(skipped.values())} bad rows of {i + 1}: {dict(skipped)}")
+    if not out:
+        raise DataError(f"{source}: no usable rows")
+    return out, dict(skipped)
+
+
+def tokenize_preferences(rows, tokenizer, prompt_column="prompt", chosen_column="chosen", rejected_column="rejected",
+                         max_length=None, max_prompt_length=None, chat_template=None, skip_bad=False,
+                         source="<rows>") -> tuple[list[Pair], dict[str, int]]:
+    """Rows (any iterable of dicts, e.g. a datasets.Dataset) -> (pairs, skipped rows per reason)."""
+    out, skipped = _tokenize_rows(rows, tokenizer, prompt_column, [chosen_column, rejected_column], max_length,
+                                  max_prompt_length, chat_template, skip_bad, source)
+    return [Pair(p, c, r) for p, (c, r) in out], skipped
+
+
+def tokenize_sft(rows, tokenizer, prompt_column="prompt", completion_column="completion",
+                 messages_column="messages", chosen_column="chosen", max_length=None, max_prompt_length=None,
+                 chat_template=None, skip_bad=False, source="<rows>") -> tuple[list[Sequence], dict[str, int]]:
+    """SFT rows -> (sequences, skipped). The format is chosen from the first row's columns: `messages_column`,
+    else `completion_column`, else `chosen_column` (a preference row: train on chosen)."""
+    rows = list(rows) if not isinstance(rows, datasets.Dataset) else rows
+    first = rows[0] if len(rows) else {}
+    column = next((c for c in (messages_column, completion_column, chosen_column) if c in first), completion_column)
+    out, skipped = _tokenize_rows(rows, tokenizer, prompt_column, [column], max_length, max_prompt_length,
+                                  chat_template, skip_bad, source)
+    return [Sequence(p, r) for p, (r,) in out], skipped
+
+
+def load_preferences(path, tokenizer, split="train", **kwargs) -> tuple[list[Pair], dict[str, int]]:
+    """load_dataset_any + tokenize_preferences; errors name `path`."""
+    return tokenize_preferences(load_dataset_any(path, split), tokenizer, source=str(path), **kwargs)
+
+
+def load_sft(path, tokenizer, split="train", **kwargs) -> tuple[list[Sequence], dict[str, int]]:
+    """load_dataset_any + tokenize_sft; errors name `path`."""
+    return tokenize_sft(load_dataset_any(path, split), tokenizer, source=str(path), **kwargs)
+
+
+def collate_sequences(examples, pad_id) -> dict[str, torch.Tensor]:
+    """Right-padded batch of Sequence-like examples (.prompt_ids, .response_ids) -> input_ids, attention_mask,
+    loss_mask, each (B, T) long; loss_mask[b, t] = 1 iff token t is a response token."""
+    T = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(examples), T, dtype=torch.long)
+    loss_mask = torch.zeros(len(examples), T, dtype=torch.long)
+    for b, e in enumerate(examples):
+        n_prompt, n = len(e.prompt_ids), len(e.prompt_ids) + len(e.response_ids)
+        input_ids[b, :n] = torch.tensor(e.prompt_ids + e.response_ids, dtype=torch.long)
+        attention_mask[b, :n] = 1
+        loss_mask[b, n_prompt:n] = 1
+    return dict(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask)
+
+
+def collate_pairs(examples, pad_id) -> dict[str, torch.Tensor]:
+    """B pairs -> (2B, T) batch: rows [0:B] are prompt+chosen, rows [B:2B] prompt+rejected (one forward pass)."""
+    return collate_sequences([Sequence(e.prompt_ids, e.chosen_ids) for e in examples] +
+                             [Sequence(e.prompt_ids, e.rejected_ids) for e in examples], pad_id)
+
+
+def shuffled_batches(n, batch_size, seed, epoch, rank=0, world_size=1) -> list[list[int]]:
+    """This rank's index batches for one epoch: a permutation of range(n) seeded by (seed, epoch), cut into
+    global batches of batch_size * world_size; rank r takes slice [r*batch_size, (r+1)*batch_size) of each.
+
+    So every rank gets n // (batch_size * world_size) batches, the union over ranks of step s is exactly the
+    batch a single process with batch_size * world_size sees at step s, and the remainder (< one global batch)
+    is dropped; the permutation changes every epoch, so different examples are dropped each time.
+    """
+    global_batch = batch_size * world_size
+    if not 0 <= rank < world_size or n < global_batch:
+        raise ValueError(f"need 0 <= rank < world_size and n ({n}) >= batch_size * world_size ({global_batch})")
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    start = rank * batch_size
+    return [perm[s + start:s + start + batch_size] for s in range(0, n - global_batch + 1, global_batch)]

@@ -1,0 +1,47 @@
+"""Shared test fixtures: a small real `transformers` tokenizer with a chat template, built locally (no download).
+
+Fixtures (session-scoped, built once; do not mutate them - copy with `load_tokenizer(tokenizer_dir)` first):
+  tokenizer_dir  folder written by `save_pretrained` (pass it wherever a checkpoint's tokenizer path is expected)
+  tokenizer      `transformers.PreTrainedTokenizerFast` loaded back from `tokenizer_dir` with AutoTokenizer
+
+The tokenizer is character-level BPE with a few merges (so merges can cross template/content boundaries, as in
+real BPE), lower-cases its input, and has fewer than 97 ids with pad=0, bos=1, eos=2 like tests/tiny.py's
+models, so `save_tiny(path, family)` models accept its ids. The chat template is Qwen/ChatML-like:
+  <|bos|><|user|>\nhi<|eos|>\n<|assistant|>\nyo<|eos|>\n
+"""
+import string
+
+import pytest
+import transformers
+from tokenizers import Tokenizer, decoders, models, normalizers
+
+SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>", "<|user|>", "<|assistant|>", "<|system|>"]
+CHARS = list(string.ascii_lowercase + string.digits + " .,!?'-:;()+=*/\n")
+MERGES = [("t", "h"), ("th", "e"), ("i", "n"), ("e", " "), ("a", "n")]
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def build_test_tokenizer(path, chat_template=CHAT_TEMPLATE):
+    """Build the test tokenizer, `save_pretrained` it to `path`, return the `PreTrainedTokenizerFast`."""
+    vocab = {t: i for i, t in enumerate(SPECIAL + CHARS + ["".join(m) for m in MERGES])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=MERGES, unk_token="<|unk|>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.decoder = decoders.Fuse()  # no pre-tokenizer: spaces and newlines are ordinary characters
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
+        unk_token="<|unk|>", additional_special_tokens=SPECIAL[4:], chat_template=chat_template)
+    tok.save_pretrained(path)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_test_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    return transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
