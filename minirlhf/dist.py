@@ -29,6 +29,10 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 

@@ -1,0 +1,312 @@
+"""Reward modelling: step 2 of Dong et al. 2024, "RLHF Workflow" (sec. 3.1), on a preference dataset.
+
+--kind bt        a Bradley-Terry reward model r(x, y): the backbone plus a scalar `score` head read at the last
+                 token (paper eq. 2), loss  -log sigmoid(r(x, y_c) - r(x, y_r) - m)  with an optional per-pair
+                 margin m (--margin-column, as in Llama 2). Saved as *ForSequenceClassification.
+--kind pairwise  a pairwise preference model (RLHFlow's pair-preference-model): a causal LM reads
+                 rewards.PAIRWISE_TEMPLATE (prompt, response A, response B) and answers with the label token of
+                 the better one; trained on both orders of every pair, loss
+                 -1/2 [log p("A" | x, y_c, y_r) + log p("B" | x, y_r, y_c)]. Saved as a causal LM.
+
+Defaults follow RLHFlow's recipe: AdamW, lr 2e-6 (bt) / 5e-6 (pairwise), 1 epoch, cosine schedule to 0 with 3%
+linear warmup (as transformers' get_cosine_schedule_with_warmup), weight decay 0.001 (not on norms/biases),
+gradient clipping 1.0, max length 4096. Their global batch is 512 pairs: --batch-size 1 --grad-accum 64 on
+8 GPUs. Global batch = batch size x grad accum x world size; a final partial batch of an epoch is dropped
+(data.shuffled_batches). Unlike RLHFlow (DeepSpeed, transformers Trainer) this is FSDP2 and one plain loop.
+
+    python train_rm.py --model SFT_MODEL --train-data prefs.jsonl --output-dir out/rm
+    torchrun --nproc_per_node=8 train_rm.py --model meta-llama/... --train-data prefs.parquet \
+        --output-dir out/rm --batch-size 1 --grad-accum 64 --gradient-checkpointing
+
+OUTPUT/ becomes a Hugging Face folder (config.json, model.safetensors, tokenizer; pairwise.json for --kind
+pairwise) next to args.json, metrics.jsonl (one line per optimizer step) and eval.json (held-out accuracy,
+loss, mean margin, number of pairs). `rewards.load_reward_source(OUTPUT)` scores with it.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+
+import torch
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+from minirlhf import checkpoint, data, dist, losses, rewards
+from minirlhf.tokenizer import encode_prompt, load_tokenizer, pad_token_id
+
+DEFAULT_LR = {"bt": 2e-6, "pairwise": 5e-6}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model and data
+    p.add_argument("--model", required=True, help="starting checkpoint folder: a causal LM (bt gets a new score "
+                                                  "head) or an existing reward / preference model")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
+    p.add_argument("--kind", default="bt", choices=["bt", "pairwise"], help="Bradley-Terry or pairwise model")
+    p.add_argument("--train-data", required=True, help="preference data: .json/.jsonl/.parquet, save_to_disk "
+                                                       "folder or hub name (formats: see minirlhf/data.py)")
+    p.add_argument("--train-split", default="train", help="split of --train-data (hub datasets / DatasetDicts)")
+    p.add_argument("--eval-data", default=None, help="held-out preference data in the same format")
+    p.add_argument("--eval-split", default="test", help="split of --eval-data")
+    p.add_argument("--eval-fraction", type=float, default=None,
+                   help="hold out this fraction of --train-data for eval (default 0.05 without --eval-data)")
+    p.add_argument("--output-dir", required=True, help="output folder: the model (HF layout) and logs")
+    p.add_argument("--prompt-column", default="prompt", help="prompt column (string or chat messages)")
+    p.add_argument("--chosen-column", default="chosen", help="preferred response column")
+    p.add_argument("--rejected-column", default="rejected", help="dispreferred response column")
+    p.add_argument("--margin-column", default=None, help="bt: per-pair margin m in the loss (default: none, m = 0)")
+    p.add_argument("--max-length", type=int, default=4096, help="bt: prompt + response tokens (responses cut); "
+                                                                "pairwise: judge prompt tokens (responses cut)")
+    p.add_argument("--max-prompt-length", type=int, default=None,
+                   help="longer prompts are bad rows (default: no limit)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) bad rows instead of failing")
+    p.add_argument("--label-tokens", default="A,B", help="pairwise: the two answer tokens, comma separated")
+    # optimisation
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-6 bt, 5e-6 pairwise)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training pairs")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="train exactly this many optimizer steps instead of --epochs (sizes the schedule)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch per rank")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--eval-batch-size", type=int, default=None,
+                   help="pairs per eval batch per rank (default --batch-size)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
+    p.add_argument("--weight-decay", type=float, default=0.001, help="AdamW weight decay (matrices only)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--seed", type=int, default=42, help="score-head init, data order and eval split")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
+    return p
+
+
+def autocast(device):
+    """bf16 autocast on one GPU; under FSDP the MixedPrecisionPolicy casts instead; on CPU we stay in fp32."""
+    if device.type == "cuda" and dist.world_size() == 1:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_examples(args, tokenizer, path, split):
+    """bt: [(data.Pair, margin)]; pairwise: [(judge ids with chosen as A, judge ids with chosen as B)]."""
+    rows = data.load_dataset_any(path, split)
+    if args.kind == "bt":
+        pairs, skipped = data.tokenize_preferences(
+            rows, tokenizer, args.prompt_column, args.chosen_column, args.rejected_column, args.max_length,
+            args.max_prompt_length, skip_bad=args.skip_bad_rows, source=str(path))
+        margins = [0.0] * len(pairs)
+        if args.margin_column:
+            if skipped:  # tokenize_preferences does not say which rows it dropped
+                raise data.DataError(f"{path}: --margin-column needs every row to be usable ({skipped} were not)")
+            margins = [float(m) for m in rows[args.margin_column]]
+        return list(zip(pairs, margins))
+    # pairwise: the row formats of data.py (its row splitter and errors), then the judge template
+    examples, skipped = [], 0
+    for i, row in enumerate(rows):
+        try:
+            prompt, (chosen, rejected) = data._split(row, args.prompt_column,
+                                                     [args.chosen_column, args.rejected_column])
+            if args.max_prompt_length and len(encode_prompt(tokenizer, prompt)) > args.max_prompt_length:
+                raise data._Bad("prompt_too_long", args.prompt_column, f"longer than {args.max_prompt_length} tokens")
+            if chosen == rejected:
+                raise data._Bad("identical", args.rejected_column, f"identical to {args.chosen_column}")
+        except data._Bad as bad:
+            if not args.skip_bad_rows:
+                raise data.DataError(f"{path}: row {i}: field {bad.args[1]!r}: {bad.args[2]}") from None
+            skipped += 1
+            continue
+        examples.append(tuple(rewards.pairwise_prompt_ids(tokenizer, prompt, a, b, args.max_length)
+                              for a, b in ((chosen, rejected), (rejected, chosen))))
+    if skipped:
+        dist.print0(f"{path}: skipped {skipped} bad rows")
+    return examples
+
+
+def forward_pairs(model, examples, args, label_ids, pad_id, device, train):
+    """One micro-batch of B pairs -> (losses (B,), correct (B,), margin (B,)).
+
+    bt: margin = r_c - r_r. pairwise training (correct label only, one forward of 2B rows): correct = the correct
+    label token has probability > 1/2 (so it beats the other), averaged over the two orders; margin = its log-odds.
+    pairwise eval (both label tokens: 4B rows): correct = P(c > r) > 1/2, margin = log P(c > r) / P(r > c)."""
+    B = len(examples)
+    if args.kind == "bt":
+        batch = data.collate_pairs([pair for pair, _ in examples], pad_id)
+        with autocast(device):
+            scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (2B,) fp32
+        chosen, rejected = scores[:B], scores[B:]
+        margins = torch.tensor([m for _, m in examples], device=device) if args.margin_column else None
+        return losses.bradley_terry_loss(chosen, rejected, margins), chosen > rejected, chosen - rejected
+    if train:
+        batch = data.collate_sequences([data.Sequence(ids, []) for ids in [e[0] for e in examples] +
+                                        [e[1] for e in examples]], pad_id)  # rows [0:B] chosen is A, [B:2B] it is B
+        labels = torch.tensor(label_ids, device=device).repeat_interleave(B)
+        with autocast(device):
+            logps = rewards.label_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                        labels)
+        log_odds = torch.logit(logps.exp(), eps=1e-6)
+        correct = (log_odds > 0).float().view(2, B).mean(0)
+        return losses.pairwise_preference_loss(logps[:B], logps[B:]), correct, log_odds.view(2, B).mean(0)
+    with autocast(device):
+        logps_ab, logps_ba = rewards.compare_batch(model, [e[0] for e in examples], [e[1] for e in examples],
+                                                   label_ids, pad_id, device)
+    prob = losses.preference_probability(logps_ab, logps_ba)
+    loss = losses.pairwise_preference_loss(logps_ab[:, 0], logps_ba[:, 1])
+    return loss, prob > 0.5, torch.logit(prob, eps=1e-6)
+
+
+@torch.no_grad()
+def evaluate(model, examples, args, label_ids, pad_id, device):
+    """Held-out loss, accuracy and mean margin, sharded over ranks. Every rank runs as many forwards as the others
+    (FSDP's collectives): a rank with nothing left repeats example 0 with weight 0."""
+    model.eval()
+    rank, world_size = dist.get_rank(), dist.world_size()
+    bs = args.eval_batch_size or args.batch_size
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, margin, pairs
+    for s in range(0, len(examples), bs * world_size):
+        chunk = examples[s + rank * bs:s + (rank + 1) * bs]
+        weight = 1.0 if chunk else 0.0
+        loss, correct, margin = forward_pairs(model, chunk or examples[:1], args, label_ids, pad_id, device, False)
+        sums += weight * torch.tensor([loss.sum().item(), correct.float().sum().item(), margin.sum().item(),
+                                       len(chunk)], dtype=torch.float64)
+    dist.all_reduce_sum(sums)  # sync point
+    model.train()
+    n = sums[3].item()
+    return {"accuracy": sums[1].item() / n, "loss": sums[0].item() / n, "margin": sums[2].item() / n, "pairs": int(n)}
+
+
+def lr_at(step, total_steps, warmup_steps, peak):
+    """Linear warmup from 0, then cosine decay to 0 (transformers' get_cosine_schedule_with_warmup)."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def save(model, tokenizer, args, out):
+    """Gather the full state dict (a collective on every rank); rank 0 writes the HF folder into a temporary
+    folder and moves each file into OUTPUT (atomic per file, logs in OUTPUT are kept)."""
+    state = dist.full_state_dict(model)
+    if dist.is_main():
+        extra = None
+        if args.kind == "pairwise":  # what rewards.load_reward_source needs to ask the judge the same way
+            extra = {rewards.PAIRWISE_CONFIG: {"template": rewards.PAIRWISE_TEMPLATE, "max_length": args.max_length,
+                                               "label_tokens": args.label_tokens.split(",")}}
+        tmp = checkpoint.save_model(model, os.path.join(out, ".model.tmp"), tokenizer, state_dict=state,
+                                    extra_files=extra)
+        for name in os.listdir(out):  # weights of an earlier run in OUTPUT (e.g. another shard count)
+            if name.startswith("model") and name.endswith((".safetensors", ".index.json")) and \
+                    not os.path.exists(os.path.join(tmp, name)):
+                os.remove(os.path.join(out, name))
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+        os.rmdir(tmp)
+    dist.barrier()
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.lr = DEFAULT_LR[args.kind] if args.lr is None else args.lr
+    if args.eval_fraction is None:
+        args.eval_fraction = 0.0 if args.eval_data else 0.05
+    rank, world_size, device = dist.init_distributed()
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    if dist.is_main():
+        checkpoint.atomic_write_json(os.path.join(out, "args.json"), vars(args))
+
+    # data: every rank tokenises everything (deterministic), then takes its share of each batch
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    pad_id = pad_token_id(tokenizer)
+    label_ids = rewards.label_token_ids(tokenizer, args.label_tokens.split(",")) if args.kind == "pairwise" else None
+    train = load_examples(args, tokenizer, args.train_data, args.train_split)
+    held_out = []
+    if args.eval_data:
+        held_out = load_examples(args, tokenizer, args.eval_data, args.eval_split)
+    elif args.eval_fraction > 0:
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        n_eval = max(1, round(args.eval_fraction * len(train)))
+        held_out, train = [train[i] for i in perm[:n_eval]], [train[i] for i in perm[n_eval:]]
+    window = args.batch_size * args.grad_accum * world_size  # pairs per optimizer step, all ranks
+    steps_per_epoch = len(train) // window
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train)} training pairs are fewer than one global batch of {window} "
+                         "(batch size x grad accum x world size)")
+    total_steps = args.epochs * steps_per_epoch if args.max_steps is None else args.max_steps
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    dist.print0(f"{len(train)} training pairs, {len(held_out)} held out; {total_steps} steps of {window} pairs")
+
+    # model: sharded over ranks by FSDP2 (bf16 compute, fp32 master weights and reductions on GPU)
+    model = checkpoint.load_model(args.model, kind="reward" if args.kind == "bt" else "causal",
+                                  device="cpu" if world_size > 1 else device, seed=args.seed)
+    model.model.gradient_checkpointing = args.gradient_checkpointing
+    model = dist.apply_fsdp(model, bf16=device.type == "cuda").to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if dist.is_main():
+        checkpoint.atomic_write_text(metrics_path, "")
+
+    # training loop: one optimizer step per window of batch_size x grad_accum x world_size pairs
+    model.train()
+    bar = tqdm(total=total_steps, disable=None if dist.is_main() else True, desc=f"rm {args.kind}")
+    step = 0
+    while step < total_steps:
+        epoch, w = divmod(step, steps_per_epoch)
+        batches = data.shuffled_batches(len(train), args.batch_size, args.seed, epoch, rank, world_size)
+        for w in range(w, steps_per_epoch):
+            lr = lr_at(step, total_steps, warmup_steps, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, margin
+            micro = batches[w * args.grad_accum:(w + 1) * args.grad_accum]
+            for i, indices in enumerate(micro):
+                if world_size > 1:  # reduce-scatter gradients only after the last micro-batch of the window
+                    model.set_requires_gradient_sync(i == len(micro) - 1)
+                pair_losses, correct, margin = forward_pairs(model, [train[j] for j in indices], args, label_ids,
+                                                             pad_id, device, True)
+                losses.window_mean(pair_losses, window, world_size).backward()
+                sums += torch.tensor([pair_losses.detach().sum().item(), correct.float().sum().item(),
+                                      margin.detach().sum().item()], dtype=torch.float64)
+            dist.all_reduce_sum(sums)  # sync point: window statistics over ranks
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+            grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
+            loss = sums[0].item() / window
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise FloatingPointError(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite; "
+                                         "lower --lr or check the data")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            metrics = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "accuracy": sums[1].item() / window,
+                       "margin": sums[2].item() / window, "lr": lr, "grad_norm": grad_norm}
+            if args.eval_every and step % args.eval_every == 0 and step < total_steps and held_out:
+                evaluation = evaluate(model, held_out, args, label_ids, pad_id, device)
+                metrics |= {f"eval_{k}": v for k, v in evaluation.items()}
+            if dist.is_main():
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{metrics['accuracy']:.2f}", margin=f"{metrics['margin']:.2f}")
+            if step >= total_steps:
+                break
+    bar.close()
+
+    # evaluation and save
+    result = {"accuracy": None, "loss": None, "margin": None, "pairs": 0}
+    if held_out:
+        result = evaluate(model, held_out, args, label_ids, pad_id, device)
+    result |= {"step": step, "kind": args.kind, "output_dir": os.path.abspath(out)}
+    dist.print0(f"eval: {json.dumps(result)}")
+    save(model, tokenizer, args, out)
+    if dist.is_main():
+        checkpoint.atomic_write_json(os.path.join(out, "eval.json"), result)
+    dist.barrier()
+    return result
+
+
+if __name__ == "__main__":
+    main()
+    dist.cleanup()
