@@ -1,0 +1,274 @@
+"""Batched sampling from the policy with a preallocated KV cache: the generator of online iterative RLHF.
+
+Each iteration of the paper's online loop (Dong et al. 2024, Algorithm 1) draws n responses per prompt from
+the current policy, y ~ pi_t(. | x), and ranks them with the reward model r(x, y) (eq. 2) to build
+preference pairs. `generate` does the drawing, `score` the ranking. In the spirit of gpt-fast:
+
+Cache layout. One `KVCache` per batch holds, per layer, K and V buffers of shape (B, Hkv, L, hd) with
+L = longest prompt + max_new_tokens, allocated once and written in place at a column `pos` shared by every
+row (no torch.cat growth). Eager decoding attends over the written columns only, `[:pos + 1]`.
+
+Padding. Prompts are LEFT-padded to the longest prompt of their batch, so all rows write the same column at
+each step. A (B, L) bool `valid` marks which columns hold real tokens (prompt padding stays False), and each
+row gets its own position ids = number of real tokens before it, so a padded row computes exactly what it
+would alone. A decode query sees every valid written column, so `valid[:, None, None, :pos + 1]` is the
+attention mask itself (a view, nothing built per step); Mistral's sliding window adds one comparison.
+
+Shared prefill. The B prompts of a batch run through the model once; the cache has B * n rows and the prefill
+writes prompt b's keys into rows b*n ... b*n + n-1 (a broadcast copy), then n samples per prompt decode.
+
+Finished rows. A row is done after its first stop id; the loop ends when every row is done, and when at
+least half of the rows are done the batch is compacted (finished rows dropped from the cache and buffers).
+Many prompts are processed `batch_size` sequences (rows) at a time, longest prompts first (less padding,
+and an out-of-memory shows up in the first batch); results come back in the caller's order.
+
+Compiled decode (opt-in, `compile=True`, meant for CUDA): gpt-fast's idea. Shapes are static: one cache
+(batch_size rows, L = longest prompt of the call + max_new_tokens) is allocated per call and reused by every
+batch (the last one filled up with copies of a prompt); the step writes at a position held in a tensor
+(`index_copy_`) and attends over all L columns with the `valid` mask (unwritten or stale columns are False),
+so one compiled graph (CUDA graphs, mode="reduce-overhead") serves every step of every batch. No compaction
+on this path: it would change the shapes.
+
+Sampling distribution: logits / temperature, then top-k, then top-p (the order of `transformers`' warpers),
+renormalised. `token_logps` are log-probs under that distribution: log_softmax(sampling_logits(...)) at the
+drawn token; at temperature 1 with no top-k/top-p they are the policy's own log p(y_t | x, y_<t).
+Temperature 0 is greedy; its token_logps are the policy's log-probs at temperature 1.
+
+FSDP. `generate` needs a plain, unsharded model: it runs thousands of small forwards, and FSDP would
+all-gather every layer at every step. The caller (iterate.py) gathers the policy with `dist.full_state_dict`
+and loads it into an ordinary `CausalLM` on each rank, which then generates for its own shard of prompts.
+
+    from minirlhf.sampler import generate, score
+    gen = generate(policy, prompts, max_new_tokens=256, n=4, temperature=0.7, eos_token_id=[2], seed=0)
+    gen.responses[i][j]  # token ids of the j-th response to prompt i, stop id included
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Generation:
+    responses: list[list[list[int]]]  # prompt -> n samples -> response ids (cut after the first stop id)
+    token_logps: list[list[list[float]]]  # same nesting: log-prob of each token under the sampling distribution
+    finish_reasons: list[list[str]]  # prompt -> n: "stop" (ended with a stop id) or "length"
+
+
+class KVCache:
+    """Per-layer K and V buffers (B, Hkv, L, hd), written in place; the model calls `update` in each layer."""
+
+    def __init__(self, cfg, batch, max_len, dtype, device):
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.pos = 0  # eager: columns [0, pos) are written; the caller advances it after each forward
+        self.input_pos = None  # compiled decode: a (1,) tensor with the column to write
+
+    def update(self, layer_idx, k, v):
+        """k, v (b, Hkv, T, hd) of the current tokens -> all keys and values (B, Hkv, S, hd) to attend to."""
+        k_all, v_all = self.k[layer_idx], self.v[layer_idx]
+        if self.input_pos is not None:  # static shapes: write at a tensor position, return the whole buffer
+            k_all.index_copy_(2, self.input_pos, k)
+            v_all.index_copy_(2, self.input_pos, v)
+            return k_all, v_all
+        b, T, end = k.shape[0], k.shape[2], self.pos + k.shape[2]
+        if b != k_all.shape[0]:  # shared prefill of b prompts (pos == 0): prompt i fills rows i*n ... i*n+n-1
+            k_all.view(b, -1, *k_all.shape[1:])[:, :, :, :T] = k[:, None]
+            v_all.view(b, -1, *v_all.shape[1:])[:, :, :, :T] = v[:, None]
+            return k, v
+        k_all[:, :, self.pos:end] = k
+        v_all[:, :, self.pos:end] = v
+        return k_all[:, :, :end], v_all[:, :, :end]
+
+    def keep(self, rows):
+        """Drop finished rows: keep the batch rows `rows` (a new, smaller allocation)."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+
+
+def sampling_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """(R, V) logits -> (R, V) fp32 logits of the sampling distribution, -inf outside its support.
+
+    Divide by the temperature; keep the top_k largest (ties with the k-th kept); then keep the smallest set of
+    most likely tokens whose probability reaches top_p (a token is dropped when the mass of the tokens ranked
+    above it already reaches top_p, so the most likely token always stays). softmax of the result is the
+    distribution `sample` draws from.
+    """
+    x = logits.float() / temperature
+    if top_k is not None and top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        p = sorted_x.softmax(-1)
+        drop_sorted = p.cumsum(-1) - p >= top_p
+        x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    return x
+
+
+def sample(logits, generator, temperature=1.0, top_k=None, top_p=None):
+    """(R, V) logits -> tokens (R,) and their fp32 log-probs (R,) under the sampling distribution."""
+    if temperature == 0:  # greedy; log-probs of the policy itself
+        logps = logits.float().log_softmax(-1)
+        tokens = logps.argmax(-1)
+        return tokens, logps.gather(-1, tokens[:, None]).squeeze(-1)
+    probs = sampling_logits(logits, temperature, top_k, top_p).softmax(-1)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1).log()  # a drawn token's p is far from 0
+
+
+def decode_step(model, cache, tokens, position_ids, valid):
+    """One new token per row: tokens, position_ids (R,), valid (R, L) with this step's column set -> logits (R, V).
+
+    Eager: attends over the written columns [0, pos]. Static (cache.input_pos set, for torch.compile): attends
+    over all L columns; columns not yet written are False in `valid`, so the result is the same.
+    """
+    static = cache.input_pos is not None
+    S = valid.shape[1] if static else cache.pos + 1
+    mask = valid[:, None, None, :S]  # (R, 1, 1, S): the query is the newest token, so no causal term is needed
+    window = model.config.sliding_window
+    if window is not None:
+        query_col = cache.input_pos if static else cache.pos
+        mask = mask & (torch.arange(S, device=valid.device) > query_col - window)
+    h = model(tokens[:, None], mask, position_ids[:, None], kv_cache=cache, return_hidden=True)[:, 0]
+    return F.linear(h, model.output_weight())
+
+
+_compiled_decode_step = {}  # mode -> compiled function, built on first use
+
+
+def compiled_decode_step(device):
+    mode = "reduce-overhead" if device.type == "cuda" else "default"  # CUDA graphs remove launch overhead
+    if mode not in _compiled_decode_step:
+        _compiled_decode_step[mode] = torch.compile(decode_step, mode=mode, fullgraph=True)
+    return _compiled_decode_step[mode]
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, n=1, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
+             seed=0, generator=None, batch_size=64, compile=False) -> Generation:
+    """Draw n responses for each prompt (a list of token ids) from `model`, an unsharded `CausalLM` in eval mode.
+
+    eos_token_id: one stop id, a list of them, or None (always max_new_tokens). temperature 0 is greedy.
+    generator (a torch.Generator on the model's device) overrides seed; the draws depend on the seed, the
+    prompts and batch_size. batch_size counts sequences (cache rows): batch_size // n prompts per batch.
+    compile=True uses the torch.compile'd static-shape decode step (see the module docstring).
+    """
+    if not prompts:
+        return Generation([], [], [])
+    if min(map(len, prompts)) == 0 or max_new_tokens < 1:
+        raise ValueError("generate needs prompts of at least one token and max_new_tokens >= 1")
+    device, dtype = model.output_weight().device, model.output_weight().dtype
+    if generator is None:
+        generator = torch.Generator(device).manual_seed(seed)
+    if eos_token_id is None:
+        eos_token_id = []
+    stop_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                            dtype=torch.long, device=device)
+    decode = compiled_decode_step(device) if compile else decode_step
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first, less padding
+    per_batch = max(1, min(batch_size // n, len(prompts)))
+    cache = None
+    if compile:  # one cache for every batch: same shapes and addresses, so one CUDA graph serves them all
+        cache = KVCache(model.config, per_batch * n, max(map(len, prompts)) + max_new_tokens, dtype, device)
+        for buf in cache.k + cache.v:  # CUDA graphs then use the buffers in place instead of copying them
+            torch._dynamo.mark_static_address(buf)
+    responses, token_logps, finish_reasons = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
+    for start in range(0, len(order), per_batch):
+        idx = order[start:start + per_batch]
+        batch_prompts = [prompts[i] for i in idx]
+        if compile:  # static shapes: fill the last batch up with copies of a prompt, dropped below
+            batch_prompts += batch_prompts[:1] * (per_batch - len(idx))
+        batch = generate_batch(model, batch_prompts, max_new_tokens, n, temperature, top_k, top_p, stop_ids,
+                               generator, decode, cache)
+        for j, i in enumerate(idx):
+            responses[i], token_logps[i], finish_reasons[i] = (x[j * n:(j + 1) * n] for x in batch)
+    return Generation(responses, token_logps, finish_reasons)
+
+
+def generate_batch(model, prompts, max_new_tokens, n, temperature, top_k, top_p, stop_ids, generator, decode,
+                   cache=None):
+    """One batch of prompts -> flat lists (B * n rows, prompt-major) of responses, token_logps, finish_reasons.
+    `cache` given (compiled path): reuse its static (B * n, Hkv, L, hd) buffers; else allocate L = P + new."""
+    device = model.output_weight().device
+    B, P, R = len(prompts), max(map(len, prompts)), len(prompts) * n
+    input_ids = torch.zeros(B, P, dtype=torch.long)  # left padding; the pad id is never attended to
+    prompt_mask = torch.zeros(B, P, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        input_ids[b, P - len(prompt):] = torch.tensor(prompt)
+        prompt_mask[b, P - len(prompt):] = 1
+    input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
+
+    static = cache is not None
+    if static:
+        cache.pos, cache.input_pos = 0, None  # the prefill takes the eager path; stale columns stay masked
+    else:
+        cache = KVCache(model.config, R, P + max_new_tokens, model.output_weight().dtype, device)
+    h = model(input_ids, prompt_mask, kv_cache=cache, return_hidden=True)[:, -1]  # (B, D): one prefill per prompt
+    logits = F.linear(h, model.output_weight()).repeat_interleave(n, 0)  # (R, V)
+    cache.pos = P
+    valid = torch.zeros(R, cache.k[0].shape[2], dtype=torch.bool, device=device)  # (R, L)
+    valid[:, :P] = prompt_mask.bool().repeat_interleave(n, 0)
+    position_ids = prompt_mask.sum(1).repeat_interleave(n, 0)  # (R,) next position = real tokens so far
+    if static:
+        cache.input_pos = torch.tensor([P], device=device)
+
+    out_tokens = torch.zeros(R, max_new_tokens, dtype=torch.long, device=device)  # by original row
+    out_logps = torch.zeros(R, max_new_tokens, device=device)
+    rows = torch.arange(R, device=device)  # current batch row -> original row (rows shrink on compaction)
+    done = torch.zeros(R, dtype=torch.bool, device=device)
+    check_every = 1 if device.type == "cpu" else 8  # a check is a host sync: on GPU let the CPU queue steps ahead
+    for t in range(max_new_tokens):
+        tokens, logps = sample(logits, generator, temperature, top_k, top_p)
+        out_tokens[rows, t], out_logps[rows, t] = tokens, logps
+        steps = t + 1
+        if steps == max_new_tokens:
+            break
+        done |= torch.isin(tokens, stop_ids)  # finished rows keep decoding until a check; cut below
+        if steps % check_every == 0:
+            n_done = int(done.sum())
+            if n_done == len(done):
+                break
+            if not static and n_done and 2 * n_done >= len(done):  # compact: drop finished rows from the batch
+                keep = (~done).nonzero().squeeze(1)
+                cache.keep(keep)
+                valid, position_ids, rows, tokens, done = (x[keep] for x in (valid, position_ids, rows, tokens, done))
+        col = cache.pos
+        valid[:, col] = True
+        logits = decode(model, cache, tokens, position_ids, valid)
+        position_ids = position_ids + 1
+        cache.pos = col + 1
+        if static:
+            cache.input_pos.add_(1)
+
+    # cut each response after its first stop id; rows with none ran to max_new_tokens
+    out_tokens, out_logps = out_tokens[:, :steps], out_logps[:, :steps]
+    is_stop = torch.isin(out_tokens, stop_ids)
+    stopped = is_stop.any(1)
+    lengths = torch.where(stopped, is_stop.int().argmax(1) + 1, steps).tolist()
+    tokens_list, logps_list = out_tokens.tolist(), out_logps.tolist()
+    return ([ids[:m] for ids, m in zip(tokens_list, lengths)], [lp[:m] for lp, m in zip(logps_list, lengths)],
+            ["stop" if s else "length" for s in stopped.tolist()])
+
+
+@torch.no_grad()
+def score(reward_model, sequences, batch_size=16):
+    """Rewards r(x, y) (eq. 2) of prompt + response token lists -> (N,) fp32 tensor on CPU, in input order.
+
+    Sequences are sorted by length and right-padded per batch; `RewardModel.forward` reads the score at the
+    last real token. Like `generate`, this wants an unsharded reward model.
+    """
+    device = next(reward_model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    rewards = torch.zeros(len(sequences))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        T = max(len(sequences[i]) for i in idx)
+        input_ids = torch.zeros(len(idx), T, dtype=torch.long)
+        attention_mask = torch.zeros(len(idx), T, dtype=torch.long)
+        for b, i in enumerate(idx):
+            input_ids[b, :len(sequences[i])] = torch.tensor(sequences[i])
+            attention_mask[b, :len(sequences[i])] = 1
+        rewards[idx] = reward_model(input_ids.to(device), attention_mask.to(device)).float().cpu()
+    return rewards

@@ -1,0 +1,195 @@
+"""The sampler against `transformers` generate, against recomputing without a cache, and against the exact
+sampling distribution; one prefill per prompt; reward scoring in batches."""
+import math
+
+import pytest
+import torch
+import transformers
+
+from minirlhf import sampler
+from minirlhf.checkpoint import load_model
+from minirlhf.sampler import generate, sampling_logits, score
+from tiny import V, save_tiny
+
+torch.set_num_threads(1)
+
+
+def random_prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, V, (n,), generator=g).tolist() for n in lengths]
+
+
+def pick_stop_ids(responses):
+    """Stop ids the greedy run really emits: the 3rd token of the first response, the 6th of the third."""
+    return sorted({responses[0][0][2], responses[2][0][5]})
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama3")
+    save_tiny(path, "llama3")
+    return load_model(path).eval()
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_greedy_matches_transformers(tmp_path, family):
+    save_tiny(tmp_path, family)
+    model = load_model(tmp_path).eval()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompts, max_new = random_prompts([4, 9, 2, 7, 5]), 12
+    stops = pick_stop_ids(generate(model, prompts, max_new, temperature=0).responses)
+    # n=2 and batch_size=4: 2 prompts per batch, 3 batches, sorted by length internally
+    ours = generate(model, prompts, max_new, n=2, temperature=0, eos_token_id=stops, batch_size=4)
+
+    P = max(map(len, prompts))
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                            eos_token_id=stops, pad_token_id=0)[:, P:].tolist()
+    reasons = set()
+    for i, row in enumerate(out):
+        cut = next((j + 1 for j, tok in enumerate(row) if tok in stops), max_new)
+        for response, reason in zip(ours.responses[i], ours.finish_reasons[i]):
+            assert response == row[:cut]
+            assert reason == ("stop" if any(tok in stops for tok in row) else "length")
+            reasons.add(reason)
+    assert reasons == {"stop", "length"}  # both endings were exercised
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral"])  # mistral: sliding window 4 < sequence length
+def test_cache_matches_recompute_without_cache(tmp_path, family):
+    save_tiny(tmp_path, family)
+    model = load_model(tmp_path).eval()
+    prompts, max_new = random_prompts([3, 8, 1, 6, 5, 2], seed=1), 10
+    stops = pick_stop_ids(generate(model, prompts, max_new, temperature=0).responses)
+    batch_sizes = []
+    forward = model.forward
+    model.forward = lambda ids, *a, **k: batch_sizes.append(ids.shape[0]) or forward(ids, *a, **k)
+    gen = generate(model, prompts, max_new, temperature=0, eos_token_id=stops)
+    del model.forward
+    assert min(batch_sizes) < len(prompts)  # finished rows were compacted away
+    for prompt, [response], [logps] in zip(prompts, gen.responses, gen.token_logps):
+        seq, ref_logps = list(prompt), []
+        while len(seq) - len(prompt) < max_new:  # the whole sequence again at every step, one prompt alone
+            with torch.no_grad():
+                step_logps = model(torch.tensor([seq]))[0, -1].log_softmax(-1)
+            seq.append(int(step_logps.argmax()))
+            ref_logps.append(step_logps[seq[-1]].item())
+            if seq[-1] in stops:
+                break
+        assert response == seq[len(prompt):]
+        torch.testing.assert_close(torch.tensor(logps), torch.tensor(ref_logps), atol=1e-5, rtol=0)
+
+
+def test_sampling_matches_softmax_at_temperature(llama):
+    """Bretagnolle-Huber-Carol: P(||p_hat - p||_1 >= eps) <= 2^V exp(-N eps^2 / 2); eps for a 1e-6 risk."""
+    prompt, T, N = [5, 6, 7, 8], 0.7, 50_000
+    with torch.no_grad():
+        logits = llama(torch.tensor([prompt]))[0, -1]
+    gen = generate(llama, [prompt], max_new_tokens=1, n=N, temperature=T, batch_size=N, seed=1)
+    first = torch.tensor([r[0] for r in gen.responses[0]])
+    empirical = torch.bincount(first, minlength=V).double() / N
+    eps = math.sqrt(2 * (V * math.log(2) + math.log(1e6)) / N)
+    l1 = lambda p: (empirical - p.double()).abs().sum().item()
+    assert l1((logits / T).softmax(-1)) < eps
+    assert l1((logits / (1.25 * T)).softmax(-1)) > eps  # a wrong temperature is rejected by the same bound
+    assert l1((logits / T).softmax(-1).roll(1)) > eps  # and so is a shifted distribution
+
+
+def test_sampling_logits_masks_as_specified():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, V, generator=g) * 3
+    for top_k, top_p in [(5, None), (None, 0.8), (20, 0.5), (1, 0.9), (None, 0.01)]:
+        x = sampling_logits(logits, 0.9, top_k, top_p)
+        kept = x.isfinite()
+        p_full = (logits / 0.9).softmax(-1)
+        for row in range(len(logits)):
+            ranked = p_full[row].argsort(descending=True)
+            k = top_k or V
+            p_k = p_full[row, ranked[:k]] / p_full[row, ranked[:k]].sum()  # renormalised after top-k
+            m = int((p_k.cumsum(0) < (top_p or 2.0)).sum()) + 1 if top_p else k  # smallest prefix reaching top_p
+            assert set(torch.nonzero(kept[row]).flatten().tolist()) == set(ranked[:min(m, k)].tolist())
+        q = p_full * kept  # the kept tokens, renormalised: what softmax of the masked logits must give
+        torch.testing.assert_close(x.softmax(-1), q / q.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("T,top_k,top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8), (0.9, 10, 0.7)])
+def test_token_logps_equal_fresh_forward(llama, T, top_k, top_p):
+    prompts = random_prompts([5, 2, 8], seed=2)
+    gen = generate(llama, prompts, max_new_tokens=6, n=8, temperature=T, top_k=top_k, top_p=top_p, seed=3)
+    for prompt, responses, token_logps in zip(prompts, gen.responses, gen.token_logps):
+        for response, logps in zip(responses, token_logps):
+            seq = torch.tensor([prompt + response])
+            with torch.no_grad():
+                logits = llama(seq)[0, len(prompt) - 1:-1]  # the logits that predicted each response token
+            ref = sampling_logits(logits, T, top_k, top_p).log_softmax(-1)[torch.arange(len(response)), response]
+            assert ref.isfinite().all()  # top-k / top-p never let a masked token through
+            torch.testing.assert_close(torch.tensor(logps), ref, atol=1e-5, rtol=0)
+            if T == 1.0 and top_k is None and top_p is None:  # the policy's own log-probs
+                labels = torch.full_like(seq, -100)
+                labels[0, len(prompt) - 1:-1] = seq[0, len(prompt):]
+                with torch.no_grad():
+                    plain = llama(seq, labels=labels)[0, len(prompt) - 1:-1]
+                torch.testing.assert_close(torch.tensor(logps), plain, atol=1e-5, rtol=0)
+
+
+def test_top_k_top_p_never_emit_masked_tokens(llama):
+    prompt = [9, 8, 7]
+    with torch.no_grad():
+        logits = llama(torch.tensor([prompt]))[0, -1:]
+    for top_k, top_p in [(3, None), (None, 0.3)]:
+        allowed = set(sampling_logits(logits, 1.5, top_k, top_p).isfinite().nonzero()[:, 1].tolist())
+        gen = generate(llama, [prompt], 1, n=5000, temperature=1.5, top_k=top_k, top_p=top_p, batch_size=5000)
+        assert {r[0] for r in gen.responses[0]} == allowed
+
+
+def test_seed_reproducible(llama):
+    prompts = random_prompts([4, 6], seed=4)
+    run = lambda **k: generate(llama, prompts, 8, n=3, temperature=1.0, **k).responses
+    assert run(seed=7) == run(seed=7) == run(generator=torch.Generator().manual_seed(7))
+    assert run(seed=7) != run(seed=8)
+
+
+def test_one_prefill_per_prompt(llama):
+    prompts, n, max_new = random_prompts([6, 3, 4], seed=5), 4, 5
+    shapes = []
+    forward = llama.forward
+    llama.forward = lambda ids, *a, **k: shapes.append(tuple(ids.shape)) or forward(ids, *a, **k)
+    try:
+        gen = generate(llama, prompts, max_new, n=n, temperature=1.0)
+    finally:
+        del llama.forward
+    assert shapes == [(3, 6)] + [(3 * n, 1)] * (max_new - 1)  # one prompt pass, then one token per row per step
+    assert [len(r) for r in gen.responses] == [n] * 3 and all(len(y) == max_new for r in gen.responses for y in r)
+
+
+def test_static_decode_step_traces_and_matches_eager(llama, monkeypatch):
+    """The compile=True path (static shapes, full-buffer attention) under dynamo with fullgraph=True. The
+    "aot_eager" backend keeps this test fast; the inductor compile is the slow test below."""
+    compiled = torch.compile(sampler.decode_step, backend="aot_eager", fullgraph=True)
+    monkeypatch.setitem(sampler._compiled_decode_step, "default", compiled)
+    prompts = random_prompts([5, 2, 7], seed=6)
+    # greedy in 2 batches sharing one static cache (the last filled up); sampling in one batch (same draws)
+    for kwargs in [dict(temperature=0, batch_size=4), dict(temperature=0.8, top_k=10, seed=1)]:
+        eager = generate(llama, prompts, 8, n=2, **kwargs)
+        static = generate(llama, prompts, 8, n=2, compile=True, **kwargs)
+        assert static.responses == eager.responses
+        torch.testing.assert_close(torch.tensor(static.token_logps), torch.tensor(eager.token_logps), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_decode_matches_eager(llama):
+    """Real torch.compile (inductor, C++ on CPU): about 50 s on one core."""
+    prompts = random_prompts([5, 2, 7], seed=6)
+    eager = generate(llama, prompts, 8, n=2, temperature=0)
+    assert generate(llama, prompts, 8, n=2, temperature=0, compile=True).responses == eager.responses
+
+
+def test_score_matches_one_by_one(tmp_path):
+    save_tiny(tmp_path, "qwen2", kind="reward")
+    reward_model = load_model(tmp_path, kind="reward").eval()
+    sequences = random_prompts([7, 3, 9, 1, 5], seed=7)
+    rewards = score(reward_model, sequences, batch_size=2)
+    with torch.no_grad():
+        ref = torch.stack([reward_model(torch.tensor([s]))[0] for s in sequences])
+    torch.testing.assert_close(rewards, ref, atol=1e-5, rtol=0)
