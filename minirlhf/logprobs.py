@@ -1,0 +1,127 @@
+"""Per-token log-probs log p(y_t | y_<t) without ever holding the (N, V) logits, and sequence log-probs.
+
+`fused_token_logps(h, W, labels)` is equivalent to the naive
+    `log_softmax((h @ W.T).float(), -1).gather(-1, labels)`   (0 where labels == ignore_index)
+kept next to it as `naive_token_logps`, and a test holds the two equal in values and gradients. The naive
+form holds several (N, V) fp32 tensors (logits, log-softmax, its gradient): at N = 16k tokens and a Llama-3
+vocabulary (V = 128256) that is 8 GB each. The fused op keeps only the per-row log-sum-exp between passes:
+
+    forward   walk the N rows in chunks of C = chunk_size:
+              z = h_c @ W.T (C, V) -> lse = logsumexp(z) (fp32) -> logp = z[y] - lse
+    backward  walk the V columns in blocks of Vc = C * V / N (the same number of elements) and recompute
+              z_b = h @ W_b.T (N, Vc); d logp / d z = onehot(y) - exp(z - lse), times the incoming grad g;
+              grad_W_b = dz_b.T @ h (one matmul over all rows), grad_h += dz_b @ W_b (fp32 accumulator)
+
+Peak extra memory is O(chunk_size x V) instead of O(N x V), at the price of one more matmul (the
+recomputation). Backward walks V rather than N so that each slice of grad_W is a single matmul that sums over
+all rows with fp32 accumulation inside: bf16 weights need no (V, D) fp32 accumulator (2 GB at Llama-3 8B
+size), only an (N, D) one for grad_h. Rows whose label is `ignore_index` (prompt, padding) are dropped
+before the first matmul, so they cost nothing.
+
+Plain PyTorch, no Triton: the same code on CPU and GPU; with FSDP2 (call it inside the module's forward, so
+the unsharded weight is alive in forward and re-gathered for backward) and with tied embeddings (autograd
+adds the grad_W returned here to the embedding's own gradient). It serves DPO and SFT (sum or mean of
+token_logps) and the pairwise preference model (the log-prob of its label token "A" or "B").
+
+Default chunk_size = 1024 rows: 1024 x 128256 fp32 logits = 0.5 GB per chunk (two such tensors live at
+once); smaller chunks lower memory, larger ones amortise the per-matmul overhead.
+"""
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def naive_token_logps(h, weight, labels, ignore_index=IGNORE_INDEX, chunk_size=None):
+    """Reference: h (..., D), weight (V, D), labels (...) -> (...) fp32 log p(label), 0 at ignored positions.
+    Materialises the full (..., V) logits; `chunk_size` is accepted (unused) to share the fused op's signature."""
+    logits = F.linear(h, weight)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 stays fp64, for gradcheck)
+    valid = labels != ignore_index
+    logps = logits.log_softmax(-1).gather(-1, labels.where(valid, 0).unsqueeze(-1)).squeeze(-1)
+    return logps * valid
+
+
+class _FusedTokenLogps(torch.autograd.Function):
+    """h (N, D), weight (V, D), labels (N,) -> logps of `shape` (N elements). See the module docstring."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, ignore_index, chunk_size, shape):
+        acc = torch.promote_types(h.dtype, torch.float32)  # fp32 for bf16/fp16/fp32 inputs
+        # only rows with a label cost a matmul (prompt and padding do not); nonzero is a sync point on GPU
+        rows = (labels != ignore_index).nonzero().squeeze(1)
+        h_v, target = h[rows], labels[rows]  # (n, D), (n,)
+        lse = torch.empty(len(rows), dtype=acc, device=h.device)
+        logps = torch.empty(len(rows), dtype=acc, device=h.device)
+        for s in range(0, len(rows), chunk_size):
+            logits = (h_v[s:s + chunk_size] @ weight.T).to(acc)  # (C, V): the only O(V) tensor alive
+            lse[s:s + chunk_size] = logits.logsumexp(-1)
+            logps[s:s + chunk_size] = logits.gather(1, target[s:s + chunk_size, None]).squeeze(1)
+        out = torch.zeros(shape, dtype=acc, device=h.device)  # not a view: FSDP2 warns about returned views
+        out.view(-1)[rows] = logps - lse
+        ctx.save_for_backward(h_v, weight, rows, target, lse)  # (n, D) + (n,): no (N, V) tensor is kept
+        ctx.chunk_size, ctx.n_rows = chunk_size, h.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        h_v, weight, rows, target, lse = ctx.saved_tensors
+        (n, D), V, acc = h_v.shape, weight.shape[0], lse.dtype
+        g = grad_logps.reshape(-1)[rows].to(acc)[:, None]  # (n, 1); ignored rows get no gradient
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.zeros(n, D, dtype=acc, device=h_v.device) if need_h else None  # fp32 accumulator
+        grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
+        # walk V in blocks of Vc columns, as many elements as one forward chunk (chunk_size x V): each block of
+        # grad_W is then one matmul over all n rows (fp32 accumulation inside it), so no (V, D) fp32 buffer
+        Vc = max(1, ctx.chunk_size * V // max(n, 1))
+        for v in range(0, V, Vc):
+            W_b = weight[v:v + Vc]
+            logits = (h_v @ W_b.T).to(acc)  # (n, Vc) recomputed instead of stored
+            # d logp / d logits = onehot(target) - softmax, times g: -g * softmax, then +g at the target id
+            grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-g)
+            local = target - v  # target's column in this block; scatter g only where it falls inside
+            inside = (local >= 0) & (local < W_b.shape[0])
+            grad_logits.scatter_add_(1, local.clamp(0, W_b.shape[0] - 1)[:, None], g * inside[:, None])
+            grad_logits = grad_logits.to(h_v.dtype)
+            if need_w:
+                torch.mm(grad_logits.T, h_v, out=grad_w[v:v + Vc])  # (Vc, D) written once
+            if need_h and grad_logits.dtype == acc:
+                grad_h.addmm_(grad_logits, W_b)  # in place: no (n, D) temporary
+            elif need_h:
+                grad_h += grad_logits @ W_b  # bf16/fp16 matmul, summed over blocks in fp32
+        if need_h:
+            grad_h = h_v.new_zeros(ctx.n_rows, D).index_copy_(0, rows, grad_h.to(h_v.dtype))
+        return grad_h, grad_w, None, None, None, None
+
+
+def fused_token_logps(h, weight, labels, ignore_index=IGNORE_INDEX, chunk_size=1024):
+    """log_softmax(h @ weight.T).gather(-1, labels) in chunks of rows, never holding the (N, V) logits.
+
+    h (..., D) final hidden states, weight (V, D) output embedding (same dtype as h), labels (...) target ids
+    with `ignore_index` for positions to skip -> (...) fp32 (fp64 for fp64 inputs) log-probs, 0 where ignored.
+    Equivalent to `naive_token_logps`."""
+    return _FusedTokenLogps.apply(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1), ignore_index,
+                                  max(1, int(chunk_size)), labels.shape)
+
+
+def shift_labels(input_ids, loss_mask, ignore_index=IGNORE_INDEX):
+    """input_ids, loss_mask (B, T) -> labels (B, T): position t predicts token t+1, so
+    labels[:, t] = input_ids[:, t+1] if loss_mask[:, t+1] else ignore_index; the last column is ignored."""
+    labels = torch.full_like(input_ids, ignore_index)
+    labels[:, :-1] = input_ids[:, 1:].masked_fill(~loss_mask[:, 1:].bool(), ignore_index)
+    return labels
+
+
+def sequence_logps(model, input_ids, attention_mask, loss_mask, average=False):
+    """log pi(y | x) = sum_t log pi(y_t | x, y_<t) over the response tokens (loss_mask == 1).
+
+    model(input_ids, attention_mask=..., labels=...) must return fp32 token_logps (B, T), 0 at ignored labels
+    (`CausalLM` does, via `fused_token_logps`). Returns (logps (B,), n_tokens (B,)); with `average` the
+    length-normalised log-prob logps / n_tokens (as used by IPO in TRL, or SimPO-style objectives)."""
+    labels = shift_labels(input_ids, loss_mask)
+    token_logps = model(input_ids, attention_mask=attention_mask, labels=labels)  # (B, T) fp32
+    n_tokens = (labels != IGNORE_INDEX).sum(-1)
+    logps = token_logps.sum(-1)
+    if average:
+        logps = logps / n_tokens.clamp(min=1)
+    return logps, n_tokens
