@@ -1,0 +1,214 @@
+"""train_dpo.py end to end on a tiny Llama and the conftest tokenizer: DPO starts at ln 2 and learns a rule,
+the loss variants start where their formulas say, SFT lowers held-out NLL, gradient accumulation and resume are
+exact, a non-finite loss stops the run, and two FSDP2 processes (killed and resumed) equal one."""
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import train_dpo
+from minirlhf.data import tokenize_preferences, write_jsonl
+from tiny import save_tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def synthetic_rows(n, seed):
+    """The learnable rule: chosen responses start with "yes", rejected ones with "no"; the rest is noise."""
+    rng = random.Random(seed)
+
+    def word():
+        return "".join(rng.choice("abcdefgh") for _ in range(3))
+    return [dict(prompt=f"tell me {word()}", chosen=f"yes {word()}", rejected=f"no {word()}") for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("dpo")
+    save_tiny(d / "model", "llama3")
+    tokenizer.save_pretrained(d / "model")  # the policy folder carries its tokenizer, as real checkpoints do
+    rows = synthetic_rows(72, seed=0)
+    write_jsonl(d / "train.jsonl", rows[:56])
+    write_jsonl(d / "eval.jsonl", rows[56:])
+    write_jsonl(d / "eight.jsonl", rows[:8])
+    write_jsonl(d / "seven.jsonl", rows[:7])
+    write_jsonl(d / "thirteen.jsonl", rows[:13])
+    return d
+
+
+def run(d, out, *extra):
+    """In-process main() with test-sized settings (lr large enough to learn in a few steps)."""
+    args = ["--model", str(d / "model"), "--output-dir", str(out), "--lr", "1e-3", "--warmup-ratio", "0",
+            "--max-length", "64", "--max-prompt-length", "32", *map(str, extra)]
+    return train_dpo.main(args)
+
+
+def weights(out):
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=k)
+
+
+def hf_logps(model, tokenizer, rows):
+    """log p(chosen), log p(rejected) per row with transformers' own forward: (N, 2)."""
+    pairs, _ = tokenize_preferences(rows, tokenizer)
+    out = []
+    for p in pairs:
+        row = []
+        for response in (p.chosen_ids, p.rejected_ids):
+            ids = torch.tensor([p.prompt_ids + response])
+            with torch.no_grad():
+                logp = model(ids).logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+            row.append(logp[len(p.prompt_ids) - 1:].sum())
+        out.append(row)
+    return torch.tensor(out)
+
+
+def test_dpo_starts_at_ln2_and_learns_a_rule(setup, tmp_path, tokenizer):
+    """Step 1: policy == reference, so every implicit reward is 0 and the loss is ln 2. After training the
+    implicit reward ranks held-out pairs; transformers reads the saved model and agrees."""
+    d, out = setup, tmp_path / "dpo"
+    result = run(d, out, "--train-data", d / "train.jsonl", "--eval-data", d / "eval.jsonl", "--batch-size", 8,
+                 "--grad-accum", 1, "--epochs", 2, "--lr-schedule", "cosine")
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and abs(first["loss"] - math.log(2)) < 1e-6
+    assert abs(first["chosen_reward"]) < 1e-6 and abs(first["rejected_reward"]) < 1e-6 and abs(first["margin"]) < 1e-6
+    assert {"lr", "grad_norm", "tokens_per_sec", "accuracy"} <= first.keys()
+    assert result["step"] == 14 and result["eval_accuracy"] >= 0.8 and result["eval_margin"] > 0
+    assert json.loads((out / "eval.json").read_text())["eval_accuracy"] == result["eval_accuracy"]
+    ref = load_file(out / "ref_logps.safetensors")
+    assert ref["chosen_logps"].shape == (56,) and ref["eval_rejected_logps"].shape == (16,)
+
+    rows = [json.loads(line) for line in (d / "eval.jsonl").read_text().splitlines()]
+    policy = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(d / "model").eval()
+    log_ratio = hf_logps(policy, tokenizer, rows) - hf_logps(reference, tokenizer, rows)  # (N, 2)
+    assert log_ratio[:, 0].mean() > 0, "chosen responses did not gain log-probability over the reference"
+    assert (log_ratio[:, 0] > log_ratio[:, 1]).float().mean() >= 0.8
+    torch.testing.assert_close(ref["eval_chosen_logps"], hf_logps(reference, tokenizer, rows)[:, 0], atol=1e-4, rtol=0)
+
+
+def test_loss_variants_at_the_first_step(setup, tmp_path):
+    """Policy == reference at step 1, so IPO with length-normalised log-probs gives (0 - 1/(2 beta))^2 = 25 per
+    pair, and RPO's term adds nll_coef x the chosen per-token NLL, read back from ref_logps.safetensors. Runs with
+    activation checkpointing and a linear schedule."""
+    d, out = setup, tmp_path / "ipo"
+    run(d, out, "--train-data", d / "eight.jsonl", "--batch-size", 8, "--grad-accum", 1, "--max-steps", 1,
+        "--loss", "ipo", "--length-normalize", "--nll-coef", 0.5, "--gradient-checkpointing", "--lr-schedule", "linear")
+    ref = load_file(out / "ref_logps.safetensors")
+    expected = 25 + 0.5 * (-ref["chosen_logps"] / ref["chosen_tokens"]).mean().item()
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["loss"] - expected) < 1e-4 and abs(first["margin"]) < 1e-6
+
+
+def test_sft_lowers_heldout_nll(setup, tmp_path):
+    """--loss sft on a messages dataset, evaluated on a prompt/completion one: held-out NLL per token falls."""
+    d = setup
+    rows = synthetic_rows(72, seed=1)
+    write_jsonl(tmp_path / "train.jsonl", [dict(messages=[{"role": "user", "content": r["prompt"]},
+                                                          {"role": "assistant", "content": r["chosen"]}])
+                                           for r in rows[:56]])
+    write_jsonl(tmp_path / "eval.jsonl", [dict(prompt=r["prompt"], completion=r["chosen"]) for r in rows[56:]])
+    common = ["--loss", "sft", "--train-data", tmp_path / "train.jsonl", "--eval-data", tmp_path / "eval.jsonl",
+              "--batch-size", 8, "--grad-accum", 1]
+    before = run(d, tmp_path / "sft0", *common, "--max-steps", 0)
+    after = run(d, tmp_path / "sft", *common, "--epochs", 2)
+    assert after["step"] == 14 and after["eval_nll"] < 0.8 * before["eval_nll"], (before, after)
+
+
+@pytest.mark.parametrize("data", ["eight.jsonl", "seven.jsonl"])
+def test_gradient_accumulation_equals_one_big_batch(setup, tmp_path, data):
+    """One step on 8 (or 7) pairs at once == 4 accumulated micro-batches of 2 (7 pairs: 2+2+2+1)."""
+    d = setup
+    for name, batch, accum in [("big", 8, 1), ("accum", 2, 4)]:
+        run(d, tmp_path / name, "--train-data", d / data, "--batch-size", batch, "--grad-accum", accum,
+            "--max-steps", 1, "--max-grad-norm", 0.5, "--weight-decay", 0.1)
+    assert_same_weights(tmp_path / "big", tmp_path / "accum", atol=1e-6)
+    assert_same_weights(tmp_path / "big", d / "model", atol=2e-3)  # one step with lr 1e-3 moved every weight
+    with pytest.raises(AssertionError):
+        assert_same_weights(tmp_path / "big", d / "model", atol=1e-4)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(setup, tmp_path, monkeypatch):
+    """A run killed after step 3 (last checkpoint at step 2) and resumed ends with the uninterrupted weights:
+    optimizer moments, LR schedule (cosine with warmup) and data position all come back; the reference
+    log-probs are read from disk, not recomputed."""
+    d = setup
+    args = ["--train-data", d / "train.jsonl", "--batch-size", 4, "--grad-accum", 2, "--epochs", 2,
+            "--warmup-ratio", 0.2, "--save-steps", 2]
+    full = run(d, tmp_path / "full", *args)
+    monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", "3")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(d, tmp_path / "killed", *args)
+    monkeypatch.delenv("MINIRLHF_FAIL_AFTER_STEP")
+    assert json.loads((tmp_path / "killed/checkpoint/trainer_state.json").read_text())["step"] == 2
+    ref_file = tmp_path / "killed/ref_logps.safetensors"
+    mtime = ref_file.stat().st_mtime_ns
+    resumed = run(d, tmp_path / "killed", *args, "--resume")
+    assert ref_file.stat().st_mtime_ns == mtime
+    assert resumed["step"] == full["step"] == 14
+    assert_same_weights(tmp_path / "full", tmp_path / "killed", atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 15))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(setup, tmp_path):
+    """An absurd learning rate blows the weights up after step 1: step 2's loss is not finite, the run stops
+    with a clear error before touching the weights, and the step-1 checkpoint stays; no final model is written."""
+    d, out = setup, tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match="not finite.*last good checkpoint"):
+        run(d, out, "--train-data", d / "eight.jsonl", "--batch-size", 4, "--grad-accum", 1, "--save-steps", 1,
+            "--lr", 1e30)
+    assert json.loads((out / "checkpoint/trainer_state.json").read_text())["step"] == 1
+    assert not (out / "model.safetensors").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_fsdp_processes_equal_one(setup, tmp_path):
+    """torchrun with 2 gloo ranks (FSDP2, batch 2 per rank), killed after step 3 and resumed from its step-2
+    checkpoint (per-rank optimizer shards back into DTensors), ends where 1 process with batch 4 ends (global
+    batch 8). 10 training pairs make every second window short: rank 1 then runs a zero-weight forward."""
+    d = setup
+    common = ["--model", d / "model", "--train-data", d / "thirteen.jsonl", "--eval-fraction", 0.25, "--lr", "1e-3",
+              "--epochs", 3, "--grad-accum", 2, "--warmup-ratio", 0.2, "--max-length", 64, "--max-prompt-length", 32,
+              "--save-steps", 2]
+    common = list(map(str, common))
+    one = train_dpo.main(common + ["--batch-size", "4", "--output-dir", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", os.path.join(ROOT, "train_dpo.py"), *common, "--batch-size", "2",
+           "--output-dir", str(tmp_path / "two")]
+    killed = subprocess.run(cmd, env={**env, "MINIRLHF_FAIL_AFTER_STEP": "3"}, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode != 0 and "simulated kill" in killed.stderr, killed.stderr[-3000:]
+    assert sorted(f for f in os.listdir(tmp_path / "two/checkpoint") if f.startswith("optimizer")) == \
+        ["optimizer.rank0.safetensors", "optimizer.rank1.safetensors"]
+    cmd[4] = f"--master-port={free_port()}"
+    proc = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout
+    two = json.loads((tmp_path / "two/eval.json").read_text())
+    assert one["step"] == two["step"] == 6
+    assert abs(one["eval_accuracy"] - two["eval_accuracy"]) < 1e-6
+    assert abs(one["eval_margin"] - two["eval_margin"]) < 1e-4
+    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-4)

@@ -1,0 +1,419 @@
+"""DPO on a preference dataset, and the SFT before it: steps 1 and 5 of Dong et al. 2024, "RLHF Workflow".
+
+DPO (Rafailov et al. 2023, eq. 7) fits the policy pi to pairs (x, y_c, y_r) without a reward model:
+    L = -log sigmoid(beta [(log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))])
+The reference terms are constants, so they are computed once, in one pass, before training (and saved to
+OUTPUT/ref_logps.safetensors); the reference model is then freed and training holds one model, under FSDP too.
+--loss ipo|hinge picks another loss of losses.PREFERENCE_LOSSES, --nll-coef adds RPO's chosen NLL, and
+--loss sft trains the NLL of the response tokens only (the SFT model the workflow starts from).
+
+Defaults are the paper's recipe for real models (Dong et al. 2024 sec. 5; RLHFlow/Online-RLHF's configs): DPO
+beta 0.1, lr 5e-7, 2 epochs; SFT lr 2e-5, 1 epoch; AdamW without weight decay, cosine, 3% warmup, clip 1.0,
+max length 4096 with prompts up to 1024, global batch 128 (batch 8 x accumulation 16 on one GPU; divide
+--grad-accum by the number of GPUs). Unlike the paper (DeepSpeed, packed SFT) we use FSDP2, no packing, and
+log-probs from the chunked fused op (no (B, T, V) logits). Nothing is dropped: the last window of an epoch may
+be short, and its loss is the mean over its own pairs.
+
+    python train_dpo.py --model MODEL --train-data pairs.jsonl --output-dir out/dpo --eval-fraction 0.05
+    torchrun --nproc_per_node=8 train_dpo.py --model MODEL --train-data DATA --grad-accum 2 --output-dir out/dpo
+
+OUTPUT is a Hugging Face folder (config.json, model.safetensors, tokenizer) with args.json, metrics.jsonl,
+eval.json, ref_logps.safetensors and checkpoint/ (model, one optimizer shard and RNG state per rank, and
+trainer_state.json; safetensors and JSON, no pickle). --resume continues from checkpoint/ and needs the same
+world size, since each rank saved its own FSDP optimizer shard. OUTPUT must be on a filesystem every node sees.
+Test hook: MINIRLHF_FAIL_AFTER_STEP=k raises after step k (a simulated kill).
+"""
+import argparse
+import contextlib
+import gc
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+from minirlhf import checkpoint, data, dist, losses
+from minirlhf.logprobs import sequence_logps
+from minirlhf.tokenizer import load_tokenizer, pad_token_id
+
+PAPER_DEFAULTS = {"dpo": dict(lr=5e-7, epochs=2), "sft": dict(lr=2e-5, epochs=1)}  # for an unset --lr / --epochs
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="DPO / IPO / hinge / SFT training (Dong et al. 2024, steps 1 and 5).")
+    # models and data
+    p.add_argument("--model", required=True, help="policy checkpoint folder (Hugging Face layout, with tokenizer)")
+    p.add_argument("--ref-model", default=None, help="reference policy checkpoint folder (default: --model)")
+    p.add_argument("--train-data", required=True, help="training data: .json/.jsonl/.parquet, save_to_disk folder "
+                                                       "or hub name (formats: see minirlhf/data.py)")
+    p.add_argument("--train-split", default="train", help="split of --train-data (hub datasets / DatasetDicts)")
+    p.add_argument("--eval-data", default=None, help="held-out data in the same format")
+    p.add_argument("--eval-split", default="test", help="split of --eval-data")
+    p.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this fraction of --train-data for eval")
+    p.add_argument("--output-dir", required=True, help="output folder: final model, logs, checkpoint/")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template file overriding the tokenizer's")
+    p.add_argument("--prompt-column", default="prompt", help="prompt column (string or chat messages)")
+    p.add_argument("--chosen-column", default="chosen", help="preferred response column (SFT: trained on)")
+    p.add_argument("--rejected-column", default="rejected", help="dispreferred response column")
+    p.add_argument("--completion-column", default="completion", help="SFT: completion column")
+    p.add_argument("--messages-column", default="messages", help="SFT: conversation column (last assistant turn)")
+    p.add_argument("--max-length", type=int, default=4096, help="prompt + response tokens (responses are cut)")
+    p.add_argument("--max-prompt-length", type=int, default=None, help="longer prompts are bad rows (default: "
+                                                                       "max-length / 4)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) bad rows instead of failing")
+    # objective
+    p.add_argument("--loss", default="dpo", choices=[*losses.PREFERENCE_LOSSES, "sft"], help="training objective")
+    p.add_argument("--beta", type=float, default=0.1, help="KL strength beta of DPO / IPO / hinge")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO: probability that a label is flipped")
+    p.add_argument("--nll-coef", type=float, default=0.0, help="RPO: weight of the chosen response's per-token NLL")
+    p.add_argument("--length-normalize", action="store_true", help="log-probs averaged over response tokens "
+                                                                     "(as TRL does for IPO)")
+    # optimisation
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-7, SFT 2e-5)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training data (default 2, SFT 1)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: epochs; sizes the schedule)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs (SFT: sequences) per micro-batch per rank")
+    p.add_argument("--grad-accum", type=int, default=16, help="micro-batches per optimizer step")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "linear", "constant"], help="after warmup")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
+    p.add_argument("--seed", type=int, default=42, help="data order and eval split")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
+    # checkpoints
+    p.add_argument("--save-steps", type=int, default=500, help="save OUTPUT/checkpoint every N steps (0: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if there is one")
+    return p
+
+
+def autocast(device):
+    """bf16 autocast on one GPU; under FSDP the MixedPrecisionPolicy casts instead; on CPU we stay in fp32."""
+    if device.type == "cuda" and dist.world_size() == 1:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def collate(examples, pad_id, device):
+    """Pairs -> (2B, T) [chosen; rejected] batch, Sequences -> (B, T); right padding (data.py)."""
+    fn = data.collate_pairs if isinstance(examples[0], data.Pair) else data.collate_sequences
+    return {k: v.to(device) for k, v in fn(examples, pad_id).items()}
+
+
+@torch.no_grad()
+def compute_logps(model, examples, batch_size, device, pad_id):
+    """Summed response log-probs of every example in one pass, sharded over ranks -> (logps, n_tokens), each
+    (N, 2) [chosen, rejected] for Pairs or (N, 1) for Sequences, fp32 on CPU and identical on every rank.
+
+    Examples go in length order (less padding). Under FSDP every rank must run as many forwards as the others,
+    so a rank with nothing left runs example 0 and drops the result."""
+    model.eval()
+    K = 2 if isinstance(examples[0], data.Pair) else 1
+    logps = torch.zeros(len(examples), K, dtype=torch.float64, device=device)
+    n_tokens = torch.zeros(len(examples), K, device=device)
+    order = sorted(range(len(examples)), key=lambda i: sum(map(len, vars(examples[i]).values())))
+    rank, world_size = dist.get_rank(), dist.world_size()
+    for s in range(0, len(order), batch_size * world_size):
+        rows = order[s + rank * batch_size:s + (rank + 1) * batch_size]
+        batch = collate([examples[i] for i in rows or [0]], pad_id, device)
+        with autocast(device):
+            lp, n = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        if rows:  # (K*B,) = [chosen..., rejected...] -> (B, K)
+            logps[rows], n_tokens[rows] = lp.double().view(K, -1).T, n.float().view(K, -1).T
+    dist.all_reduce_sum(logps), dist.all_reduce_sum(n_tokens)  # sync point: each row was filled by one rank
+    return logps.float().cpu(), n_tokens.cpu()
+
+
+def reference_logps(ref_model_path, examples, eval_examples, path, batch_size, device, pad_id, reuse=False):
+    """{chosen,rejected}_{logps,tokens} (N,) per example of `examples` (rows of --train-data) and eval_* per
+    example of `eval_examples`: read from `path` (a safetensors file) if `reuse` and its fingerprint (reference
+    path + every token id) matches, else from one pass of the reference model, which is then freed; saved to
+    `path` with metadata {"ref_model": absolute path, "fingerprint"}."""
+    key = hashlib.sha256(os.path.abspath(ref_model_path).encode())
+    for e in examples + eval_examples:
+        key.update(repr((e.prompt_ids, e.chosen_ids, e.rejected_ids)).encode())
+    key = key.hexdigest()
+    if reuse and os.path.exists(path):
+        with safe_open(path, "pt") as f:
+            if f.metadata().get("fingerprint") == key:
+                return load_file(path)
+    ref_model = checkpoint.load_model(ref_model_path, device="cpu" if dist.world_size() > 1 else device)
+    ref_model = dist.apply_fsdp(ref_model, bf16=device.type == "cuda").to(device)
+    out = {}
+    for prefix, exs in (("", examples), ("eval_", eval_examples)):
+        if exs:
+            logps, n_tokens = compute_logps(ref_model, exs, batch_size, device, pad_id)
+            out |= {f"{prefix}chosen_logps": logps[:, 0], f"{prefix}rejected_logps": logps[:, 1],
+                    f"{prefix}chosen_tokens": n_tokens[:, 0], f"{prefix}rejected_tokens": n_tokens[:, 1]}
+    del ref_model  # training holds one model
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+    if dist.is_main():
+        save_file({k: v.contiguous() for k, v in out.items()}, f"{path}.tmp",
+                  metadata={"ref_model": os.path.abspath(ref_model_path), "fingerprint": key})
+        os.replace(f"{path}.tmp", path)
+    return out
+
+
+def ref_table(ref, prefix, normalize):
+    """(N, 2) reference [chosen, rejected] log-probs, averaged per token with --length-normalize."""
+    logps = torch.stack([ref[f"{prefix}chosen_logps"], ref[f"{prefix}rejected_logps"]], 1)
+    n_tokens = torch.stack([ref[f"{prefix}chosen_tokens"], ref[f"{prefix}rejected_tokens"]], 1)
+    return logps / n_tokens if normalize else logps
+
+
+def preference_losses(args, chosen, rejected, ref_chosen, ref_rejected, chosen_tokens):
+    """Per-pair losses (B,) and the detached implicit rewards beta log(pi / pi_ref) of chosen and rejected."""
+    out, chosen_rewards, rejected_rewards = losses.PREFERENCE_LOSSES[args.loss](
+        chosen, rejected, ref_chosen, ref_rejected, args.beta, args.label_smoothing)
+    if args.nll_coef:
+        out = losses.add_nll(out, chosen, 1 if args.length_normalize else chosen_tokens, args.nll_coef)
+    return out, chosen_rewards, rejected_rewards
+
+
+def evaluate(args, policy, eval_examples, ref_eval, device, pad_id):
+    """DPO: preference accuracy of the implicit reward, mean margin and loss; SFT: NLL per response token."""
+    logps, n_tokens = compute_logps(policy, eval_examples, args.batch_size, device, pad_id)
+    if args.loss == "sft":
+        return {"eval_nll": -logps.sum().item() / n_tokens.sum().item(), "n_eval": len(eval_examples)}
+    if args.length_normalize:
+        logps = logps / n_tokens
+    pair_losses, chosen_r, rejected_r = preference_losses(args, *logps.unbind(1), *ref_eval.unbind(1), n_tokens[:, 0])
+    margin = chosen_r - rejected_r
+    return {"eval_loss": pair_losses.mean().item(), "eval_accuracy": (margin > 0).float().mean().item(),
+            "eval_margin": margin.mean().item(), "eval_chosen_reward": chosen_r.mean().item(),
+            "eval_rejected_reward": rejected_r.mean().item(), "n_eval": len(eval_examples)}
+
+
+def windows(n, window_size, seed, epoch):
+    """One epoch's optimizer-step windows of example indices: data.shuffled_batches' permutation cut into
+    windows of batch_size * grad_accum * world_size; the last one may be short."""
+    perm = [i for (i,) in data.shuffled_batches(n, 1, seed, epoch)]
+    return [perm[s:s + window_size] for s in range(0, n, window_size)]
+
+
+def micro_batches(window, batch_size, rank, world_size):
+    """This rank's micro-batches of a window: micro-step k covers window[k*B*W:(k+1)*B*W] and rank r takes its
+    slice [r*B:(r+1)*B], so the union over ranks is what one process with batch B*W sees. In a short window a
+    rank's slice may be empty: it then runs a zero-weight forward to keep FSDP's collectives in step."""
+    return [window[s + rank * batch_size:s + (rank + 1) * batch_size]
+            for s in range(0, len(window), batch_size * world_size)]
+
+
+def lr_at(step, total_steps, warmup_steps, peak, schedule):
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1}[schedule]
+
+
+def save_checkpoint(policy, optimizer, tokenizer, output_dir, train_state):
+    """OUTPUT/checkpoint: HF model (rank 0), optimizer shard and RNG state per rank, trainer_state.json. Written
+    in a temporary folder renamed into place, so a kill at any moment leaves the previous checkpoint whole."""
+    full = dist.full_state_dict(policy)  # collective: every rank gathers
+    tmp, rank = os.path.join(output_dir, ".checkpoint.next"), dist.get_rank()
+    if dist.is_main():
+        checkpoint.save_model(policy, tmp, tokenizer, state_dict=full)
+    dist.barrier()
+    state = {f"{name}/{k}": (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
+             for name, p in policy.named_parameters() for k, v in optimizer.state.get(p, {}).items()}
+    save_file(state, os.path.join(tmp, f"optimizer.rank{rank}.safetensors"))
+    rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+    save_file(rng, os.path.join(tmp, f"rng.rank{rank}.safetensors"))
+    dist.barrier()
+    if dist.is_main():
+        checkpoint.atomic_write_json(os.path.join(tmp, "trainer_state.json"), train_state)
+        checkpoint.replace_dir(tmp, os.path.join(output_dir, "checkpoint"))
+    dist.barrier()
+
+
+def load_checkpoint(policy, optimizer, ckpt, device):
+    """This rank's optimizer shard (back into DTensors under FSDP) and RNG state; returns trainer_state."""
+    rank = dist.get_rank()
+    saved = load_file(os.path.join(ckpt, f"optimizer.rank{rank}.safetensors"))
+    for name, p in policy.named_parameters():
+        state = {k.rsplit("/", 1)[1]: v for k, v in saved.items() if k.rsplit("/", 1)[0] == name}
+        for k, v in state.items():
+            if k != "step":  # AdamW keeps its step count on the CPU
+                v = v.to(device)
+                state[k] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()) \
+                    if isinstance(p, DTensor) else v
+        if state:
+            optimizer.state[p] = state
+    rng = load_file(os.path.join(ckpt, f"rng.rank{rank}.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def publish(ckpt, output_dir):
+    """Make OUTPUT itself a loadable HF folder: hard-link (else copy) the checkpoint's model and tokenizer files
+    to temporary names, then rename each into place; weights of an earlier run (another shard count) go."""
+    names = [n for n in os.listdir(ckpt) if not n.startswith(("optimizer.", "rng.", "trainer_state"))]
+    for name in os.listdir(output_dir):
+        if name.startswith("model") and name.endswith((".safetensors", ".index.json")) and name not in names:
+            os.remove(os.path.join(output_dir, name))
+    for name in names:
+        tmp = os.path.join(output_dir, f".{name}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        try:
+            os.link(os.path.join(ckpt, name), tmp)  # no second copy of the weights on disk
+        except OSError:
+            shutil.copy2(os.path.join(ckpt, name), tmp)
+        os.replace(tmp, os.path.join(output_dir, name))
+
+
+def load_examples(args, tokenizer, path, split, chat_template):
+    kw = dict(prompt_column=args.prompt_column, chosen_column=args.chosen_column, max_length=args.max_length,
+              max_prompt_length=args.max_prompt_length, chat_template=chat_template, skip_bad=args.skip_bad_rows)
+    if args.loss == "sft":
+        return data.load_sft(path, tokenizer, split, completion_column=args.completion_column,
+                             messages_column=args.messages_column, **kw)[0]
+    return data.load_preferences(path, tokenizer, split, rejected_column=args.rejected_column, **kw)[0]
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    sft = args.loss == "sft"
+    for k, v in PAPER_DEFAULTS["sft" if sft else "dpo"].items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    args.ref_model = args.ref_model or args.model
+    args.max_prompt_length = args.max_prompt_length or args.max_length // 4
+    rank, world_size, device = dist.init_distributed()
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt = os.path.join(args.output_dir, "checkpoint")
+    resume = args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.json"))
+    if dist.is_main():
+        checkpoint.atomic_write_json(os.path.join(args.output_dir, "args.json"), vars(args))
+
+    # data: every rank tokenises everything (deterministic) and takes its slice of each window
+    tokenizer = load_tokenizer(args.model)
+    pad_id = pad_token_id(tokenizer)
+    chat_template = open(args.chat_template).read() if args.chat_template else None
+    examples = load_examples(args, tokenizer, args.train_data, args.train_split, chat_template)
+    train_rows, eval_rows = list(range(len(examples))), []
+    if args.eval_fraction > 0 and not args.eval_data:
+        perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        n_eval = max(1, round(args.eval_fraction * len(examples)))
+        eval_rows, train_rows = sorted(perm[:n_eval]), sorted(perm[n_eval:])
+    eval_examples = (load_examples(args, tokenizer, args.eval_data, args.eval_split, chat_template)
+                     if args.eval_data else [examples[i] for i in eval_rows])
+    window_size = args.batch_size * args.grad_accum * world_size
+    steps_per_epoch = math.ceil(len(train_rows) / window_size)
+    total_steps = args.epochs * steps_per_epoch if args.max_steps is None else args.max_steps
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+
+    # reference log-probs: one pass, then the reference model is gone (the values stay on disk for resume)
+    ref_train = ref_eval = None
+    if not sft:
+        ref = reference_logps(args.ref_model, examples, eval_examples if args.eval_data else [],
+                              os.path.join(args.output_dir, "ref_logps.safetensors"), args.batch_size, device, pad_id,
+                              reuse=resume)
+        ref_train = ref_table(ref, "", args.length_normalize).to(device)  # (N, 2), indexed by row of --train-data
+        ref_eval = ref_table(ref, "eval_", args.length_normalize) if args.eval_data else ref_train[eval_rows].cpu()
+
+    # policy: sharded over ranks by FSDP2 (bf16 compute, fp32 master weights and gradient reduction on GPU)
+    policy = checkpoint.load_model(ckpt if resume else args.model, device="cpu" if world_size > 1 else device)
+    policy.model.gradient_checkpointing = args.gradient_checkpointing
+    policy = dist.apply_fsdp(policy, bf16=device.type == "cuda").to(device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    step, metrics_path = 0, os.path.join(args.output_dir, "metrics.jsonl")
+    if resume:
+        state = load_checkpoint(policy, optimizer, ckpt, device)
+        if state["world_size"] != world_size:
+            raise ValueError(f"{ckpt} was saved by {state['world_size']} ranks, each with its own optimizer shard: "
+                             f"resume with the same world size (got {world_size})")
+        step = state["step"]
+        dist.print0(f"resuming from {ckpt} at step {step}")
+    if dist.is_main():  # keep the log of the steps before the checkpoint, drop those that will be redone
+        old = open(metrics_path).readlines() if resume and os.path.exists(metrics_path) else []
+        checkpoint.atomic_write_text(metrics_path, "".join(l for l in old if json.loads(l)["step"] <= step))
+
+    # training loop: one optimizer step per window of batch_size x grad_accum x world_size pairs
+    bar = tqdm(total=total_steps, initial=step, disable=None if dist.is_main() else True, desc=args.loss)
+    fail_after = int(os.environ.get("MINIRLHF_FAIL_AFTER_STEP", -1))
+    last, tokens_per_sec, epoch_windows = {}, [], (None, [])
+    while step < total_steps:
+        t0 = time.perf_counter()
+        epoch, w = divmod(step, steps_per_epoch)
+        if epoch_windows[0] != epoch:
+            epoch_windows = (epoch, windows(len(train_rows), window_size, args.seed, epoch))
+        window = [train_rows[i] for i in epoch_windows[1][w]]
+        # every rank knows the window's size in pairs (SFT: target tokens): the global count of window_mean
+        n_window = sum(len(examples[i].response_ids) for i in window) if sft else len(window)
+        lr = lr_at(step, total_steps, warmup_steps, args.lr, args.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        policy.train()
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, chosen/rejected reward, correct, tokens
+        for rows in micro_batches(window, args.batch_size, rank, world_size):
+            weight = 1.0 if rows else 0.0
+            batch = collate([examples[i] for i in rows or window[:1]], pad_id, device)
+            with autocast(device):
+                logps, n_tokens = sequence_logps(policy, batch["input_ids"], batch["attention_mask"],
+                                                 batch["loss_mask"], average=args.length_normalize and not sft)
+            if sft:  # summed NLL per sequence; window_mean divides by the window's target tokens
+                pair_losses, chosen_r, rejected_r = -logps, logps.new_zeros(1), logps.new_zeros(1)
+            else:
+                pair_losses, chosen_r, rejected_r = preference_losses(
+                    args, *logps.view(2, -1), *ref_train[rows or window[:1]].unbind(1), n_tokens.view(2, -1)[0])
+            losses.window_mean(pair_losses * weight, n_window, world_size).backward()
+            sums += weight * torch.stack([pair_losses.detach().sum(), chosen_r.sum(), rejected_r.sum(),
+                                          (chosen_r > rejected_r).sum(), batch["attention_mask"].sum()]).double()
+        dist.all_reduce_sum(sums)  # sync point: window statistics over ranks
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
+        grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
+        sums = sums.tolist()
+        loss = sums[0] / n_window
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            saved = f"the last good checkpoint is {ckpt}" if os.path.exists(ckpt) else "no checkpoint was saved yet"
+            raise FloatingPointError(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite; stopped "
+                                     f"before updating the weights ({saved}). Lower --lr or check the data.")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_per_sec.append(sums[4] / (time.perf_counter() - t0))
+        last = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_sec": tokens_per_sec[-1]}
+        if not sft:
+            n = len(window)
+            last |= {"chosen_reward": sums[1] / n, "rejected_reward": sums[2] / n, "margin": (sums[1] - sums[2]) / n,
+                     "accuracy": sums[3] / n}
+        if dist.is_main():
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", **({} if sft else {"acc": f"{last['accuracy']:.2f}"}))
+        if args.save_steps and step % args.save_steps == 0 and step < total_steps:
+            save_checkpoint(policy, optimizer, tokenizer, args.output_dir, {"step": step, "world_size": world_size})
+        if step == fail_after:
+            raise RuntimeError(f"MINIRLHF_FAIL_AFTER_STEP={fail_after}: simulated kill")
+    bar.close()
+
+    # held-out evaluation, then OUTPUT/checkpoint (resumable) and OUTPUT itself (the final HF model)
+    summary = {"step": step, "train_loss": last.get("loss"), "output_dir": os.path.abspath(args.output_dir),
+               "tokens_per_sec": sum(tokens_per_sec) / max(1, len(tokens_per_sec))}
+    if eval_examples:
+        summary |= evaluate(args, policy, eval_examples, ref_eval, device, pad_id)
+        dist.print0(json.dumps({k: v for k, v in summary.items() if k.startswith("eval")}))
+    save_checkpoint(policy, optimizer, tokenizer, args.output_dir, {"step": step, "world_size": world_size})
+    if dist.is_main():
+        publish(ckpt, args.output_dir)
+        checkpoint.atomic_write_json(os.path.join(args.output_dir, "eval.json"), summary)
+    dist.barrier()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
+    dist.cleanup()
