@@ -23,8 +23,8 @@ the unsharded weight is alive in forward and re-gathered for backward) and with 
 adds the grad_W returned here to the embedding's own gradient). It serves DPO and SFT (sum or mean of
 token_logps) and the pairwise preference model (the log-prob of its label token "A" or "B").
 
-Default chunk_size = 1024 rows: 1024 x 128256 fp32 logits = 0.5 GB per chunk (two such tensors live at
-once); smaller chunks lower memory, larger ones amortise the per-matmul overhead.
+Default chunk_size = 1024 rows: 1024 x 128256 fp32 logits = 0.5 GB per chunk (one such tensor, plus its
+bf16 copy for bf16 inputs); smaller chunks lower memory, larger ones amortise the per-matmul overhead.
 """
 import torch
 import torch.nn.functional as F
@@ -55,8 +55,10 @@ class _FusedTokenLogps(torch.autograd.Function):
         logps = torch.empty(len(rows), dtype=acc, device=h.device)
         for s in range(0, len(rows), chunk_size):
             logits = (h_v[s:s + chunk_size] @ weight.T).to(acc)  # (C, V): the only O(V) tensor alive
-            lse[s:s + chunk_size] = logits.logsumexp(-1)
             logps[s:s + chunk_size] = logits.gather(1, target[s:s + chunk_size, None]).squeeze(1)
+            m = logits.amax(-1, keepdim=True)  # logsumexp in place, without logsumexp()'s (C, V) temporary
+            lse[s:s + chunk_size] = logits.sub_(m).exp_().sum(-1).log_() + m.squeeze(1)
+            del logits  # freed before the next chunk is allocated, not after
         out = torch.zeros(shape, dtype=acc, device=h.device)  # not a view: FSDP2 warns about returned views
         out.view(-1)[rows] = logps - lse
         ctx.save_for_backward(h_v, weight, rows, target, lse)  # (n, D) + (n,): no (N, V) tensor is kept
@@ -76,19 +78,20 @@ class _FusedTokenLogps(torch.autograd.Function):
         Vc = max(1, ctx.chunk_size * V // max(n, 1))
         for v in range(0, V, Vc):
             W_b = weight[v:v + Vc]
-            logits = (h_v @ W_b.T).to(acc)  # (n, Vc) recomputed instead of stored
+            grad_logits = (h_v @ W_b.T).to(acc)  # (n, Vc) logits, recomputed instead of stored
             # d logp / d logits = onehot(target) - softmax, times g: -g * softmax, then +g at the target id
-            grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-g)
+            grad_logits.sub_(lse[:, None]).exp_().mul_(-g)
             local = target - v  # target's column in this block; scatter g only where it falls inside
             inside = (local >= 0) & (local < W_b.shape[0])
             grad_logits.scatter_add_(1, local.clamp(0, W_b.shape[0] - 1)[:, None], g * inside[:, None])
-            grad_logits = grad_logits.to(h_v.dtype)
+            grad_logits = grad_logits.to(h_v.dtype)  # for bf16 inputs this frees the fp32 one
             if need_w:
                 torch.mm(grad_logits.T, h_v, out=grad_w[v:v + Vc])  # (Vc, D) written once
             if need_h and grad_logits.dtype == acc:
                 grad_h.addmm_(grad_logits, W_b)  # in place: no (n, D) temporary
             elif need_h:
                 grad_h += grad_logits @ W_b  # bf16/fp16 matmul, summed over blocks in fp32
+            del grad_logits  # freed before the next block is allocated, not after
         if need_h:
             grad_h = h_v.new_zeros(ctx.n_rows, D).index_copy_(0, rows, grad_h.to(h_v.dtype))
         return grad_h, grad_w, None, None, None, None
