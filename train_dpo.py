@@ -117,7 +117,7 @@ def compute_logps(model, examples, batch_size, device, pad_id):
     K = 2 if isinstance(examples[0], data.Pair) else 1
     logps = torch.zeros(len(examples), K, dtype=torch.float64, device=device)
     n_tokens = torch.zeros(len(examples), K, device=device)
-    order = sorted(range(len(examples)), key=lambda i: sum(map(len, vars(examples[i]).values())))
+    order = sorted(range(len(examples)), key=lambda i: sum(len(v) for v in vars(examples[i]).values() if isinstance(v, list)))
     rank, world_size = dist.get_rank(), dist.world_size()
     for s in range(0, len(order), batch_size * world_size):
         rows = order[s + rank * batch_size:s + (rank + 1) * batch_size]

@@ -27,6 +27,7 @@ ARCHITECTURES = {  # model_type -> (causal LM class, reward model class) names i
 
 
 def atomic_write_text(path, text):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with open(tmp, "w") as f:
         f.write(text)

@@ -1,0 +1,292 @@
+"""Online iterative DPO (Dong et al. 2024, "RLHF Workflow", Algorithm 1; RLHFlow/Online-RLHF).
+
+For t = 1..T: take fresh prompts, sample n responses each from the current policy, score them with the reward
+source (a proxy for human feedback), keep the best and the worst as a (chosen, rejected) pair, and train DPO on
+those pairs starting from the current policy, against the reference pi_0 (`--ref initial`, the KL-regularised
+objective of the paper) or the last policy (`--ref previous`). Every stage reads and writes Hugging Face
+folders and `datasets` files, so each step is the same code a user runs on its own:
+
+    python iterate.py                                          # the built-in task, on a laptop CPU
+    torchrun --nproc_per_node=8 iterate.py --sft-model SFT --reward RM --prompts prompts.jsonl \
+        --output-dir runs/online --max-new-tokens 1024 --max-length 2048 --batch-size 1 --grad-accum 16
+
+With no `--sft-model`, the built-in task (`minirlhf/task.py`) first makes everything the outside world would:
+SFT on demonstrations, an offline preference set labelled by simulated annotators, the proxy Bradley-Terry
+reward model, and the offline DPO baseline; after the loop every policy is evaluated against the gold reward.
+
+Distributed: each rank generates and scores its share of the prompts, the pairs are gathered, and DPO trains
+with FSDP2. For generation each rank loads the last saved policy folder (rank 0 wrote it from the gathered full
+state dict) into a plain, unsharded model: sampling runs thousands of small forwards, which FSDP would slow
+down by all-gathering every layer at every step. Every finished stage leaves a `done.json`; a rerun skips
+finished stages, and `--resume` also continues an interrupted DPO stage from its last checkpoint.
+"""
+import argparse
+import os
+import time
+
+import torch
+
+import train_dpo
+import train_rm
+from minirlhf import dist, task
+from minirlhf.checkpoint import atomic_write_json, load_model, save_model
+from minirlhf.data import load_dataset_any, write_jsonl
+from minirlhf.evaluate import evaluate_policy, format_table, plot, reward_model_accuracy
+from minirlhf.model import init_model
+from minirlhf.pairs import make_pair, shaped_scores
+from minirlhf.rewards import load_reward_source
+from minirlhf.sampler import generate
+from minirlhf.tokenizer import decode_response, encode_prompt, load_tokenizer
+
+# The paper's recipe for real models (Sec. 5): 3 iterations, 8 samples, 2 epochs, beta 0.1, lr 5e-7 cosine with
+# 3% warmup. The built-in task keeps the structure and scales what a 100k-parameter model needs.
+PAPER = dict(lr=5e-7, max_new_tokens=2048, max_length=4096, batch_size=1, grad_accum=32, prompts_per_iteration=None)
+BUILTIN = dict(lr=2e-4, max_new_tokens=task.MAX_RESPONSE_TOKENS, max_length=64, batch_size=32, grad_accum=1,
+               prompts_per_iteration=400)
+# The built-in task's offline stages: SFT, the reward model and the offline DPO baseline.
+SFT_LR, SFT_EPOCHS, RM_LR, RM_EPOCHS, OFFLINE_DPO_EPOCHS = 3e-3, 6, 3e-3, 6, 2
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # where
+    p.add_argument("--output-dir", default="runs/iterate", help="run folder: one subfolder per stage and iteration")
+    p.add_argument("--seed", type=int, default=0, help="seed of every sampler, shuffle and simulated label")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted DPO stage from its checkpoint")
+    # what the outside world provides (default: the built-in task makes all of it)
+    p.add_argument("--sft-model", help="HF folder of the SFT policy pi_0 (default: SFT on the built-in task)")
+    p.add_argument("--reward", help="reward source: a BT reward model folder, a pairwise preference model folder, "
+                                    "or module:function (default: the built-in task's proxy reward model)")
+    p.add_argument("--prompts", help="dataset (.jsonl/.json/.parquet/save_to_disk folder) with a prompt column")
+    p.add_argument("--prompt-column", default="prompt", help="column of --prompts holding a string or chat messages")
+    p.add_argument("--eval-prompts", help="held-out prompts evaluated after the loop (default: none; built-in: 300)")
+    # the loop
+    p.add_argument("--iterations", type=int, default=3, help="T, the number of online iterations")
+    p.add_argument("--prompts-per-iteration", type=int, help="fresh prompts per iteration (default: all / T)")
+    p.add_argument("--n", type=int, default=8, help="responses sampled per prompt")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
+    p.add_argument("--max-new-tokens", type=int, help="response length limit (paper: 2048)")
+    p.add_argument("--gen-batch-size", type=int, default=256, help="sequences per sampler batch (memory budget)")
+    p.add_argument("--pair-rule", default="max_min", choices=["max_min", "max_random", "max_min_p"],
+                   help="best vs worst (paper), best vs random, or best vs worst after the length penalty")
+    p.add_argument("--min-gap", type=float, default=0.0, help="no pair unless chosen beats rejected by more than this")
+    p.add_argument("--length-penalty", type=float, default=0.0, help="lambda in r - lambda * response tokens")
+    p.add_argument("--truncation-penalty", type=float, default=0.0, help="subtracted from responses without a stop")
+    p.add_argument("--ref", default="initial", choices=["initial", "previous"],
+                   help="DPO reference: the SFT model pi_0 (paper) or the previous iteration's policy")
+    # DPO on each iteration's pairs (train_dpo.py)
+    p.add_argument("--loss", default="dpo", help="preference loss of losses.py (dpo, ipo, hinge)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta (KL strength)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed label-flip rate")
+    p.add_argument("--lr", type=float, help="DPO learning rate (paper: 5e-7; built-in: 2e-4)")
+    p.add_argument("--epochs", type=int, default=2, help="DPO epochs per iteration")
+    p.add_argument("--batch-size", type=int, help="pairs per micro-batch per rank")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--max-length", type=int, help="prompt + response token limit for DPO")
+    p.add_argument("--save-steps", type=int, default=500, help="DPO checkpoint interval (for --resume)")
+    # sizes of the built-in task (used only without --sft-model)
+    p.add_argument("--task-sft-prompts", type=int, default=2000, help="demonstrations for SFT")
+    p.add_argument("--task-labels", type=int, default=2000, help="prompts labelled by simulated humans (offline set)")
+    p.add_argument("--task-eval-prompts", type=int, default=300, help="held-out prompts for the final evaluation")
+    return p
+
+
+def resolve_defaults(args):
+    """Fill unset flags from the paper's recipe, or from the built-in task's scaled version of it."""
+    for key, value in (BUILTIN if args.sft_model is None else PAPER).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def done(path):
+    return os.path.exists(os.path.join(path, "done.json"))
+
+
+def mark_done(path, info):
+    if dist.is_main():
+        os.makedirs(path, exist_ok=True)
+        atomic_write_json(os.path.join(path, "done.json"), info)
+    dist.barrier()
+
+
+def dpo_flags(args, model, ref_model, data, out, loss=None, epochs=None, lr=None):
+    """train_dpo.py's command line for one DPO stage."""
+    return ["--model", model, "--ref-model", ref_model, "--train-data", data, "--output-dir", out,
+            "--loss", loss or args.loss, "--beta", str(args.beta), "--label-smoothing", str(args.label_smoothing),
+            "--lr", str(lr or args.lr), "--epochs", str(epochs or args.epochs), "--batch-size", str(args.batch_size),
+            "--grad-accum", str(args.grad_accum), "--max-length", str(args.max_length), "--seed", str(args.seed),
+            "--save-steps", str(args.save_steps), "--skip-bad-rows"] + (["--resume"] if args.resume else [])
+
+
+def sample(policy_dir, tokenizer, prompts, n, args, seed, device):
+    """This rank's share of `prompts` -> rows with n responses each (text, token counts, truncation flags)."""
+    rank, world = dist.get_rank(), dist.world_size()
+    mine = list(range(rank, len(prompts), world))
+    policy = load_model(policy_dir, device=device).eval()  # a plain copy: see the module docstring
+    gen = generate(policy, [encode_prompt(tokenizer, prompts[i]) for i in mine], args.max_new_tokens, n=n,
+                   temperature=args.temperature, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id,
+                   seed=seed * 1000 + rank, batch_size=args.gen_batch_size)
+    return [dict(index=i, prompt=prompts[i], responses=[decode_response(tokenizer, r) for r in gen.responses[j]],
+                 n_tokens=[len(r) for r in gen.responses[j]], truncated=[f == "length" for f in gen.finish_reasons[j]])
+            for j, i in enumerate(mine)]
+
+
+def gather_rows(rows):
+    """Every rank's rows, in prompt order, on every rank."""
+    return sorted((r for part in dist.all_gather_objects(rows) for r in part), key=lambda r: r["index"])
+
+
+def builtin_task(args, device):
+    """Stages 1-4 of the built-in task -> (sft_dir, reward spec, iteration prompts, eval prompts, offline dir)."""
+    root, seed = args.output_dir, args.seed
+    tokenizer = task.build_tokenizer()
+    n_sft, n_labels, n_iter = args.task_sft_prompts, args.task_labels, args.iterations * args.prompts_per_iteration
+    prompts = task.make_prompts(n_sft + n_labels + n_iter + args.task_eval_prompts, seed)
+    sft_prompts, label_prompts = prompts[:n_sft], prompts[n_sft:n_sft + n_labels]
+    iter_prompts, eval_prompts = prompts[n_sft + n_labels:n_sft + n_labels + n_iter], prompts[n_sft + n_labels + n_iter:]
+    init_dir, sft_dir, data_dir = f"{root}/init", f"{root}/sft", f"{root}/data"
+    if not done(init_dir):  # a random-init tiny Llama, saved like any hub checkpoint
+        if dist.is_main():
+            save_model(init_model(task.policy_config(tokenizer), seed=seed), init_dir, tokenizer)
+        mark_done(init_dir, {})
+    if not done(sft_dir):  # 1. SFT on demonstrations
+        if dist.is_main():
+            write_jsonl(f"{data_dir}/sft.jsonl", [dict(prompt=p, completion=c) for p, c in
+                                                  zip(sft_prompts, task.demonstrations(sft_prompts, seed))])
+        dist.barrier()
+        train_dpo.main(dpo_flags(args, init_dir, init_dir, f"{data_dir}/sft.jsonl", sft_dir, loss="sft",
+                                 epochs=SFT_EPOCHS, lr=SFT_LR))
+        mark_done(sft_dir, {})
+    labels_path = f"{data_dir}/preferences.jsonl"
+    if not done(data_dir):  # 2. two SFT samples per prompt, labelled by simulated annotators
+        rows = gather_rows(sample(sft_dir, tokenizer, label_prompts, 2, args, seed, device))
+        generator = torch.Generator().manual_seed(seed)
+        pairs = []
+        for r in rows:
+            a, b = r["responses"]
+            if a != b and a and b:  # identical or empty responses carry no preference
+                a_wins = task.annotate(r["prompt"], a, b, task.TAU, generator)
+                pairs.append(dict(prompt=r["prompt"], chosen=a if a_wins else b, rejected=b if a_wins else a))
+        if dist.is_main():
+            write_jsonl(labels_path, pairs)
+        mark_done(data_dir, {"human_labels": len(pairs), "prompts": len(rows)})
+    rm_dir = f"{root}/reward_model"
+    if not done(rm_dir):  # 3. the proxy Bradley-Terry reward model
+        train_rm.main(["--kind", "bt", "--model", sft_dir, "--train-data", labels_path, "--output-dir", rm_dir,
+                       "--lr", str(RM_LR), "--epochs", str(RM_EPOCHS), "--batch-size", "32",
+                       "--max-length", str(args.max_length), "--seed", str(seed), "--eval-fraction", "0.1"])
+        mark_done(rm_dir, {})
+    offline_dir = f"{root}/offline_dpo"
+    if not done(offline_dir):  # 4. the offline DPO baseline: the same human labels, no online samples
+        train_dpo.main(dpo_flags(args, sft_dir, sft_dir, labels_path, offline_dir, epochs=OFFLINE_DPO_EPOCHS))
+        mark_done(offline_dir, {})
+    return sft_dir, rm_dir, iter_prompts, eval_prompts, offline_dir
+
+
+def load_prompts(path, column):
+    rows = load_dataset_any(path)
+    if column not in rows.column_names:
+        raise ValueError(f"{path}: no column {column!r} (columns: {rows.column_names}); set --prompt-column")
+    return list(rows[column])
+
+
+def main(argv=None):
+    args = resolve_defaults(build_parser().parse_args(argv))
+    rank, world_size, device = dist.init_distributed()
+    start = time.time()
+    os.makedirs(args.output_dir, exist_ok=True)
+    if dist.is_main():
+        atomic_write_json(f"{args.output_dir}/args.json", vars(args))
+    offline_dir = eval_prompts = None
+    if args.sft_model is None:
+        sft_dir, reward_spec, prompts, eval_prompts, offline_dir = builtin_task(args, device)
+    else:
+        sft_dir, reward_spec = args.sft_model, args.reward
+        prompts = load_prompts(args.prompts, args.prompt_column)
+        eval_prompts = load_prompts(args.eval_prompts, args.prompt_column) if args.eval_prompts else None
+    reward_fn = load_reward_source(reward_spec, device=device)
+    tokenizer = load_tokenizer(sft_dir)
+    per_iter = args.prompts_per_iteration or len(prompts) // args.iterations
+    policy_dir = sft_dir
+    for t in range(1, args.iterations + 1):
+        it_dir = f"{args.output_dir}/iter{t}"
+        if done(it_dir):
+            policy_dir = f"{it_dir}/policy"
+            continue
+        t0 = time.time()
+        # 1-3. fresh prompts, n responses each from the current policy, scored by the reward source
+        iter_prompts = prompts[(t - 1) * per_iter:t * per_iter]
+        rows = sample(policy_dir, tokenizer, iter_prompts, args.n, args, args.seed + t, device)
+        rewards = reward_fn([r["prompt"] for r in rows], [r["responses"] for r in rows])
+        # 4. one pair per prompt: best vs worst of the shaped scores
+        generator = torch.Generator().manual_seed(args.seed * 1000 + t)
+        for r, rew in zip(rows, rewards):
+            scores = shaped_scores(rew, r["n_tokens"], r["truncated"], args.length_penalty, args.truncation_penalty)
+            pair = make_pair(scores, args.pair_rule, args.min_gap, generator, args.length_penalty)
+            r.update(rewards=list(map(float, rew)), chosen=None if pair is None else r["responses"][pair[0]],
+                     rejected=None if pair is None else r["responses"][pair[1]])
+        rows = gather_rows(rows)
+        pairs = [dict(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"]) for r in rows if r["chosen"]]
+        if dist.is_main():
+            write_jsonl(f"{it_dir}/samples.jsonl", rows)
+            write_jsonl(f"{it_dir}/pairs.jsonl", pairs)
+        dist.barrier()
+        # 5. DPO from the current policy, against pi_0 or the previous policy
+        ref_dir = sft_dir if args.ref == "initial" else policy_dir
+        dpo = train_dpo.main(dpo_flags(args, policy_dir, ref_dir, f"{it_dir}/pairs.jsonl", f"{it_dir}/policy"))
+        # 6. the iteration's metrics; the policy folder is already saved by train_dpo
+        all_rewards = [x for r in rows for x in r["rewards"]]
+        metrics = dict(iteration=t, prompts=len(rows), pairs=len(pairs), no_pair=len(rows) - len(pairs),
+                       mean_reward=sum(all_rewards) / len(all_rewards), reference=ref_dir,
+                       mean_best_reward=sum(max(r["rewards"]) for r in rows) / len(rows),
+                       truncated=sum(x for r in rows for x in r["truncated"]) / len(all_rewards),
+                       dpo={k: v for k, v in dpo.items() if isinstance(v, (int, float))}, seconds=time.time() - t0)
+        dist.print0(f"iteration {t}: {len(pairs)} pairs ({metrics['no_pair']} prompts tied), mean reward "
+                    f"{metrics['mean_reward']:.3f}, best-of-{args.n} {metrics['mean_best_reward']:.3f}")
+        if dist.is_main():
+            atomic_write_json(f"{it_dir}/metrics.json", metrics)
+        mark_done(it_dir, metrics)
+        policy_dir = f"{it_dir}/policy"
+    if eval_prompts:
+        evaluate_all(args, sft_dir, offline_dir, reward_fn, eval_prompts, device, args.sft_model is None, start)
+    dist.print0(f"total time {time.time() - start:.0f} s; outputs in {args.output_dir}")
+
+
+def evaluate_all(args, sft_dir, offline_dir, reward_fn, prompts, device, builtin, start):
+    """Every policy on held-out prompts -> table on stdout, summary.json and (with matplotlib) summary.png."""
+    if not dist.is_main():
+        return dist.barrier()
+    tokenizer = load_tokenizer(sft_dir)
+    ref_model = load_model(sft_dir, device=device).eval()
+    policies = {"sft": sft_dir, **({"offline_dpo": offline_dir} if offline_dir else {}),
+                **{f"iter{t}": f"{args.output_dir}/iter{t}/policy" for t in range(1, args.iterations + 1)}}
+    gold_fn = task.gold_reward if builtin else None
+    rows, baseline = {}, None
+    for name, path in policies.items():
+        policy = load_model(path, device=device).eval()
+        metrics, _ = evaluate_policy(policy, ref_model, tokenizer, prompts, reward_fn, args.max_new_tokens,
+                                     seed=args.seed, gold_fn=gold_fn, baseline_gold=baseline)
+        baseline = baseline or metrics.get("gold")
+        metrics.pop("gold", None)
+        rows[name] = metrics
+    summary = {"policies": rows}
+    if builtin:  # how well the proxy reward model ranks fresh SFT samples, against the gold reward
+        ab = [evaluate_policy(ref_model, ref_model, tokenizer, prompts, reward_fn, args.max_new_tokens,
+                              seed=args.seed + 1 + k)[1] for k in range(2)]
+        summary["reward_model_gold_accuracy"], summary["reward_model_pairs"] = reward_model_accuracy(
+            reward_fn, prompts, ab[0], ab[1], task.gold_reward)
+    print(format_table(rows))
+    if "reward_model_gold_accuracy" in summary:
+        print(f"reward model accuracy against gold labels on held-out SFT pairs: "
+              f"{summary['reward_model_gold_accuracy']:.3f} ({summary['reward_model_pairs']} pairs)")
+    summary["seconds"] = time.time() - start
+    atomic_write_json(f"{args.output_dir}/summary.json", summary)
+    plot(rows, f"{args.output_dir}/summary.png")
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
+    dist.cleanup()
