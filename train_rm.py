@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from minirlhf import checkpoint, data, dist, losses, rewards
-from minirlhf.tokenizer import encode_prompt, load_tokenizer, pad_token_id
+from minirlhf.tokenizer import check_chat_template, encode_prompt, load_tokenizer, pad_token_id
 
 DEFAULT_LR = {"bt": 2e-6, "pairwise": 5e-6}
 
@@ -92,32 +92,36 @@ def load_examples(args, tokenizer, path, split):
     """bt: [(data.Pair, margin)]; pairwise: [(judge ids with chosen as A, judge ids with chosen as B)]."""
     rows = data.load_dataset_any(path, split)
     if args.kind == "bt":
-        pairs, skipped = data.tokenize_preferences(
+        pairs, _ = data.tokenize_preferences(
             rows, tokenizer, args.prompt_column, args.chosen_column, args.rejected_column, args.max_length,
             args.max_prompt_length, skip_bad=args.skip_bad_rows, source=str(path))
         margins = [0.0] * len(pairs)
-        if args.margin_column:
-            if skipped:  # tokenize_preferences does not say which rows it dropped
-                raise data.DataError(f"{path}: --margin-column needs every row to be usable ({skipped} were not)")
-            margins = [float(m) for m in rows[args.margin_column]]
+        if args.margin_column:  # pair.row: the source row of each pair that survived skipped bad rows
+            column = rows[args.margin_column]
+            margins = [float(column[pair.row]) for pair in pairs]
         return list(zip(pairs, margins))
     # pairwise: the row formats of data.py (its row splitter and errors), then the judge template
+    check_chat_template(tokenizer)  # a tokenizer problem, not a row problem: fail before row 0
     examples, skipped = [], 0
     for i, row in enumerate(rows):
         try:
-            prompt, (chosen, rejected) = data._split(row, args.prompt_column,
-                                                     [args.chosen_column, args.rejected_column])
+            prompt, (chosen, rejected) = data.split_row(row, args.prompt_column,
+                                                        [args.chosen_column, args.rejected_column])
             if args.max_prompt_length and len(encode_prompt(tokenizer, prompt)) > args.max_prompt_length:
-                raise data._Bad("prompt_too_long", args.prompt_column, f"longer than {args.max_prompt_length} tokens")
+                raise data.BadRow("prompt_too_long", args.prompt_column, f"longer than {args.max_prompt_length} tokens")
             if chosen == rejected:
-                raise data._Bad("identical", args.rejected_column, f"identical to {args.chosen_column}")
-        except data._Bad as bad:
+                raise data.BadRow("identical", args.rejected_column, f"identical to {args.chosen_column}")
+            try:
+                example = tuple(rewards.pairwise_prompt_ids(tokenizer, prompt, a, b, args.max_length)
+                                for a, b in ((chosen, rejected), (rejected, chosen)))
+            except ValueError as e:  # the judge prompt leaves no room for the responses in max_length
+                raise data.BadRow("prompt_too_long", args.prompt_column, str(e))
+        except data.BadRow as bad:
             if not args.skip_bad_rows:
-                raise data.DataError(f"{path}: row {i}: field {bad.args[1]!r}: {bad.args[2]}") from None
+                raise bad.error(path, i) from None
             skipped += 1
             continue
-        examples.append(tuple(rewards.pairwise_prompt_ids(tokenizer, prompt, a, b, args.max_length)
-                              for a, b in ((chosen, rejected), (rejected, chosen))))
+        examples.append(example)
     if skipped:
         dist.print0(f"{path}: skipped {skipped} bad rows")
     return examples

@@ -12,16 +12,17 @@ or a preference row (train on chosen).
 Everything goes through the chat template (minirlhf.tokenizer): a string prompt is one user message, so the same
 content gives the same token ids in every format.
 
-Truncation rule: a row whose prompt is longer than max_prompt_length tokens is a bad row (never cut: cutting a
-prompt changes the task); then each response is cut from the right so prompt + response <= max_length (a cut
-response loses its EOS). Bad rows (missing or empty field, wrong type, prompt too long, chosen identical to
-rejected, prompts that differ or break the template's prefix property) raise DataError naming the file, row and
-field; with skip_bad=True they are skipped and the count per reason is printed and returned.
+Truncation rule: a row whose prompt is longer than max_prompt_length tokens, or leaves no room for a response
+token under max_length, is a bad row (never cut: cutting a prompt changes the task); then each response is cut
+from the right so prompt + response <= max_length (a cut response loses its EOS). Bad rows (missing or empty
+field, wrong type, prompt too long, chosen identical to rejected, prompts that differ or break the template's
+prefix property) raise DataError naming the file, row and field; with skip_bad=True they are skipped and the
+count per reason is printed and returned. Scripts with their own row checks use split_row and BadRow.
 """
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 import torch
@@ -39,6 +40,7 @@ class Pair:  # one preference example; chosen_ids / rejected_ids hold the respon
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    row: int = field(default=-1, compare=False)  # index of the source row, to match per-row columns after skips
 
 
 @dataclass
@@ -51,6 +53,7 @@ def load_dataset_any(path, split="train") -> datasets.Dataset:
     """A .json / .jsonl / .parquet file, a Dataset.save_to_disk folder, or else anything `datasets.load_dataset`
     takes with `split` (a hub name, a folder of data files)."""
     path = str(path)
+    datasets.disable_progress_bars()  # one bar per small file would drown the training logs
     if any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(path)
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
@@ -67,32 +70,37 @@ def write_jsonl(path, rows):
     atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-class _Bad(Exception):  # internal: (reason, field, message), turned into DataError or a skip count
-    pass
+class BadRow(Exception):
+    """BadRow(reason, field, message): a bad row found while reading it; callers count skips per reason or, with
+    .error(source, i), raise the DataError naming the file, row and field."""
+
+    def error(self, source, i):
+        _, column, message = self.args
+        return DataError(f"{source}: row {i}: field {column!r}: {message}")
 
 
 def _field(row, column):
-    """row[column] as a string or a list of {"role", "content"} messages, else _Bad."""
+    """row[column] as a string or a list of {"role", "content"} messages, else BadRow."""
     value = row.get(column)
     if value is None:
         have = "" if column in row else f" (row has columns {sorted(row)})"
-        raise _Bad("missing", column, f"missing{have}")
+        raise BadRow("missing", column, f"missing{have}")
     if isinstance(value, str):
         if not value.strip():
-            raise _Bad("empty", column, "empty string")
+            raise BadRow("empty", column, "empty string")
         return value
     if not isinstance(value, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in value):
-        raise _Bad("wrong_type", column, f"expected a string or a list of {{'role', 'content'}} string messages, "
-                                         f"got {type(value).__name__}: {str(value)[:80]}")
+        raise BadRow("wrong_type", column, f"expected a string or a list of {{'role', 'content'}} string messages, "
+                                           f"got {type(value).__name__}: {str(value)[:80]}")
     if not value or any(not m["content"].strip() for m in value):
-        raise _Bad("empty", column, "empty message list or message content")
+        raise BadRow("empty", column, "empty message list or message content")
     return [{"role": m["role"], "content": m["content"]} for m in value]  # drop extra keys arrow adds
 
 
-def _split(row, prompt_column, response_columns):
-    """(prompt, [response per column]) in any supported format, prompt = str or messages."""
+def split_row(row, prompt_column, response_columns):
+    """(prompt, [response per column]) in any supported row format, prompt = str or messages; else BadRow."""
     responses = [_field(row, c) for c in response_columns]
     if not any(isinstance(r, list) and any(m["role"] != "assistant" for m in r) for r in responses):
         return _field(row, prompt_column), responses
@@ -100,49 +108,51 @@ def _split(row, prompt_column, response_columns):
     for j, (column, conversation) in enumerate(zip(response_columns, responses)):
         roles = [m["role"] for m in conversation] if isinstance(conversation, list) else []
         if "assistant" not in roles:
-            raise _Bad("wrong_type", column, "expected a conversation with an assistant message like the other "
-                                             "response column")
+            raise BadRow("wrong_type", column, "expected a conversation with an assistant message like the other "
+                                               "response column")
         k = len(roles) - 1 - roles[::-1].index("assistant")
         prompts.append(conversation[:k])
         responses[j] = conversation[k:k + 1]
     if not prompts[0]:
-        raise _Bad("empty", response_columns[0], "conversation has no messages before its last assistant message")
+        raise BadRow("empty", response_columns[0], "conversation has no messages before its last assistant message")
     if any(p != prompts[0] for p in prompts[1:]):
-        raise _Bad("prompt_mismatch", response_columns[1], "conversation does not share the prompt (messages before "
-                                                           f"the last assistant message) of {response_columns[0]}")
+        raise BadRow("prompt_mismatch", response_columns[1], "conversation does not share the prompt (messages before "
+                                                             f"the last assistant message) of {response_columns[0]}")
     return prompts[0], responses
 
 
 def _tokenize_rows(rows, tokenizer, prompt_column, response_columns, max_length, max_prompt_length, chat_template,
                    skip_bad, source):
-    """[(prompt_ids, [response_ids per column])] with the truncation rule applied, and skip counts per reason."""
+    """[(row index, prompt_ids, [response_ids per column])] with the truncation rule applied, and skip counts."""
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
     check_chat_template(tokenizer, chat_template)  # a tokenizer problem, not a row problem: fail before row 0
     out, skipped = [], Counter()
     for i, row in enumerate(rows):
         try:
-            prompt, responses = _split(row, prompt_column, response_columns)
+            prompt, responses = split_row(row, prompt_column, response_columns)
             encoded = []
             for column, response in zip(response_columns, responses):
                 try:
                     encoded.append(encode_pair(tokenizer, prompt, response, chat_template))
                 except ValueError as e:
-                    raise _Bad("template", column, str(e))
+                    raise BadRow("template", column, str(e))
             prompt_ids = encoded[0][0]
             if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-                raise _Bad("prompt_too_long", prompt_column,
-                           f"prompt is {len(prompt_ids)} tokens > max_prompt_length {max_prompt_length}")
+                raise BadRow("prompt_too_long", prompt_column,
+                             f"prompt is {len(prompt_ids)} tokens > max_prompt_length {max_prompt_length}")
+            if max_length is not None and len(prompt_ids) >= max_length:
+                raise BadRow("prompt_too_long", prompt_column, f"prompt is {len(prompt_ids)} tokens, no room for a "
+                                                               f"response in max_length {max_length}")
             if len(encoded) == 2 and encoded[0][1] == encoded[1][1]:
-                raise _Bad("identical", response_columns[1], f"identical to {response_columns[0]}")
-        except _Bad as bad:
-            reason, column, message = bad.args
+                raise BadRow("identical", response_columns[1], f"identical to {response_columns[0]}")
+        except BadRow as bad:
             if not skip_bad:
-                raise DataError(f"{source}: row {i}: field {column!r}: {message}") from None
-            skipped[reason] += 1
+                raise bad.error(source, i) from None
+            skipped[bad.args[0]] += 1
             continue
-        limit = None if max_length is None else max_length - len(prompt_ids)
-        out.append((prompt_ids, [ids[:limit] for _, ids in encoded]))
+        limit = None if max_length is None else max_length - len(prompt_ids)  # >= 1: checked above
+        out.append((i, prompt_ids, [ids[:limit] for _, ids in encoded]))
     if skipped:
         print(f"{source}: skipped {sum(skipped.values())} bad rows of {i + 1}: {dict(skipped)}")
     if not out:
@@ -156,7 +166,7 @@ def tokenize_preferences(rows, tokenizer, prompt_column="prompt", chosen_column=
     """Rows (any iterable of dicts, e.g. a datasets.Dataset) -> (pairs, skipped rows per reason)."""
     out, skipped = _tokenize_rows(rows, tokenizer, prompt_column, [chosen_column, rejected_column], max_length,
                                   max_prompt_length, chat_template, skip_bad, source)
-    return [Pair(p, c, r) for p, (c, r) in out], skipped
+    return [Pair(p, c, r, i) for i, p, (c, r) in out], skipped
 
 
 def tokenize_sft(rows, tokenizer, prompt_column="prompt", completion_column="completion",
@@ -169,7 +179,7 @@ def tokenize_sft(rows, tokenizer, prompt_column="prompt", completion_column="com
     column = next((c for c in (messages_column, completion_column, chosen_column) if c in first), completion_column)
     out, skipped = _tokenize_rows(rows, tokenizer, prompt_column, [column], max_length, max_prompt_length,
                                   chat_template, skip_bad, source)
-    return [Sequence(p, r) for p, (r,) in out], skipped
+    return [Sequence(p, r) for _, p, (r,) in out], skipped
 
 
 def load_preferences(path, tokenizer, split="train", **kwargs) -> tuple[list[Pair], dict[str, int]]:

@@ -20,7 +20,8 @@ before the first matmul, so they cost nothing.
 
 Plain PyTorch, no Triton: the same code on CPU and GPU; with FSDP2 (call it inside the module's forward, so
 the unsharded weight is alive in forward and re-gathered for backward) and with tied embeddings (autograd
-adds the grad_W returned here to the embedding's own gradient). It serves DPO and SFT (sum or mean of
+adds the grad_W returned here to the embedding's own gradient) and under torch.autocast (backward reruns the
+matmuls in forward's autocast dtype, as torch.amp.custom_bwd does). It serves DPO and SFT (sum or mean of
 token_logps) and the pairwise preference model (the log-prob of its label token "A" or "B").
 
 Default chunk_size = 1024 rows: 1024 x 128256 fp32 logits = 0.5 GB per chunk (one such tensor, plus its
@@ -47,6 +48,11 @@ class _FusedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, labels, ignore_index, chunk_size, shape):
+        # backward reruns its matmuls under forward's autocast state (bf16 on one GPU), so the recomputed logits
+        # match lse: torch.amp.custom_fwd / custom_bwd, but for h's device type (they take one fixed device_type)
+        device_type = h.device.type
+        ctx.device_type = device_type
+        ctx.autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         acc = torch.promote_types(h.dtype, torch.float32)  # fp32 for bf16/fp16/fp32 inputs
         # only rows with a label cost a matmul (prompt and padding do not); nonzero is a sync point on GPU
         rows = (labels != ignore_index).nonzero().squeeze(1)
@@ -67,7 +73,13 @@ class _FusedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps):
+        with torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast_dtype is not None):
+            return _FusedTokenLogps._backward(ctx, grad_logps)
+
+    @staticmethod
+    def _backward(ctx, grad_logps):
         h_v, weight, rows, target, lse = ctx.saved_tensors
+        mm_dtype = ctx.autocast_dtype or h_v.dtype  # the dtype forward's matmuls ran in
         (n, D), V, acc = h_v.shape, weight.shape[0], lse.dtype
         g = grad_logps.reshape(-1)[rows].to(acc)[:, None]  # (n, 1); ignored rows get no gradient
         need_h, need_w = ctx.needs_input_grad[:2]
@@ -84,9 +96,11 @@ class _FusedTokenLogps(torch.autograd.Function):
             local = target - v  # target's column in this block; scatter g only where it falls inside
             inside = (local >= 0) & (local < W_b.shape[0])
             grad_logits.scatter_add_(1, local.clamp(0, W_b.shape[0] - 1)[:, None], g * inside[:, None])
-            grad_logits = grad_logits.to(h_v.dtype)  # for bf16 inputs this frees the fp32 one
-            if need_w:
+            grad_logits = grad_logits.to(mm_dtype)  # for bf16 inputs or autocast this frees the fp32 one
+            if need_w and grad_logits.dtype == weight.dtype:
                 torch.mm(grad_logits.T, h_v, out=grad_w[v:v + Vc])  # (Vc, D) written once
+            elif need_w:  # autocast: a bf16 matmul (out= and in-place ops bypass autocast), stored in fp32
+                grad_w[v:v + Vc] = grad_logits.T @ h_v
             if need_h and grad_logits.dtype == acc:
                 grad_h.addmm_(grad_logits, W_b)  # in place: no (n, D) temporary
             elif need_h:

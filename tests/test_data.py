@@ -140,6 +140,21 @@ def test_truncation_rule(tokenizer):
         tokenize_preferences(rows, tokenizer, max_length=P, max_prompt_length=P)
 
 
+def test_prompt_with_no_room_for_a_response_is_a_bad_row(tokenizer):
+    """Without max_prompt_length, a prompt of P >= max_length tokens is a bad row (it used to be sliced with
+    max_length - P <= 0, keeping no response or the wrong tokens); Pair.row names the source row of each pair."""
+    rows = [dict(prompt="hi " * 30, chosen="a b", rejected="c"), dict(prompt="hi", chosen="a b", rejected="c")]
+    (full, _), _ = tokenize_preferences(rows, tokenizer)
+    P = len(full.prompt_ids)
+    for max_length in (P - 3, P):
+        with pytest.raises(DataError, match=f"row 0: field 'prompt': prompt is {P} tokens, no room for a response "
+                                            f"in max_length {max_length}"):
+            tokenize_preferences(rows, tokenizer, max_length=max_length)
+        pairs, skipped = tokenize_preferences(rows, tokenizer, max_length=max_length, skip_bad=True)
+        assert skipped == {"prompt_too_long": 1} and [pair.row for pair in pairs] == [1]
+    (pair, _), _ = tokenize_preferences(rows, tokenizer, max_length=P + 1)  # room for one token: kept, cut to it
+    assert pair.chosen_ids == full.chosen_ids[:1] and pair.rejected_ids == full.rejected_ids[:1] and pair.row == 0
+
 def test_collate_pairs_right_pads_and_masks_only_response_tokens():
     pairs = [Pair([5, 6, 7], [8, 2], [9, 9, 9, 2]), Pair([5], [3, 4, 2], [2])]
     batch = collate_pairs(pairs, pad_id=0)

@@ -108,6 +108,23 @@ def test_margin_column_enters_the_loss(tmp_path, tokenizer):
         assert abs(logged - F.softplus(r[16:] - r[:16] + m).mean().item()) < 1e-5
 
 
+def test_margins_follow_their_rows_when_bad_rows_are_skipped(tmp_path, tokenizer):
+    """Rows 2 (identical responses), 4 (no chosen) and 5 (a prompt longer than --max-length) are skipped in both
+    kinds; each bt pair keeps the margin of its own row (data.Pair.row), not of the row at its position."""
+    rows = [row | {"margin": float(i)} for i, row in enumerate(preference_rows(6, 4))]
+    rows[2]["rejected"] = rows[2]["chosen"]
+    del rows[4]["chosen"]
+    rows[5]["prompt"] = " ".join(WORDS * 20)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    examples = {}
+    for kind in ("bt", "pairwise"):
+        args = train_rm.build_parser().parse_args([
+            "--kind", kind, "--model", "unused", "--train-data", str(tmp_path / "train.jsonl"), "--output-dir",
+            str(tmp_path / "out"), "--max-length", "128", "--margin-column", "margin", "--skip-bad-rows"])
+        examples[kind] = train_rm.load_examples(args, tokenizer, args.train_data, "train")
+    assert len(examples["pairwise"]) == 3
+    assert [(pair.row, margin) for pair, margin in examples["bt"]] == [(0, 0.0), (1, 1.0), (3, 3.0)]
+
 def test_flags_documented_and_errors(setup):
     parser = train_rm.build_parser()
     assert all(a.help for a in parser._actions)
