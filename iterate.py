@@ -40,9 +40,12 @@ from minirlhf.tokenizer import decode_response, encode_prompt, load_tokenizer
 
 # The paper's recipe for real models (Sec. 5): 3 iterations, 8 samples, 2 epochs, beta 0.1, lr 5e-7 cosine with
 # 3% warmup. The built-in task keeps the structure and scales what a 100k-parameter model needs.
-PAPER = dict(lr=5e-7, max_new_tokens=2048, max_length=4096, batch_size=1, grad_accum=32, prompts_per_iteration=None)
+PAPER = dict(lr=5e-7, max_new_tokens=2048, max_length=4096, batch_size=1, grad_accum=32, prompts_per_iteration=None,
+             nll_coef=0.0)
+# The built-in task adds RPO's NLL term on the chosen response (Pang et al. 2024; the Llama 3.1 report): without
+# it, DPO on best-vs-worst pairs of a tiny model lowers both responses' likelihood and drifts far from pi_0.
 BUILTIN = dict(lr=2e-4, max_new_tokens=task.MAX_RESPONSE_TOKENS, max_length=64, batch_size=32, grad_accum=1,
-               prompts_per_iteration=400)
+               prompts_per_iteration=2000, nll_coef=1.0)
 # The built-in task's offline stages: SFT, the reward model and the offline DPO baseline.
 SFT_LR, SFT_EPOCHS, RM_LR, RM_EPOCHS, OFFLINE_DPO_EPOCHS = 3e-3, 6, 3e-3, 6, 2
 
@@ -79,6 +82,8 @@ def build_parser():
     p.add_argument("--loss", default="dpo", help="preference loss of losses.py (dpo, ipo, hinge)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (KL strength)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed label-flip rate")
+    p.add_argument("--nll-coef", type=float, help="RPO: weight of an NLL term on the chosen response (paper: 0; "
+                                                 "built-in: 1)")
     p.add_argument("--lr", type=float, help="DPO learning rate (paper: 5e-7; built-in: 2e-4)")
     p.add_argument("--epochs", type=int, default=2, help="DPO epochs per iteration")
     p.add_argument("--batch-size", type=int, help="pairs per micro-batch per rank")
@@ -115,6 +120,7 @@ def dpo_flags(args, model, ref_model, data, out, loss=None, epochs=None, lr=None
     """train_dpo.py's command line for one DPO stage."""
     return ["--model", model, "--ref-model", ref_model, "--train-data", data, "--output-dir", out,
             "--loss", loss or args.loss, "--beta", str(args.beta), "--label-smoothing", str(args.label_smoothing),
+            "--nll-coef", str(args.nll_coef),
             "--lr", str(lr or args.lr), "--epochs", str(epochs or args.epochs), "--batch-size", str(args.batch_size),
             "--grad-accum", str(args.grad_accum), "--max-length", str(args.max_length), "--seed", str(args.seed),
             "--save-steps", str(args.save_steps), "--skip-bad-rows"] + (["--resume"] if args.resume else [])
