@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -214,65 +213,6 @@ def lr_at(step, total_steps, warmup_steps, peak, schedule):
     return peak * {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1}[schedule]
 
 
-def save_checkpoint(policy, optimizer, tokenizer, output_dir, train_state):
-    """OUTPUT/checkpoint: HF model (rank 0), optimizer shard and RNG state per rank, trainer_state.json. Written
-    in a temporary folder renamed into place, so a kill at any moment leaves the previous checkpoint whole."""
-    full = dist.full_state_dict(policy)  # collective: every rank gathers
-    tmp, rank = os.path.join(output_dir, ".checkpoint.next"), dist.get_rank()
-    if dist.is_main():
-        checkpoint.save_model(policy, tmp, tokenizer, state_dict=full)
-    dist.barrier()
-    state = {f"{name}/{k}": (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
-             for name, p in policy.named_parameters() for k, v in optimizer.state.get(p, {}).items()}
-    save_file(state, os.path.join(tmp, f"optimizer.rank{rank}.safetensors"))
-    rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
-    save_file(rng, os.path.join(tmp, f"rng.rank{rank}.safetensors"))
-    dist.barrier()
-    if dist.is_main():
-        checkpoint.atomic_write_json(os.path.join(tmp, "trainer_state.json"), train_state)
-        checkpoint.replace_dir(tmp, os.path.join(output_dir, "checkpoint"))
-    dist.barrier()
-
-
-def load_checkpoint(policy, optimizer, ckpt, device):
-    """This rank's optimizer shard (back into DTensors under FSDP) and RNG state; returns trainer_state."""
-    rank = dist.get_rank()
-    saved = load_file(os.path.join(ckpt, f"optimizer.rank{rank}.safetensors"))
-    for name, p in policy.named_parameters():
-        state = {k.rsplit("/", 1)[1]: v for k, v in saved.items() if k.rsplit("/", 1)[0] == name}
-        for k, v in state.items():
-            if k != "step":  # AdamW keeps its step count on the CPU
-                v = v.to(device)
-                state[k] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()) \
-                    if isinstance(p, DTensor) else v
-        if state:
-            optimizer.state[p] = state
-    rng = load_file(os.path.join(ckpt, f"rng.rank{rank}.safetensors"))
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    with open(os.path.join(ckpt, "trainer_state.json")) as f:
-        return json.load(f)
-
-
-def publish(ckpt, output_dir):
-    """Make OUTPUT itself a loadable HF folder: hard-link (else copy) the checkpoint's model and tokenizer files
-    to temporary names, then rename each into place; weights of an earlier run (another shard count) go."""
-    names = [n for n in os.listdir(ckpt) if not n.startswith(("optimizer.", "rng.", "trainer_state"))]
-    for name in os.listdir(output_dir):
-        if name.startswith("model") and name.endswith((".safetensors", ".index.json")) and name not in names:
-            os.remove(os.path.join(output_dir, name))
-    for name in names:
-        tmp = os.path.join(output_dir, f".{name}.tmp")
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        try:
-            os.link(os.path.join(ckpt, name), tmp)  # no second copy of the weights on disk
-        except OSError:
-            shutil.copy2(os.path.join(ckpt, name), tmp)
-        os.replace(tmp, os.path.join(output_dir, name))
-
-
 def load_examples(args, tokenizer, path, split, chat_template):
     kw = dict(prompt_column=args.prompt_column, chosen_column=args.chosen_column, max_length=args.max_length,
               max_prompt_length=args.max_prompt_length, chat_template=chat_template, skip_bad=args.skip_bad_rows)
@@ -329,7 +269,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step, metrics_path = 0, os.path.join(args.output_dir, "metrics.jsonl")
     if resume:
-        state = load_checkpoint(policy, optimizer, ckpt, device)
+        state = checkpoint.load_training_state(policy, optimizer, ckpt, device)
         if state["world_size"] != world_size:
             raise ValueError(f"{ckpt} was saved by {state['world_size']} ranks, each with its own optimizer shard: "
                              f"resume with the same world size (got {world_size})")
@@ -395,7 +335,7 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", **({} if sft else {"acc": f"{last['accuracy']:.2f}"}))
         if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-            save_checkpoint(policy, optimizer, tokenizer, args.output_dir, {"step": step, "world_size": world_size})
+            checkpoint.save_training_state(policy, optimizer, tokenizer, args.output_dir, {"step": step, "world_size": world_size})
         if step == fail_after:
             raise RuntimeError(f"MINIRLHF_FAIL_AFTER_STEP={fail_after}: simulated kill")
     bar.close()
@@ -406,9 +346,9 @@ def main(argv=None):
     if eval_examples:
         summary |= evaluate(args, policy, eval_examples, ref_eval, device, pad_id)
         dist.print0(json.dumps({k: v for k, v in summary.items() if k.startswith("eval")}))
-    save_checkpoint(policy, optimizer, tokenizer, args.output_dir, {"step": step, "world_size": world_size})
+    checkpoint.save_training_state(policy, optimizer, tokenizer, args.output_dir, {"step": step, "world_size": world_size})
     if dist.is_main():
-        publish(ckpt, args.output_dir)
+        checkpoint.publish(ckpt, args.output_dir)
         checkpoint.atomic_write_json(os.path.join(args.output_dir, "eval.json"), summary)
     dist.barrier()
     return summary

@@ -6,7 +6,10 @@ init, no `transformers` model in between) and the tensors are assigned in the dt
 `save_model` writes the same layout back (sharded above `max_shard_bytes`), with the tokenizer, so
 `transformers.AutoModelForCausalLM` / `AutoModelForSequenceClassification` load what we save. Every write goes
 to a temporary path first and is renamed into place, so a killed run never leaves a half-written output.
+`save_training_state` / `load_training_state` keep what `--resume` needs beside the model: each rank's optimizer
+shard and RNG state (safetensors) and the step (JSON).
 """
+import contextlib
 import json
 import os
 import shutil
@@ -14,8 +17,10 @@ import uuid
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
+from minirlhf import dist
 from minirlhf.model import CausalLM, RewardModel, config_from_hf
 
 ARCHITECTURES = {  # model_type -> (causal LM class, reward model class) names in transformers
@@ -164,3 +169,64 @@ def replace_dir(tmp, out_dir):
     os.replace(tmp, out_dir)
     if old:
         shutil.rmtree(old)
+
+
+# Training state beside the model, for --resume: safetensors and JSON only, never pickle.
+
+def save_training_state(policy, optimizer, tokenizer, output_dir, train_state):
+    """OUTPUT/checkpoint: HF model (rank 0), optimizer shard and RNG state per rank, trainer_state.json. Written
+    in a temporary folder renamed into place, so a kill at any moment leaves the previous checkpoint whole."""
+    full = dist.full_state_dict(policy)  # collective: every rank gathers
+    tmp, rank = os.path.join(output_dir, ".checkpoint.next"), dist.get_rank()
+    if dist.is_main():
+        save_model(policy, tmp, tokenizer, state_dict=full)
+    dist.barrier()
+    state = {f"{name}/{k}": (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
+             for name, p in policy.named_parameters() for k, v in optimizer.state.get(p, {}).items()}
+    save_file(state, os.path.join(tmp, f"optimizer.rank{rank}.safetensors"))
+    rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+    save_file(rng, os.path.join(tmp, f"rng.rank{rank}.safetensors"))
+    dist.barrier()
+    if dist.is_main():
+        atomic_write_json(os.path.join(tmp, "trainer_state.json"), train_state)
+        replace_dir(tmp, os.path.join(output_dir, "checkpoint"))
+    dist.barrier()
+
+
+def load_training_state(policy, optimizer, ckpt, device):
+    """This rank's optimizer shard (back into DTensors under FSDP) and RNG state; returns trainer_state."""
+    rank = dist.get_rank()
+    saved = load_file(os.path.join(ckpt, f"optimizer.rank{rank}.safetensors"))
+    for name, p in policy.named_parameters():
+        state = {k.rsplit("/", 1)[1]: v for k, v in saved.items() if k.rsplit("/", 1)[0] == name}
+        for k, v in state.items():
+            if k != "step":  # AdamW keeps its step count on the CPU
+                v = v.to(device)
+                state[k] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()) \
+                    if isinstance(p, DTensor) else v
+        if state:
+            optimizer.state[p] = state
+    rng = load_file(os.path.join(ckpt, f"rng.rank{rank}.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def publish(ckpt, output_dir):
+    """Make OUTPUT itself a loadable HF folder: hard-link (else copy) the checkpoint's model and tokenizer files
+    to temporary names, then rename each into place; weights of an earlier run (another shard count) go."""
+    names = [n for n in os.listdir(ckpt) if not n.startswith(("optimizer.", "rng.", "trainer_state"))]
+    for name in os.listdir(output_dir):
+        if name.startswith("model") and name.endswith((".safetensors", ".index.json")) and name not in names:
+            os.remove(os.path.join(output_dir, name))
+    for name in names:
+        tmp = os.path.join(output_dir, f".{name}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        try:
+            os.link(os.path.join(ckpt, name), tmp)  # no second copy of the weights on disk
+        except OSError:
+            shutil.copy2(os.path.join(ckpt, name), tmp)
+        os.replace(tmp, os.path.join(output_dir, name))
