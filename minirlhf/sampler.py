@@ -2,7 +2,8 @@
 
 Each iteration of the paper's online loop (Dong et al. 2024, Algorithm 1) draws n responses per prompt from
 the current policy, y ~ pi_t(. | x), and ranks them with the reward model r(x, y) (eq. 2) to build
-preference pairs. `generate` does the drawing, `score` the ranking. In the spirit of gpt-fast:
+preference pairs. `generate` does the drawing; `rewards.score_sequences` (the reward-model form of the same
+network, batched the same way) does the ranking. In the spirit of gpt-fast:
 
 Cache layout. One `KVCache` per batch holds, per layer, K and V buffers of shape (B, Hkv, L, hd) with
 L = longest prompt + max_new_tokens, allocated once and written in place at a column `pos` shared by every
@@ -38,7 +39,7 @@ FSDP. `generate` needs a plain, unsharded model: it runs thousands of small forw
 all-gather every layer at every step. The caller (iterate.py) gathers the policy with `dist.full_state_dict`
 and loads it into an ordinary `CausalLM` on each rank, which then generates for its own shard of prompts.
 
-    from minirlhf.sampler import generate, score
+    from minirlhf.sampler import generate
     gen = generate(policy, prompts, max_new_tokens=256, n=4, temperature=0.7, eos_token_id=[2], seed=0)
     gen.responses[i][j]  # token ids of the j-th response to prompt i, stop id included
 """
@@ -250,25 +251,3 @@ def generate_batch(model, prompts, max_new_tokens, n, temperature, top_k, top_p,
     tokens_list, logps_list = out_tokens.tolist(), out_logps.tolist()
     return ([ids[:m] for ids, m in zip(tokens_list, lengths)], [lp[:m] for lp, m in zip(logps_list, lengths)],
             ["stop" if s else "length" for s in stopped.tolist()])
-
-
-@torch.no_grad()
-def score(reward_model, sequences, batch_size=16):
-    """Rewards r(x, y) (eq. 2) of prompt + response token lists -> (N,) fp32 tensor on CPU, in input order.
-
-    Sequences are sorted by length and right-padded per batch; `RewardModel.forward` reads the score at the
-    last real token. Like `generate`, this wants an unsharded reward model.
-    """
-    device = next(reward_model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    rewards = torch.zeros(len(sequences))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        T = max(len(sequences[i]) for i in idx)
-        input_ids = torch.zeros(len(idx), T, dtype=torch.long)
-        attention_mask = torch.zeros(len(idx), T, dtype=torch.long)
-        for b, i in enumerate(idx):
-            input_ids[b, :len(sequences[i])] = torch.tensor(sequences[i])
-            attention_mask[b, :len(sequences[i])] = 1
-        rewards[idx] = reward_model(input_ids.to(device), attention_mask.to(device)).float().cpu()
-    return rewards

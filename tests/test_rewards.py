@@ -131,3 +131,16 @@ def test_pairwise_folder(tmp_path, tokenizer):
     assert [len(s) for s in scores] == [4, 2]
     for sc in scores:  # win rates of a consistent (order-averaged) judge
         assert abs(sum(sc) - len(sc) / 2) < 1e-5 and all(0 < s < 1 for s in sc)
+
+
+def test_score_sequences_matches_one_by_one(tmp_path):
+    """Batched, right-padded scoring of ragged sequences equals scoring each sequence alone."""
+    from tiny import ragged_batch, save_tiny
+    save_tiny(tmp_path, "qwen2", kind="reward")
+    reward_model = load_model(tmp_path, kind="reward").eval()
+    ids, mask = ragged_batch([7, 3, 9, 1, 5], "right")
+    sequences = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    scores = rewards.score_sequences(reward_model, sequences, batch_size=2)
+    with torch.no_grad():
+        ref = [reward_model(torch.tensor([s]))[0].item() for s in sequences]
+    assert scores == pytest.approx(ref, abs=1e-5)

@@ -8,7 +8,7 @@ import transformers
 
 from minirlhf import sampler
 from minirlhf.checkpoint import load_model
-from minirlhf.sampler import generate, sampling_logits, score
+from minirlhf.sampler import generate, sampling_logits
 from tiny import V, save_tiny
 
 torch.set_num_threads(1)
@@ -183,13 +183,3 @@ def test_inductor_compiled_decode_matches_eager(llama):
     prompts = random_prompts([5, 2, 7], seed=6)
     eager = generate(llama, prompts, 8, n=2, temperature=0)
     assert generate(llama, prompts, 8, n=2, temperature=0, compile=True).responses == eager.responses
-
-
-def test_score_matches_one_by_one(tmp_path):
-    save_tiny(tmp_path, "qwen2", kind="reward")
-    reward_model = load_model(tmp_path, kind="reward").eval()
-    sequences = random_prompts([7, 3, 9, 1, 5], seed=7)
-    rewards = score(reward_model, sequences, batch_size=2)
-    with torch.no_grad():
-        ref = torch.stack([reward_model(torch.tensor([s]))[0] for s in sequences])
-    torch.testing.assert_close(rewards, ref, atol=1e-5, rtol=0)
