@@ -1,5 +1,6 @@
 """iterate.py end to end on a shortened built-in task: gold reward goes up, reward sources, references, resume,
 torchrun. One shortened run is shared by the tests (module fixture); each test copies what it needs."""
+import importlib.util
 import json
 import os
 import shutil
@@ -53,6 +54,8 @@ def test_shortened_builtin_run_beats_sft(base_run):
             assert s["rewards"][s["responses"].index(s["rejected"])] == min(s["rewards"])
     for name in ["sft", "offline_dpo", "iter1/policy", "iter2/policy", "reward_model"]:
         assert os.path.exists(os.path.join(base_run, name, "config.json")), name
+    # matplotlib is optional: with it the run also draws the table
+    assert os.path.exists(os.path.join(base_run, "summary.png")) == (importlib.util.find_spec("matplotlib") is not None)
 
 
 def reference_of(policy_dir):
