@@ -19,6 +19,10 @@ with FSDP2. For generation each rank loads the last saved policy folder (rank 0 
 state dict) into a plain, unsharded model: sampling runs thousands of small forwards, which FSDP would slow
 down by all-gathering every layer at every step. Every finished stage leaves a `done.json`; a rerun skips
 finished stages, and `--resume` also continues an interrupted DPO stage from its last checkpoint.
+
+Unlike the paper: with `--sft-model` the defaults are its recipe (PAPER below), but generation uses our own
+KV-cache sampler instead of vLLM and DPO runs under FSDP2 instead of DeepSpeed; the built-in task scales the
+recipe down to a 100k-parameter model (BUILTIN below) and adds RPO's NLL term on the chosen response.
 """
 import argparse
 import os
@@ -30,7 +34,7 @@ import train_dpo
 import train_rm
 from minirlhf import dist, task
 from minirlhf.checkpoint import atomic_write_json, load_model, save_model
-from minirlhf.data import load_dataset_any, write_jsonl
+from minirlhf.data import BadRow, load_dataset_any, split_row, write_jsonl
 from minirlhf.evaluate import evaluate_policy, format_table, plot, reward_model_accuracy
 from minirlhf.model import init_model
 from minirlhf.pairs import make_pair, shaped_scores
@@ -192,10 +196,17 @@ def builtin_task(args, device):
 
 
 def load_prompts(path, column):
+    """The prompts of a dataset file (strings or chat messages); a missing or empty prompt names its row."""
     rows = load_dataset_any(path)
     if column not in rows.column_names:
         raise ValueError(f"{path}: no column {column!r} (columns: {rows.column_names}); set --prompt-column")
-    return list(rows[column])
+    prompts = []
+    for i, row in enumerate(rows):
+        try:
+            prompts.append(split_row(row, column, [])[0])
+        except BadRow as bad:
+            raise bad.error(path, i) from None
+    return prompts
 
 
 def main(argv=None):

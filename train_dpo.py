@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from minirlhf import checkpoint, data, dist, losses
-from minirlhf.logprobs import sequence_logps
+from minirlhf.logprobs import length_normalize, sequence_logps
 from minirlhf.tokenizer import load_tokenizer, pad_token_id
 
 PAPER_DEFAULTS = {"dpo": dict(lr=5e-7, epochs=2), "sft": dict(lr=2e-5, epochs=1)}  # for an unset --lr / --epochs
@@ -165,7 +165,7 @@ def ref_table(ref, prefix, normalize):
     """(N, 2) reference [chosen, rejected] log-probs, averaged per token with --length-normalize."""
     logps = torch.stack([ref[f"{prefix}chosen_logps"], ref[f"{prefix}rejected_logps"]], 1)
     n_tokens = torch.stack([ref[f"{prefix}chosen_tokens"], ref[f"{prefix}rejected_tokens"]], 1)
-    return logps / n_tokens if normalize else logps
+    return length_normalize(logps, n_tokens) if normalize else logps
 
 
 def preference_losses(args, chosen, rejected, ref_chosen, ref_rejected, chosen_tokens):
@@ -183,7 +183,7 @@ def evaluate(args, policy, eval_examples, ref_eval, device, pad_id):
     if args.loss == "sft":
         return {"eval_nll": -logps.sum().item() / n_tokens.sum().item(), "n_eval": len(eval_examples)}
     if args.length_normalize:
-        logps = logps / n_tokens
+        logps = length_normalize(logps, n_tokens)
     pair_losses, chosen_r, rejected_r = preference_losses(args, *logps.unbind(1), *ref_eval.unbind(1), n_tokens[:, 0])
     margin = chosen_r - rejected_r
     return {"eval_loss": pair_losses.mean().item(), "eval_accuracy": (margin > 0).float().mean().item(),
@@ -239,7 +239,10 @@ def main(argv=None):
     # data: every rank tokenises everything (deterministic) and takes its slice of each window
     tokenizer = load_tokenizer(args.model)
     pad_id = pad_token_id(tokenizer)
-    chat_template = open(args.chat_template).read() if args.chat_template else None
+    chat_template = None
+    if args.chat_template:
+        with open(args.chat_template) as f:
+            chat_template = f.read()
     examples = load_examples(args, tokenizer, args.train_data, args.train_split, chat_template)
     train_rows, eval_rows = list(range(len(examples))), []
     if args.eval_fraction > 0 and not args.eval_data:
@@ -276,7 +279,10 @@ def main(argv=None):
         step = state["step"]
         dist.print0(f"resuming from {ckpt} at step {step}")
     if dist.is_main():  # keep the log of the steps before the checkpoint, drop those that will be redone
-        old = open(metrics_path).readlines() if resume and os.path.exists(metrics_path) else []
+        old = []
+        if resume and os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                old = [l for l in f if l.endswith("\n")]  # a kill mid-append leaves a partial last line
         checkpoint.atomic_write_text(metrics_path, "".join(l for l in old if json.loads(l)["step"] <= step))
 
     # training loop: one optimizer step per window of batch_size x grad_accum x world_size pairs

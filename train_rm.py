@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -97,8 +98,16 @@ def load_examples(args, tokenizer, path, split):
             args.max_prompt_length, skip_bad=args.skip_bad_rows, source=str(path))
         margins = [0.0] * len(pairs)
         if args.margin_column:  # pair.row: the source row of each pair that survived skipped bad rows
+            if args.margin_column not in rows.column_names:
+                raise data.DataError(f"{path}: no margin column {args.margin_column!r} (columns: {rows.column_names})")
             column = rows[args.margin_column]
-            margins = [float(column[pair.row]) for pair in pairs]
+            margins = []
+            for pair in pairs:
+                try:
+                    margins.append(float(column[pair.row]))
+                except (TypeError, ValueError):
+                    raise data.DataError(f"{path}: row {pair.row}: field {args.margin_column!r}: expected a number, "
+                                         f"got {column[pair.row]!r}") from None
         return list(zip(pairs, margins))
     # pairwise: the row formats of data.py (its row splitter and errors), then the judge template
     check_chat_template(tokenizer)  # a tokenizer problem, not a row problem: fail before row 0
@@ -198,13 +207,8 @@ def save(model, tokenizer, args, out):
                                                "label_tokens": args.label_tokens.split(",")}}
         tmp = checkpoint.save_model(model, os.path.join(out, ".model.tmp"), tokenizer, state_dict=state,
                                     extra_files=extra)
-        for name in os.listdir(out):  # weights of an earlier run in OUTPUT (e.g. another shard count)
-            if name.startswith("model") and name.endswith((".safetensors", ".index.json")) and \
-                    not os.path.exists(os.path.join(tmp, name)):
-                os.remove(os.path.join(out, name))
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(out, name))
-        os.rmdir(tmp)
+        checkpoint.publish(tmp, out)  # per-file atomic; drops weights of an earlier run (another shard count)
+        shutil.rmtree(tmp)
     dist.barrier()
 
 

@@ -91,15 +91,6 @@ def all_gather_objects(obj):
     return out
 
 
-def broadcast_object(obj):
-    """Rank 0's `obj` on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def all_reduce_sum(tensor):
     """In place sum over ranks (a sync point); returns the tensor."""
     if dist.is_initialized():

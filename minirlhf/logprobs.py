@@ -139,6 +139,9 @@ def sequence_logps(model, input_ids, attention_mask, loss_mask, average=False):
     token_logps = model(input_ids, attention_mask=attention_mask, labels=labels)  # (B, T) fp32
     n_tokens = (labels != IGNORE_INDEX).sum(-1)
     logps = token_logps.sum(-1)
-    if average:
-        logps = logps / n_tokens.clamp(min=1)
-    return logps, n_tokens
+    return (length_normalize(logps, n_tokens) if average else logps), n_tokens
+
+
+def length_normalize(logps, n_tokens):
+    """Per-token log-prob logps / n_tokens (n_tokens clamped to >= 1): the one place sequences are averaged."""
+    return logps / n_tokens.clamp(min=1)
