@@ -24,7 +24,6 @@ world size, since each rank saved its own FSDP optimizer shard. OUTPUT must be o
 Test hook: MINIRLHF_FAIL_AFTER_STEP=k raises after step k (a simulated kill).
 """
 import argparse
-import contextlib
 import gc
 import hashlib
 import json
@@ -92,13 +91,6 @@ def build_parser():
     return p
 
 
-def autocast(device):
-    """bf16 autocast on one GPU; under FSDP the MixedPrecisionPolicy casts instead; on CPU we stay in fp32."""
-    if device.type == "cuda" and dist.world_size() == 1:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def collate(examples, pad_id, device):
     """Pairs -> (2B, T) [chosen; rejected] batch, Sequences -> (B, T); right padding (data.py)."""
     fn = data.collate_pairs if isinstance(examples[0], data.Pair) else data.collate_sequences
@@ -121,7 +113,7 @@ def compute_logps(model, examples, batch_size, device, pad_id):
     for s in range(0, len(order), batch_size * world_size):
         rows = order[s + rank * batch_size:s + (rank + 1) * batch_size]
         batch = collate([examples[i] for i in rows or [0]], pad_id, device)
-        with autocast(device):
+        with dist.autocast(device):
             lp, n = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         if rows:  # (K*B,) = [chosen..., rejected...] -> (B, K)
             logps[rows], n_tokens[rows] = lp.double().view(K, -1).T, n.float().view(K, -1).T
@@ -305,7 +297,7 @@ def main(argv=None):
         for rows in micro_batches(window, args.batch_size, rank, world_size):
             weight = 1.0 if rows else 0.0
             batch = collate([examples[i] for i in rows or window[:1]], pad_id, device)
-            with autocast(device):
+            with dist.autocast(device):
                 logps, n_tokens = sequence_logps(policy, batch["input_ids"], batch["attention_mask"],
                                                  batch["loss_mask"], average=args.length_normalize and not sft)
             if sft:  # summed NLL per sequence; window_mean divides by the window's target tokens

@@ -23,7 +23,6 @@ pairwise) next to args.json, metrics.jsonl (one line per optimizer step) and eva
 loss, mean margin, number of pairs). `rewards.load_reward_source(OUTPUT)` scores with it.
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -82,13 +81,6 @@ def build_parser():
     return p
 
 
-def autocast(device):
-    """bf16 autocast on one GPU; under FSDP the MixedPrecisionPolicy casts instead; on CPU we stay in fp32."""
-    if device.type == "cuda" and dist.world_size() == 1:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def load_examples(args, tokenizer, path, split):
     """bt: [(data.Pair, margin)]; pairwise: [(judge ids with chosen as A, judge ids with chosen as B)]."""
     rows = data.load_dataset_any(path, split)
@@ -145,7 +137,7 @@ def forward_pairs(model, examples, args, label_ids, pad_id, device, train):
     B = len(examples)
     if args.kind == "bt":
         batch = data.collate_pairs([pair for pair, _ in examples], pad_id)
-        with autocast(device):
+        with dist.autocast(device):
             scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (2B,) fp32
         chosen, rejected = scores[:B], scores[B:]
         margins = torch.tensor([m for _, m in examples], device=device) if args.margin_column else None
@@ -154,13 +146,13 @@ def forward_pairs(model, examples, args, label_ids, pad_id, device, train):
         batch = data.collate_sequences([data.Sequence(ids, []) for ids in [e[0] for e in examples] +
                                         [e[1] for e in examples]], pad_id)  # rows [0:B] chosen is A, [B:2B] it is B
         labels = torch.tensor(label_ids, device=device).repeat_interleave(B)
-        with autocast(device):
+        with dist.autocast(device):
             logps = rewards.label_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                         labels)
         log_odds = torch.logit(logps.exp(), eps=1e-6)
         correct = (log_odds > 0).float().view(2, B).mean(0)
         return losses.pairwise_preference_loss(logps[:B], logps[B:]), correct, log_odds.view(2, B).mean(0)
-    with autocast(device):
+    with dist.autocast(device):
         logps_ab, logps_ba = rewards.compare_batch(model, [e[0] for e in examples], [e[1] for e in examples],
                                                    label_ids, pad_id, device)
     prob = losses.preference_probability(logps_ab, logps_ba)

@@ -6,6 +6,7 @@
 GPU. FSDP averages gradients over ranks, so a loss normalised by the global number of pairs and multiplied by
 `world_size` (see `losses.window_mean`) gives the gradient of one process that sees the global batch.
 """
+import contextlib
 import os
 
 import torch
@@ -70,6 +71,13 @@ def apply_fsdp(model, bf16=False):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+def autocast(device):
+    """bf16 autocast on one GPU; with several ranks FSDP's MixedPrecisionPolicy casts instead; CPU stays fp32."""
+    if device.type == "cuda" and world_size() == 1:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def full_state_dict(model):
