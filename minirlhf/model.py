@@ -112,6 +112,25 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def linear(x, weight, bias=None, packed=None):
+    """F.linear(x, weight, bias); with `packed`, MKL's pre-packed copy of `weight`, the same product computed
+    by MKL's packed sgemm. Plain sgemm re-packs the weight into its blocked layout on every call, which costs
+    as much as the multiply itself when x has a few tens of rows, as in a decode step (`sampler.mkl_packed`).
+    From about 64 rows on, plain sgemm is as fast again and streams the smaller (unpadded) weight."""
+    rows = x.numel() // x.shape[-1]
+    if packed is None or rows > 32:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state_dict keys) that uses `packed` weights while the sampler sets them."""
+    packed = None
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias, self.packed)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -130,10 +149,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         D, H, Hkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(D, H * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(D, Hkv * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(D, Hkv * hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(H * hd, D, bias=cfg.o_bias)
+        self.q_proj = Linear(D, H * hd, bias=cfg.qkv_bias)
+        self.k_proj = Linear(D, Hkv * hd, bias=cfg.qkv_bias)
+        self.v_proj = Linear(D, Hkv * hd, bias=cfg.qkv_bias)
+        self.o_proj = Linear(H * hd, D, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
@@ -150,8 +169,10 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd), past included
-        # mask None means plain causal attention with no padding: SDPA's flash path
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        if T == 1 and mask is not None:  # decoding: a KV group's query heads attend as rows, K/V read once
+            y = F.scaled_dot_product_attention(q.view(B, k.shape[1], -1, hd), k, v, attn_mask=mask).view(B, -1, 1, hd)
+        else:  # mask None means plain causal attention with no padding: SDPA's flash path
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -159,9 +180,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         D, F_, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = nn.Linear(D, F_, bias=b)
-        self.up_proj = nn.Linear(D, F_, bias=b)
-        self.down_proj = nn.Linear(F_, D, bias=b)
+        self.gate_proj = Linear(D, F_, bias=b)
+        self.up_proj = Linear(D, F_, bias=b)
+        self.down_proj = Linear(F_, D, bias=b)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -239,6 +260,7 @@ class Backbone(nn.Module):
 
 class CausalLM(nn.Module):
     """The policy: backbone + LM head (`lm_head`, or the input embedding when tied)."""
+    output_packed = None  # MKL-packed output weight, set by the sampler on CPU (see `linear`)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -261,7 +283,11 @@ class CausalLM(nn.Module):
         if labels is not None:
             # inside forward so that FSDP2 has gathered the (possibly tied) output weight right now
             return fused_token_logps(h, self.output_weight(), labels)
-        return F.linear(h, self.output_weight())
+        return self.logits(h)
+
+    def logits(self, h):
+        """Hidden states (..., D) -> logits (..., V)."""
+        return linear(h, self.output_weight(), packed=self.output_packed)
 
 
 class RewardModel(nn.Module):

@@ -23,6 +23,9 @@ least half of the rows are done the batch is compacted (finished rows dropped fr
 Many prompts are processed `batch_size` sequences (rows) at a time, longest prompts first (less padding,
 and an out-of-memory shows up in the first batch); results come back in the caller's order.
 
+MKL-packed weights (CPU, fp32, default): a decode step of a few rows re-packs every weight inside plain
+sgemm; `mkl_packed` packs each weight once per call instead (see its docstring and benchmarks/RESULTS.md).
+
 Compiled decode (opt-in, `compile=True`, meant for CUDA): gpt-fast's idea. Shapes are static: one cache
 (batch_size rows, L = longest prompt of the call + max_new_tokens) is allocated per call and reused by every
 batch (the last one filled up with copies of a prompt); the step writes at a position held in a tensor
@@ -43,10 +46,12 @@ and loads it into an ordinary `CausalLM` on each rank, which then generates for 
     gen = generate(policy, prompts, max_new_tokens=256, n=4, temperature=0.7, eos_token_id=[2], seed=0)
     gen.responses[i][j]  # token ids of the j-th response to prompt i, stop id included
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from minirlhf.model import Linear
 
 
 @dataclass
@@ -110,10 +115,10 @@ def sampling_logits(logits, temperature=1.0, top_k=None, top_p=None):
 
 def sample(logits, generator, temperature=1.0, top_k=None, top_p=None):
     """(R, V) logits -> tokens (R,) and their fp32 log-probs (R,) under the sampling distribution."""
-    if temperature == 0:  # greedy; log-probs of the policy itself
-        logps = logits.float().log_softmax(-1)
-        tokens = logps.argmax(-1)
-        return tokens, logps.gather(-1, tokens[:, None]).squeeze(-1)
+    if temperature == 0:  # greedy (argmax of the logits, as transformers takes it); log-probs of the policy itself
+        logits = logits.float()
+        tokens = logits.argmax(-1)
+        return tokens, logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
     probs = sampling_logits(logits, temperature, top_k, top_p).softmax(-1)
     tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1).log()  # a drawn token's p is far from 0
@@ -133,7 +138,36 @@ def decode_step(model, cache, tokens, position_ids, valid):
         query_col = cache.input_pos if static else cache.pos
         mask = mask & (torch.arange(S, device=valid.device) > query_col - window)
     h = model(tokens[:, None], mask, position_ids[:, None], kv_cache=cache, return_hidden=True)[:, 0]
-    return F.linear(h, model.output_weight())
+    return model.logits(h)
+
+
+@contextlib.contextmanager
+def mkl_packed(model, enabled=True):
+    """While generating on CPU in fp32 with MKL: every weight pre-packed once, for MKL's packed sgemm.
+
+    A decode step multiplies a few rows by every weight; plain sgemm re-packs each weight into its blocked
+    layout on every call, which at 8 to 32 rows makes the matmuls 1.5-2.7x slower than with weights packed
+    once (`model.linear` uses the packed copy up to 32 rows). Packing takes about as long as a few decode
+    steps and does not pay at 1 row, so `generate` packs for batches of 8 rows or more (larger batches use it
+    once compaction brings them down). The copies cost about 1.4x the weights' memory until the call returns.
+    """
+    weight = model.output_weight()
+    if not (enabled and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and torch.backends.mkl.is_available()):
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    def pack(w):
+        return torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), 16)  # layout does not depend on the rows
+    try:
+        for layer in layers:
+            layer.packed = pack(layer.weight)
+        model.output_packed = pack(weight)
+        yield
+    finally:
+        for layer in layers:
+            layer.packed = None
+        model.output_packed = None
 
 
 _compiled_decode_step = {}  # mode -> compiled function, built on first use
@@ -148,13 +182,14 @@ def compiled_decode_step(device):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, n=1, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
-             seed=0, generator=None, batch_size=64, compile=False) -> Generation:
+             seed=0, generator=None, batch_size=64, compile=False, pack_weights=True) -> Generation:
     """Draw n responses for each prompt (a list of token ids) from `model`, an unsharded `CausalLM` in eval mode.
 
     eos_token_id: one stop id, a list of them, or None (always max_new_tokens). temperature 0 is greedy.
     generator (a torch.Generator on the model's device) overrides seed; the draws depend on the seed, the
-    prompts and batch_size. batch_size counts sequences (cache rows): batch_size // n prompts per batch.
-    compile=True uses the torch.compile'd static-shape decode step (see the module docstring).
+    prompts and batch_size. batch_size counts sequences (cache rows): batch_size // n prompts per batch, and
+    at least one. compile=True uses the torch.compile'd static-shape decode step (see the module docstring).
+    pack_weights: on CPU in fp32, batches of 8 rows or more multiply with MKL-packed weights (`mkl_packed`).
     """
     if not prompts:
         return Generation([], [], [])
@@ -176,15 +211,16 @@ def generate(model, prompts, max_new_tokens, n=1, temperature=1.0, top_k=None, t
         for buf in cache.k + cache.v:  # CUDA graphs then use the buffers in place instead of copying them
             torch._dynamo.mark_static_address(buf)
     responses, token_logps, finish_reasons = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
-    for start in range(0, len(order), per_batch):
-        idx = order[start:start + per_batch]
-        batch_prompts = [prompts[i] for i in idx]
-        if compile:  # static shapes: fill the last batch up with copies of a prompt, dropped below
-            batch_prompts += batch_prompts[:1] * (per_batch - len(idx))
-        batch = generate_batch(model, batch_prompts, max_new_tokens, n, temperature, top_k, top_p, stop_ids,
-                               generator, decode, cache)
-        for j, i in enumerate(idx):
-            responses[i], token_logps[i], finish_reasons[i] = (x[j * n:(j + 1) * n] for x in batch)
+    with mkl_packed(model, enabled=pack_weights and not compile and per_batch * n >= 8):
+        for start in range(0, len(order), per_batch):
+            idx = order[start:start + per_batch]
+            batch_prompts = [prompts[i] for i in idx]
+            if compile:  # static shapes: fill the last batch up with copies of a prompt, dropped below
+                batch_prompts += batch_prompts[:1] * (per_batch - len(idx))
+            batch = generate_batch(model, batch_prompts, max_new_tokens, n, temperature, top_k, top_p, stop_ids,
+                                   generator, decode, cache)
+            for j, i in enumerate(idx):
+                responses[i], token_logps[i], finish_reasons[i] = (x[j * n:(j + 1) * n] for x in batch)
     return Generation(responses, token_logps, finish_reasons)
 
 
@@ -207,7 +243,7 @@ def generate_batch(model, prompts, max_new_tokens, n, temperature, top_k, top_p,
     else:
         cache = KVCache(model.config, R, P + max_new_tokens, model.output_weight().dtype, device)
     h = model(input_ids, prompt_mask, kv_cache=cache, return_hidden=True)[:, -1]  # (B, D): one prefill per prompt
-    logits = F.linear(h, model.output_weight()).repeat_interleave(n, 0)  # (R, V)
+    logits = model.logits(h).repeat_interleave(n, 0)  # (R, V)
     cache.pos = P
     valid = torch.zeros(R, cache.k[0].shape[2], dtype=torch.bool, device=device)  # (R, L)
     valid[:, :P] = prompt_mask.bool().repeat_interleave(n, 0)

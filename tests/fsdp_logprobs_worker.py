@@ -63,4 +63,6 @@ if __name__ == "__main__":
     if rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(result, f)
+    # Both ranks leave together: gloo can abort a rank whose peer tears the group down under it.
+    dist.barrier()
     dist.destroy_process_group()

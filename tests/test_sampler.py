@@ -20,8 +20,18 @@ def random_prompts(lengths, seed=0):
 
 
 def pick_stop_ids(responses):
-    """Stop ids the greedy run really emits: the 3rd token of the first response, the 6th of the third."""
-    return sorted({responses[0][0][2], responses[2][0][5]})
+    """Two stop ids the greedy run really emits: the 3rd token of the first response, and the first token of
+    the third response, from its 6th on, that differs from it."""
+    first = responses[0][0][2]
+    second = next(tok for tok in responses[2][0][5:] if tok != first)
+    return sorted([first, second])
+
+
+def record_packing(model):
+    """-> list that gets, at every forward of the first layer's q_proj, whether it ran on MKL-packed weights."""
+    used = []
+    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, _: used.append(m.packed is not None))
+    return used
 
 
 @pytest.fixture(scope="module")
@@ -38,22 +48,30 @@ def test_greedy_matches_transformers(tmp_path, family):
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     prompts, max_new = random_prompts([4, 9, 2, 7, 5]), 12
     stops = pick_stop_ids(generate(model, prompts, max_new, temperature=0).responses)
-    # n=2 and batch_size=4: 2 prompts per batch, 3 batches, sorted by length internally
-    ours = generate(model, prompts, max_new, n=2, temperature=0, eos_token_id=stops, batch_size=4)
+    packed = record_packing(model)
+    # n=2 and batch_size=4: 2 prompts per batch, 3 batches, sorted by length internally (plain sgemm); and
+    # all 5 prompts in one batch of 10 rows (MKL-packed weights where MKL is available)
+    small = generate(model, prompts, max_new, n=2, temperature=0, eos_token_id=stops, batch_size=4)
+    assert not any(packed)
+    large = generate(model, prompts, max_new, n=2, temperature=0, eos_token_id=stops, batch_size=16)
+    assert all(packed[-max_new:]) == torch.backends.mkl.is_available()
 
     P = max(map(len, prompts))
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
     out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
                             eos_token_id=stops, pad_token_id=0)[:, P:].tolist()
-    reasons = set()
-    for i, row in enumerate(out):
-        cut = next((j + 1 for j, tok in enumerate(row) if tok in stops), max_new)
-        for response, reason in zip(ours.responses[i], ours.finish_reasons[i]):
-            assert response == row[:cut]
-            assert reason == ("stop" if any(tok in stops for tok in row) else "length")
-            reasons.add(reason)
+    reasons, ended_by = set(), set()
+    for ours in small, large:
+        for i, row in enumerate(out):
+            cut = next((j + 1 for j, tok in enumerate(row) if tok in stops), max_new)
+            for response, reason in zip(ours.responses[i], ours.finish_reasons[i]):
+                assert response == row[:cut]
+                assert reason == ("stop" if any(tok in stops for tok in row) else "length")
+                reasons.add(reason)
+                ended_by.add(response[-1] if reason == "stop" else None)
     assert reasons == {"stop", "length"}  # both endings were exercised
+    assert ended_by == {*stops, None}  # and each of the two stop ids ended a response
 
 
 @pytest.mark.parametrize("family", ["llama3", "mistral"])  # mistral: sliding window 4 < sequence length
@@ -148,6 +166,22 @@ def test_seed_reproducible(llama):
     run = lambda **k: generate(llama, prompts, 8, n=3, temperature=1.0, **k).responses
     assert run(seed=7) == run(seed=7) == run(generator=torch.Generator().manual_seed(7))
     assert run(seed=7) != run(seed=8)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL-packed weights need MKL")
+def test_mkl_packed_weights_change_no_draw(llama):
+    """12 rows per batch: the prefill and every decode step run on packed weights, the draws and log-probs are
+    those of plain sgemm, and the packed copies are gone when generate returns."""
+    prompts = random_prompts([5, 2, 8], seed=9)
+    used = record_packing(llama)
+    packed = generate(llama, prompts, 6, n=4, temperature=1.0, seed=2)
+    assert used == [True] * 6
+    plain = generate(llama, prompts, 6, n=4, temperature=1.0, seed=2, pack_weights=False)
+    assert used[6:] == [False] * 6
+    assert packed.responses == plain.responses
+    torch.testing.assert_close(torch.tensor(packed.token_logps), torch.tensor(plain.token_logps), atol=1e-6, rtol=0)
+    assert llama.output_packed is None and all(m.packed is None for m in llama.modules() if hasattr(m, "packed"))
+    llama.model.layers[0].self_attn.q_proj._forward_pre_hooks.clear()
 
 
 def test_one_prefill_per_prompt(llama):
