@@ -36,6 +36,7 @@ from minirlhf import dist, task
 from minirlhf.checkpoint import atomic_write_json, load_model, save_model
 from minirlhf.data import BadRow, load_dataset_any, split_row, write_jsonl
 from minirlhf.evaluate import evaluate_policy, format_table, plot, reward_model_accuracy
+from minirlhf.losses import PREFERENCE_LOSSES
 from minirlhf.model import init_model
 from minirlhf.pairs import make_pair, shaped_scores
 from minirlhf.rewards import load_reward_source
@@ -55,7 +56,8 @@ SFT_LR, SFT_EPOCHS, RM_LR, RM_EPOCHS, OFFLINE_DPO_EPOCHS = 3e-3, 6, 3e-3, 6, 2
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     # where
     p.add_argument("--output-dir", default="runs/iterate", help="run folder: one subfolder per stage and iteration")
     p.add_argument("--seed", type=int, default=0, help="seed of every sampler, shuffle and simulated label")
@@ -83,7 +85,7 @@ def build_parser():
     p.add_argument("--ref", default="initial", choices=["initial", "previous"],
                    help="DPO reference: the SFT model pi_0 (paper) or the previous iteration's policy")
     # DPO on each iteration's pairs (train_dpo.py)
-    p.add_argument("--loss", default="dpo", help="preference loss of losses.py (dpo, ipo, hinge)")
+    p.add_argument("--loss", default="dpo", choices=list(PREFERENCE_LOSSES), help="preference loss of losses.py")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (KL strength)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed label-flip rate")
     p.add_argument("--nll-coef", type=float, help="RPO: weight of an NLL term on the chosen response (paper: 0; "
@@ -102,10 +104,17 @@ def build_parser():
 
 
 def resolve_defaults(args):
-    """Fill unset flags from the paper's recipe, or from the built-in task's scaled version of it."""
+    """Fill unset flags from the paper's recipe, or from the built-in task's scaled version of it; refuse
+    combinations that would fail only after hours of earlier stages."""
     for key, value in (BUILTIN if args.sft_model is None else PAPER).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.sft_model is not None and not (args.prompts and args.reward):
+        raise SystemExit("--sft-model needs --prompts and --reward (without all three, the built-in task runs)")
+    if args.sft_model is None and (args.prompts or args.reward or args.eval_prompts):
+        raise SystemExit("--prompts, --reward and --eval-prompts need --sft-model (the built-in task makes its own)")
+    if args.pair_rule == "max_min_p" and args.length_penalty <= 0:
+        raise SystemExit("--pair-rule max_min_p needs --length-penalty > 0")
     return args
 
 
@@ -226,6 +235,9 @@ def main(argv=None):
     reward_fn = load_reward_source(reward_spec, device=device)
     tokenizer = load_tokenizer(sft_dir)
     per_iter = args.prompts_per_iteration or len(prompts) // args.iterations
+    if per_iter < 1 or per_iter * args.iterations > len(prompts):
+        raise ValueError(f"{args.iterations} iterations of {per_iter} fresh prompts need {args.iterations * per_iter}"
+                         f" prompts; there are {len(prompts)}")
     policy_dir = sft_dir
     for t in range(1, args.iterations + 1):
         it_dir = f"{args.output_dir}/iter{t}"
@@ -237,7 +249,7 @@ def main(argv=None):
         iter_prompts = prompts[(t - 1) * per_iter:t * per_iter]
         rows = sample(policy_dir, tokenizer, iter_prompts, args.n, args, args.seed + t, device)
         rewards = reward_fn([r["prompt"] for r in rows], [r["responses"] for r in rows])
-        # 4. one pair per prompt: best vs worst of the shaped scores
+        # 4. one pair per prompt from the shaped scores (--pair-rule; the paper's best vs worst by default)
         generator = torch.Generator().manual_seed(args.seed * 1000 + t)
         for r, rew in zip(rows, rewards):
             scores = shaped_scores(rew, r["n_tokens"], r["truncated"], args.length_penalty, args.truncation_penalty)
@@ -245,7 +257,11 @@ def main(argv=None):
             r.update(rewards=list(map(float, rew)), chosen=None if pair is None else r["responses"][pair[0]],
                      rejected=None if pair is None else r["responses"][pair[1]])
         rows = gather_rows(rows)
-        pairs = [dict(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"]) for r in rows if r["chosen"]]
+        pairs = [dict(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"]) for r in rows
+                 if r["chosen"] is not None]
+        if not pairs:
+            raise ValueError(f"iteration {t}: the best and worst responses of every prompt tie (or differ by less "
+                             "than --min-gap): no pair to train on; raise --temperature or --n, or lower --min-gap")
         if dist.is_main():
             write_jsonl(f"{it_dir}/samples.jsonl", rows)
             write_jsonl(f"{it_dir}/pairs.jsonl", pairs)
@@ -260,8 +276,8 @@ def main(argv=None):
                        mean_best_reward=sum(max(r["rewards"]) for r in rows) / len(rows),
                        truncated=sum(x for r in rows for x in r["truncated"]) / len(all_rewards),
                        dpo={k: v for k, v in dpo.items() if isinstance(v, (int, float))}, seconds=time.time() - t0)
-        dist.print0(f"iteration {t}: {len(pairs)} pairs ({metrics['no_pair']} prompts tied), mean reward "
-                    f"{metrics['mean_reward']:.3f}, best-of-{args.n} {metrics['mean_best_reward']:.3f}")
+        dist.print0(f"iteration {t}: {len(pairs)} pairs ({metrics['no_pair']} prompts tied or within --min-gap), "
+                    f"mean reward {metrics['mean_reward']:.3f}, best-of-{args.n} {metrics['mean_best_reward']:.3f}")
         if dist.is_main():
             atomic_write_json(f"{it_dir}/metrics.json", metrics)
         mark_done(it_dir, metrics)

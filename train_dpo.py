@@ -45,7 +45,8 @@ PAPER_DEFAULTS = {"dpo": dict(lr=5e-7, epochs=2), "sft": dict(lr=2e-5, epochs=1)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="DPO / IPO / hinge / SFT training (Dong et al. 2024, steps 1 and 5).")
+    p = argparse.ArgumentParser(description="DPO / IPO / hinge / SFT training (Dong et al. 2024, steps 1 and 5).",
+                                allow_abbrev=False)
     # models and data
     p.add_argument("--model", required=True, help="policy checkpoint folder (Hugging Face layout, with tokenizer)")
     p.add_argument("--ref-model", default=None, help="reference policy checkpoint folder (default: --model)")
@@ -80,6 +81,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=8, help="pairs (SFT: sequences) per micro-batch per rank")
     p.add_argument("--grad-accum", type=int, default=16, help="micro-batches per optimizer step")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "linear", "constant"], help="after warmup")
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
@@ -224,6 +226,9 @@ def main(argv=None):
     rank, world_size, device = dist.init_distributed()
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt = os.path.join(args.output_dir, "checkpoint")
+    if args.resume and dist.is_main():
+        checkpoint.recover_dir(ckpt)  # a kill between the two renames of the last checkpoint save
+    dist.barrier()
     resume = args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.json"))
     if dist.is_main():
         checkpoint.atomic_write_json(os.path.join(args.output_dir, "args.json"), vars(args))
@@ -261,14 +266,10 @@ def main(argv=None):
     policy = checkpoint.load_model(ckpt if resume else args.model, device="cpu" if world_size > 1 else device)
     policy.model.gradient_checkpointing = args.gradient_checkpointing
     policy = dist.apply_fsdp(policy, bf16=device.type == "cuda").to(device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, eps=args.adam_eps)
     step, metrics_path = 0, os.path.join(args.output_dir, "metrics.jsonl")
     if resume:
-        state = checkpoint.load_training_state(policy, optimizer, ckpt, device)
-        if state["world_size"] != world_size:
-            raise ValueError(f"{ckpt} was saved by {state['world_size']} ranks, each with its own optimizer shard: "
-                             f"resume with the same world size (got {world_size})")
-        step = state["step"]
+        step = checkpoint.load_training_state(policy, optimizer, ckpt, device)["step"]
         dist.print0(f"resuming from {ckpt} at step {step}")
     if dist.is_main():  # keep the log of the steps before the checkpoint, drop those that will be redone
         old = []

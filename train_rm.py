@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+from collections import Counter
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -39,7 +40,8 @@ DEFAULT_LR = {"bt": 2e-6, "pairwise": 5e-6}
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     # model and data
     p.add_argument("--model", required=True, help="starting checkpoint folder: a causal LM (bt gets a new score "
                                                   "head) or an existing reward / preference model")
@@ -103,7 +105,7 @@ def load_examples(args, tokenizer, path, split):
         return list(zip(pairs, margins))
     # pairwise: the row formats of data.py (its row splitter and errors), then the judge template
     check_chat_template(tokenizer)  # a tokenizer problem, not a row problem: fail before row 0
-    examples, skipped = [], 0
+    examples, skipped = [], Counter()
     for i, row in enumerate(rows):
         try:
             prompt, (chosen, rejected) = data.split_row(row, args.prompt_column,
@@ -120,11 +122,13 @@ def load_examples(args, tokenizer, path, split):
         except data.BadRow as bad:
             if not args.skip_bad_rows:
                 raise bad.error(path, i) from None
-            skipped += 1
+            skipped[bad.args[0]] += 1
             continue
         examples.append(example)
     if skipped:
-        dist.print0(f"{path}: skipped {skipped} bad rows")
+        dist.print0(f"{path}: skipped {sum(skipped.values())} bad rows of {len(rows)}: {dict(skipped)}")
+    if not examples:
+        raise data.DataError(f"{path}: no usable rows")
     return examples
 
 

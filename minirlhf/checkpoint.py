@@ -31,6 +31,11 @@ ARCHITECTURES = {  # model_type -> (causal LM class, reward model class) names i
 }
 
 
+# heads a checkpoint may carry that the other kind of model does not load: lm_head (a causal LM read as a reward
+# model, or tied embeddings saved twice) and score (a reward model read as a causal LM)
+OTHER_HEADS = ("lm_head.weight", "score.weight", "score.bias")
+
+
 def atomic_write_text(path, text):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -85,7 +90,10 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0):
         with safe_open(file, framework="pt", device=str(device)) as f:
             for name in f.keys():
                 if name not in expected:
-                    continue  # e.g. lm_head.weight of a tied or reward checkpoint, rotary buffers
+                    if name in OTHER_HEADS or name.endswith("rotary_emb.inv_freq"):
+                        continue  # the head of the other kind (a reward model read as a causal LM), buffers
+                    raise ValueError(f"{file}: unexpected tensor {name}: config.json describes a model without "
+                                     "it (check attention_bias, mlp_bias, tie_word_embeddings, model_type)")
                 tensor = f.get_tensor(name)
                 if tensor.shape != expected[name].shape:
                     raise ValueError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
@@ -161,14 +169,28 @@ def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=
 
 
 def replace_dir(tmp, out_dir):
-    """Move the finished folder `tmp` to `out_dir`; an existing `out_dir` is swapped out, then deleted."""
-    old = None
+    """Move the finished folder `tmp` to `out_dir`. An existing `out_dir` is first renamed to `.NAME.old` beside
+    it and deleted afterwards; after a kill between the two renames `recover_dir` puts it back."""
+    old = _old_name(out_dir)
+    if os.path.exists(old):
+        shutil.rmtree(old)
     if os.path.exists(out_dir):
-        old = f"{tmp}.old"
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
-    if old:
+    if os.path.exists(old):
         shutil.rmtree(old)
+
+
+def recover_dir(out_dir):
+    """Undo a kill inside `replace_dir`: `out_dir` gone but its previous version whole under the .old name."""
+    old = _old_name(out_dir)
+    if not os.path.exists(out_dir) and os.path.exists(old):
+        os.replace(old, out_dir)
+
+
+def _old_name(out_dir):
+    out_dir = os.path.abspath(out_dir)
+    return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.old")
 
 
 # Training state beside the model, for --resume: safetensors and JSON only, never pickle.
@@ -196,6 +218,11 @@ def save_training_state(policy, optimizer, tokenizer, output_dir, train_state):
 def load_training_state(policy, optimizer, ckpt, device):
     """This rank's optimizer shard (back into DTensors under FSDP) and RNG state; returns trainer_state."""
     rank = dist.get_rank()
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        train_state = json.load(f)
+    if train_state["world_size"] != dist.world_size():
+        raise ValueError(f"{ckpt} was saved by {train_state['world_size']} ranks, each with its own optimizer "
+                         f"shard: resume with the same world size (got {dist.world_size()})")
     saved = load_file(os.path.join(ckpt, f"optimizer.rank{rank}.safetensors"))
     for name, p in policy.named_parameters():
         state = {k.rsplit("/", 1)[1]: v for k, v in saved.items() if k.rsplit("/", 1)[0] == name}
@@ -210,14 +237,17 @@ def load_training_state(policy, optimizer, ckpt, device):
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    with open(os.path.join(ckpt, "trainer_state.json")) as f:
-        return json.load(f)
+    return train_state
 
 
 def publish(ckpt, output_dir):
     """Make OUTPUT itself a loadable HF folder: hard-link (else copy) the checkpoint's model and tokenizer files
-    to temporary names, then rename each into place; weights of an earlier run (another shard count) go."""
-    names = [n for n in os.listdir(ckpt) if not n.startswith(("optimizer.", "rng.", "trainer_state"))]
+    to temporary names, then rename each into place; weights of an earlier run (another shard count) go.
+    config.json goes first and comes back last, so a folder killed halfway holds no loadable mix of two runs."""
+    names = sorted((n for n in os.listdir(ckpt) if not n.startswith(("optimizer.", "rng.", "trainer_state"))),
+                   key=lambda n: n == "config.json")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(output_dir, "config.json"))
     for name in os.listdir(output_dir):
         if name.startswith("model") and name.endswith((".safetensors", ".index.json")) and name not in names:
             os.remove(os.path.join(output_dir, name))

@@ -28,6 +28,7 @@ import datasets
 import torch
 
 from minirlhf.checkpoint import atomic_write_text
+from minirlhf.dist import print0
 from minirlhf.tokenizer import check_chat_template, encode_pair
 
 
@@ -144,17 +145,19 @@ def _tokenize_rows(rows, tokenizer, prompt_column, response_columns, max_length,
             if max_length is not None and len(prompt_ids) >= max_length:
                 raise BadRow("prompt_too_long", prompt_column, f"prompt is {len(prompt_ids)} tokens, no room for a "
                                                                f"response in max_length {max_length}")
-            if len(encoded) == 2 and encoded[0][1] == encoded[1][1]:
-                raise BadRow("identical", response_columns[1], f"identical to {response_columns[0]}")
+            limit = None if max_length is None else max_length - len(prompt_ids)  # >= 1: checked above
+            responses = [ids[:limit] for _, ids in encoded]
+            if len(responses) == 2 and responses[0] == responses[1]:
+                raise BadRow("identical", response_columns[1], f"identical to {response_columns[0]}" + (
+                    "" if encoded[0][1] == encoded[1][1] else f" once cut to max_length {max_length}"))
         except BadRow as bad:
             if not skip_bad:
                 raise bad.error(source, i) from None
             skipped[bad.args[0]] += 1
             continue
-        limit = None if max_length is None else max_length - len(prompt_ids)  # >= 1: checked above
-        out.append((i, prompt_ids, [ids[:limit] for _, ids in encoded]))
+        out.append((i, prompt_ids, responses))
     if skipped:
-        print(f"{source}: skipped {sum(skipped.values())} bad rows of {i + 1}: {dict(skipped)}")
+        print0(f"{source}: skipped {sum(skipped.values())} bad rows of {i + 1}: {dict(skipped)}")
     if not out:
         raise DataError(f"{source}: no usable rows")
     return out, dict(skipped)

@@ -303,10 +303,12 @@ class RewardModel(nn.Module):
         """input_ids, attention_mask (B, T) -> rewards (B,) fp32."""
         h = self.model(input_ids, attention_mask)  # (B, T, D)
         B, T = input_ids.shape
-        if attention_mask is None:
-            last = torch.full((B,), T - 1, device=input_ids.device)
-        else:  # rightmost real token: works for left and right padding, like transformers' pad-token rule
-            last = (attention_mask.long() * torch.arange(T, device=input_ids.device)).argmax(-1)
+        # transformers' rule: the rightmost real token that is not the pad id (when pad = EOS, the token before
+        # a final EOS: where hub reward models were trained to answer); works for left and right padding
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if self.config.pad_token_id is not None:
+            real = real & (input_ids != self.config.pad_token_id)
+        last = (real.long() * torch.arange(T, device=input_ids.device)).argmax(-1)
         return self.score(h[torch.arange(B, device=h.device), last]).squeeze(-1).float()
 
 

@@ -39,8 +39,9 @@ drawn token; at temperature 1 with no top-k/top-p they are the policy's own log 
 Temperature 0 is greedy; its token_logps are the policy's log-probs at temperature 1.
 
 FSDP. `generate` needs a plain, unsharded model: it runs thousands of small forwards, and FSDP would
-all-gather every layer at every step. The caller (iterate.py) gathers the policy with `dist.full_state_dict`
-and loads it into an ordinary `CausalLM` on each rank, which then generates for its own shard of prompts.
+all-gather every layer at every step. The caller (iterate.py) has rank 0 save the trained policy from the
+gathered full state dict (`dist.full_state_dict`, in train_dpo.py); every rank then loads that folder into an
+ordinary `CausalLM` and generates for its own share of the prompts.
 
     from minirlhf.sampler import generate
     gen = generate(policy, prompts, max_new_tokens=256, n=4, temperature=0.7, eos_token_id=[2], seed=0)

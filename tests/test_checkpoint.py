@@ -7,6 +7,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from minirlhf import checkpoint
 from minirlhf.checkpoint import load_model, save_model, weight_files
 from tiny import ragged_batch, save_tiny
 
@@ -105,6 +106,70 @@ def test_missing_weight_file(tmp_path):
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         load_model(tmp_path)
+
+
+def test_missing_shard(tmp_path):
+    save_tiny(tmp_path / "src", "llama3")
+    save_model(load_model(tmp_path / "src"), tmp_path / "out", max_shard_bytes=20_000)
+    os.remove(weight_files(tmp_path / "out")[1])
+    with pytest.raises(FileNotFoundError, match=r"index.json: lists shard\(s\) that do not exist.*model-00002"):
+        load_model(tmp_path / "out")
+
+
+@pytest.mark.parametrize("option,match", [
+    (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+    (dict(quantization_config={"quant_method": "gptq"}), "quantization_config"),
+])
+def test_unsupported_options(tmp_path, option, match):
+    save_tiny(tmp_path, "llama3")
+    config = json.load(open(tmp_path / "config.json"))
+    json.dump({**config, **option}, open(tmp_path / "config.json", "w"))
+    with pytest.raises(ValueError, match=match):
+        load_model(tmp_path)
+
+
+def test_qwen_sliding_window_is_refused(tmp_path):
+    save_tiny(tmp_path, "qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    with pytest.raises(ValueError, match="use_sliding_window=true"):
+        load_model(tmp_path)
+
+
+def test_unexpected_tensor(tmp_path):
+    """A q_proj bias under a config without attention_bias would be dropped silently and give another model."""
+    save_tiny(tmp_path, "llama3")
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="unexpected tensor model.layers.0.self_attn.q_proj.bias"):
+        load_model(tmp_path)
+
+
+def test_kill_between_the_two_renames_is_recovered(tmp_path):
+    """replace_dir renames the old folder away, then the new one in; a kill in between leaves only .NAME.old,
+    which recover_dir puts back, and the next replace_dir clears."""
+    save_tiny(tmp_path / "src", "llama3")
+    model = load_model(tmp_path / "src")
+    save_model(model, tmp_path / "out")
+    os.replace(tmp_path / "out", tmp_path / ".out.old")  # the state right after the first rename
+    checkpoint.recover_dir(tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["out", "src"]
+    assert torch.equal(load_model(tmp_path / "out").model.norm.weight, model.model.norm.weight)
+    os.makedirs(tmp_path / ".out.old")  # a stale leftover does not block the next save
+    save_model(model, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
+def test_publish_writes_config_last(tmp_path, monkeypatch):
+    """A publish killed halfway leaves no config.json, so the folder cannot load as a mix of two runs."""
+    save_tiny(tmp_path / "ckpt", "llama3")
+    (tmp_path / "out").mkdir()
+    checkpoint.publish(tmp_path / "ckpt", tmp_path / "out")
+    assert load_model(tmp_path / "out") is not None
+    order = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: order.append(os.path.basename(b)) or real_replace(a, b))
+    checkpoint.publish(tmp_path / "ckpt", tmp_path / "out")
+    assert order[-1] == "config.json" and "model.safetensors" in order[:-1]
 
 
 def test_missing_tensor(tmp_path):

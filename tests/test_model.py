@@ -27,7 +27,7 @@ def test_logits_match_transformers(tmp_path, family, padding_side):
     assert theirs[real].abs().max() > 0.1  # the comparison is not between two near-zero tensors
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_reward_model_matches_sequence_classification(tmp_path, family):
     hf_model = save_tiny(tmp_path, family, kind="reward")
     model = load_model(tmp_path, kind="reward").eval()
@@ -38,6 +38,21 @@ def test_reward_model_matches_sequence_classification(tmp_path, family):
             theirs = hf_model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
         assert ours.shape == (len(LENGTHS),) and ours.dtype == torch.float32
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_reward_read_where_transformers_reads_it_when_pad_is_eos(tmp_path):
+    """Hub reward models often set pad_token_id = eos_token_id; transformers then reads the score at the last
+    token that is not the pad id, i.e. before a final EOS, and so must we."""
+    hf_model = save_tiny(tmp_path, "llama3", kind="reward", pad_token_id=2)
+    model = load_model(tmp_path, kind="reward").eval()
+    ids, mask = ragged_batch(LENGTHS, "right", pad_id=2)
+    ends = mask.sum(1) - 1
+    ids[torch.arange(len(LENGTHS)), ends] = 2  # every sequence ends with EOS (= pad)
+    with torch.no_grad():
+        theirs = hf_model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+        torch.testing.assert_close(model(ids, mask), theirs, atol=1e-4, rtol=0)
+        at_eos = model.score(model.model(ids, mask)[torch.arange(len(LENGTHS)), ends]).squeeze(-1)
+    assert (at_eos - theirs).abs().max() > 1e-3  # reading at the EOS itself would differ
 
 
 def test_padding_does_not_change_real_positions(tmp_path):
@@ -68,12 +83,15 @@ def test_hidden_states_and_labels_paths_agree(tmp_path):
 def test_activation_checkpointing_gives_same_gradients(tmp_path):
     save_tiny(tmp_path, "llama3")
     ids, mask = ragged_batch(LENGTHS, "left")
-    grads = []
+    grads, calls = [], []
     for ckpt in (False, True):
         model = load_model(tmp_path).train()
         model.model.gradient_checkpointing = ckpt
+        calls.append(0)
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.__setitem__(-1, calls[-1] + 1))
         model(ids, mask).logsumexp(-1)[mask.bool()].sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert calls == [1, 2]  # with checkpointing the block's forward runs again inside backward
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)
 
 

@@ -179,7 +179,7 @@ def test_mkl_packed_weights_change_no_draw(llama):
     plain = generate(llama, prompts, 6, n=4, temperature=1.0, seed=2, pack_weights=False)
     assert used[6:] == [False] * 6
     assert packed.responses == plain.responses
-    torch.testing.assert_close(torch.tensor(packed.token_logps), torch.tensor(plain.token_logps), atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(packed.token_logps), torch.tensor(plain.token_logps), atol=1e-5, rtol=0)
     assert llama.output_packed is None and all(m.packed is None for m in llama.modules() if hasattr(m, "packed"))
     llama.model.layers[0].self_attn.q_proj._forward_pre_hooks.clear()
 

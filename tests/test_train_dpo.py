@@ -84,8 +84,9 @@ def test_dpo_starts_at_ln2_and_learns_a_rule(setup, tmp_path, tokenizer):
     result = run(d, out, "--train-data", d / "train.jsonl", "--eval-data", d / "eval.jsonl", "--batch-size", 8,
                  "--grad-accum", 1, "--epochs", 2, "--lr-schedule", "cosine")
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["step"] == 1 and abs(first["loss"] - math.log(2)) < 1e-6
-    assert abs(first["chosen_reward"]) < 1e-6 and abs(first["rejected_reward"]) < 1e-6 and abs(first["margin"]) < 1e-6
+    # 1e-5, not 0: the reference pass pads its batches differently, and MKL's sums depend on shapes and alignment
+    assert first["step"] == 1 and abs(first["loss"] - math.log(2)) < 1e-5
+    assert abs(first["chosen_reward"]) < 1e-5 and abs(first["rejected_reward"]) < 1e-5 and abs(first["margin"]) < 1e-5
     assert {"lr", "grad_norm", "tokens_per_sec", "accuracy"} <= first.keys()
     assert result["step"] == 14 and result["eval_accuracy"] >= 0.8 and result["eval_margin"] > 0
     assert json.loads((out / "eval.json").read_text())["eval_accuracy"] == result["eval_accuracy"]
@@ -111,7 +112,7 @@ def test_loss_variants_at_the_first_step(setup, tmp_path):
     ref = load_file(out / "ref_logps.safetensors")
     expected = 25 + 0.5 * (-ref["chosen_logps"] / ref["chosen_tokens"]).mean().item()
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert abs(first["loss"] - expected) < 1e-4 and abs(first["margin"]) < 1e-6
+    assert abs(first["loss"] - expected) < 1e-4 and abs(first["margin"]) < 1e-5
 
 
 def test_sft_lowers_heldout_nll(setup, tmp_path):
@@ -129,13 +130,24 @@ def test_sft_lowers_heldout_nll(setup, tmp_path):
     assert after["step"] == 14 and after["eval_nll"] < 0.8 * before["eval_nll"], (before, after)
 
 
+def first_metrics(out):
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+
 @pytest.mark.parametrize("data", ["eight.jsonl", "seven.jsonl"])
 def test_gradient_accumulation_equals_one_big_batch(setup, tmp_path, data):
-    """One step on 8 (or 7) pairs at once == 4 accumulated micro-batches of 2 (7 pairs: 2+2+2+1)."""
+    """One step on 8 (or 7) pairs at once == 4 accumulated micro-batches of 2 (7 pairs: 2+2+2+1): the same
+    loss and gradient norm (before clipping, so a wrongly scaled mean shows), and the same updated weights.
+    AdamW's eps is 1e-3 so that its update is a smooth function of the gradient: with 1e-8 a gradient entry
+    near 1e-8 makes g / (|g| + eps) swing with the last bits of the summation order."""
     d = setup
     for name, batch, accum in [("big", 8, 1), ("accum", 2, 4)]:
         run(d, tmp_path / name, "--train-data", d / data, "--batch-size", batch, "--grad-accum", accum,
-            "--max-steps", 1, "--max-grad-norm", 0.5, "--weight-decay", 0.1)
+            "--max-steps", 1, "--max-grad-norm", 0.5, "--weight-decay", 0.1, "--adam-eps", 1e-3)
+    big, accum = first_metrics(tmp_path / "big"), first_metrics(tmp_path / "accum")
+    assert big["grad_norm"] > 0.5  # clipping was active
+    for key in "loss", "grad_norm":
+        assert big[key] == pytest.approx(accum[key], rel=1e-5), key
     assert_same_weights(tmp_path / "big", tmp_path / "accum", atol=1e-6)
     assert_same_weights(tmp_path / "big", d / "model", atol=2e-3)  # one step with lr 1e-3 moved every weight
     with pytest.raises(AssertionError):
@@ -148,7 +160,7 @@ def test_resume_after_kill_equals_uninterrupted_run(setup, tmp_path, monkeypatch
     log-probs are read from disk, not recomputed."""
     d = setup
     args = ["--train-data", d / "train.jsonl", "--batch-size", 4, "--grad-accum", 2, "--epochs", 2,
-            "--warmup-ratio", 0.2, "--save-steps", 2]
+            "--warmup-ratio", 0.2, "--save-steps", 2, "--adam-eps", 1e-3]  # eps: see the accumulation test
     full = run(d, tmp_path / "full", *args)
     monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", "3")
     with pytest.raises(RuntimeError, match="simulated kill"):
@@ -190,7 +202,7 @@ def test_two_fsdp_processes_equal_one(setup, tmp_path):
     d = setup
     common = ["--model", d / "model", "--train-data", d / "thirteen.jsonl", "--eval-fraction", 0.25, "--lr", "1e-3",
               "--epochs", 3, "--grad-accum", 2, "--warmup-ratio", 0.2, "--max-length", 64, "--max-prompt-length", 32,
-              "--save-steps", 2]
+              "--save-steps", 2, "--adam-eps", 1e-3]
     common = list(map(str, common))
     one = train_dpo.main(common + ["--batch-size", "4", "--output-dir", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -212,3 +224,6 @@ def test_two_fsdp_processes_equal_one(setup, tmp_path):
     assert abs(one["eval_accuracy"] - two["eval_accuracy"]) < 1e-6
     assert abs(one["eval_margin"] - two["eval_margin"]) < 1e-4
     assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-4)
+    grad_norms = [[json.loads(line)["grad_norm"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                  for name in ("one", "two")]
+    assert grad_norms[0] == pytest.approx(grad_norms[1], rel=1e-4)  # FSDP's mean over ranks undone exactly

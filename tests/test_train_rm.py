@@ -125,15 +125,27 @@ def test_margins_follow_their_rows_when_bad_rows_are_skipped(tmp_path, tokenizer
     assert len(examples["pairwise"]) == 3
     assert [(pair.row, margin) for pair, margin in examples["bt"]] == [(0, 0.0), (1, 1.0), (3, 3.0)]
 
-def test_flags_documented_and_errors(setup):
-    parser = train_rm.build_parser()
+@pytest.mark.parametrize("script", ["train_rm", "train_dpo", "iterate"])
+def test_every_flag_documented_unknown_and_abbreviated_flags_rejected(script):
+    parser = __import__(script).build_parser()
     assert all(a.help for a in parser._actions)
-    with pytest.raises(SystemExit):
-        parser.parse_args(flags(setup, "bt", "x", "--no-such-flag"))
-    write_jsonl(setup / "bad.jsonl", [dict(prompt="hi", chosen="a b", rejected="c d"), dict(prompt="hi", chosen="a b")])
+    valid = [] if script == "iterate" else ["--model", "m", "--train-data", "d"]
+    assert parser.parse_args(valid + ["--output-dir", "o"]).output_dir == "o"
+    for bad in (["--no-such-flag"], ["--output-d", "o"]):  # "--output-d": a prefix of --output-dir
+        with pytest.raises(SystemExit):
+            parser.parse_args(valid + ["--output-dir", "o"] + bad)
+
+
+def test_bad_rows_name_row_and_field_and_are_counted_per_reason(setup, capsys):
+    rows = [dict(prompt="hi", chosen="a b", rejected="c d"), dict(prompt="hi", chosen="a b"),
+            dict(prompt="hi", chosen="c d", rejected="c d"), dict(prompt="", chosen="a", rejected="b")]
+    write_jsonl(setup / "bad.jsonl", rows)
     for kind in ("bt", "pairwise"):
         with pytest.raises(ValueError, match=r"bad.jsonl: row 1: field 'rejected'"):
             train_rm.main(flags(setup, kind, "x", "--train-data", str(setup / "bad.jsonl")))
+        train_rm.main(flags(setup, kind, kind, "--train-data", str(setup / "bad.jsonl"), "--skip-bad-rows",
+                            "--batch-size", "1", "--max-steps", "1"))
+        assert "skipped 3 bad rows of 4: {'missing': 1, 'identical': 1, 'empty': 1}" in capsys.readouterr().out
 
 
 def free_port():
