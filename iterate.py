@@ -22,7 +22,7 @@ finished stages, and `--resume` also continues an interrupted DPO stage from its
 
 Unlike the paper: with `--sft-model` the defaults are its recipe (PAPER below), but generation uses our own
 KV-cache sampler instead of vLLM and DPO runs under FSDP2 instead of DeepSpeed; the built-in task scales the
-recipe down to a 100k-parameter model (BUILTIN below) and adds RPO's NLL term on the chosen response.
+recipe down to a 126k-parameter model (BUILTIN below) and adds RPO's NLL term on the chosen response.
 """
 import argparse
 import os
@@ -44,7 +44,7 @@ from minirlhf.sampler import generate
 from minirlhf.tokenizer import decode_response, encode_prompt, load_tokenizer
 
 # The paper's recipe for real models (Sec. 5): 3 iterations, 8 samples, 2 epochs, beta 0.1, lr 5e-7 cosine with
-# 3% warmup. The built-in task keeps the structure and scales what a 100k-parameter model needs.
+# 3% warmup. The built-in task keeps the structure and scales what a 126k-parameter model needs.
 PAPER = dict(lr=5e-7, max_new_tokens=2048, max_length=4096, batch_size=1, grad_accum=32, prompts_per_iteration=None,
              nll_coef=0.0)
 # The built-in task adds RPO's NLL term on the chosen response (Pang et al. 2024; the Llama 3.1 report): without

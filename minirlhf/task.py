@@ -14,7 +14,7 @@ The task: the user names a few distinct letters, the assistant must say each of 
   (68% from 1000 pairs, 79% from 2000; the labels themselves agree with the gold order 95% of the time).
 - Demonstrations (SFT data) are the sorted letters as careless writers produce them: each letter replaced by a
   random one with probability DEMO_NOISE, the length off by one with probability LENGTH_NOISE. Sorting gives
-  the policy one deterministic target per position, which a ~100k-parameter transformer learns in a few hundred
+  the policy one deterministic target per position, which a 126k-parameter transformer learns in a few hundred
   CPU steps; it learns the noise too, so SFT samples reach only ~50% of BEST_GOLD_REWARD at temperature 1 while
   the best of 8 samples reaches ~90%: the gap preference learning should close.
 - Annotators follow the Bradley-Terry preference model that Dong et al. 2024 assume for human labels:
@@ -61,7 +61,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def policy_config(tokenizer) -> dict:
-    """A ~110k-parameter 2-layer Llama config dict (the keys of `LlamaConfig(...).to_dict()`) for `tokenizer`."""
+    """A 126k-parameter 2-layer Llama config dict (the keys of `LlamaConfig(...).to_dict()`) for `tokenizer`."""
     return dict(
         model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=len(tokenizer), hidden_size=64,
         intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
