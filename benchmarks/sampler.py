@@ -6,7 +6,7 @@ same ragged, left-padded prompts; tokens/s counts generated tokens (prefill time
 interleaved runs. With --n 4 both draw 4 samples per prompt at temperature 1 (our prefill is shared,
 transformers' is repeated). On CPU, "ours unpacked" is our sampler with plain sgemm (pack_weights=False).
 
-    python benchmarks/sampler.py                     # CPU, a ~60M-parameter Llama shape
+    python benchmarks/sampler.py                     # CPU, a 55M-parameter Llama shape
     python benchmarks/sampler.py --device cuda       # Llama-3.2-1B and Llama-3-8B shapes in bf16, eager and
                                                      # compiled decode, plus the memory-bandwidth fraction at batch 1
 
