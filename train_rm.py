@@ -125,10 +125,7 @@ def load_examples(args, tokenizer, path, split):
             skipped[bad.args[0]] += 1
             continue
         examples.append(example)
-    if skipped:
-        dist.print0(f"{path}: skipped {sum(skipped.values())} bad rows of {len(rows)}: {dict(skipped)}")
-    if not examples:
-        raise data.DataError(f"{path}: no usable rows")
+    data.report_skipped(path, skipped, len(rows), len(examples))
     return examples
 
 

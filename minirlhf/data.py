@@ -128,7 +128,7 @@ def _tokenize_rows(rows, tokenizer, prompt_column, response_columns, max_length,
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
     check_chat_template(tokenizer, chat_template)  # a tokenizer problem, not a row problem: fail before row 0
-    out, skipped = [], Counter()
+    out, skipped, i = [], Counter(), -1  # i: the last row index (-1: no rows at all)
     for i, row in enumerate(rows):
         try:
             prompt, responses = split_row(row, prompt_column, response_columns)
@@ -156,11 +156,16 @@ def _tokenize_rows(rows, tokenizer, prompt_column, response_columns, max_length,
             skipped[bad.args[0]] += 1
             continue
         out.append((i, prompt_ids, responses))
-    if skipped:
-        print0(f"{source}: skipped {sum(skipped.values())} bad rows of {i + 1}: {dict(skipped)}")
-    if not out:
-        raise DataError(f"{source}: no usable rows")
+    report_skipped(source, skipped, i + 1, len(out))
     return out, dict(skipped)
+
+
+def report_skipped(source, skipped, n_rows, n_kept):
+    """Print the skipped rows per reason (rank 0); no usable row at all is an error."""
+    if skipped:
+        print0(f"{source}: skipped {sum(skipped.values())} bad rows of {n_rows}: {dict(skipped)}")
+    if not n_kept:
+        raise DataError(f"{source}: no usable rows")
 
 
 def tokenize_preferences(rows, tokenizer, prompt_column="prompt", chosen_column="chosen", rejected_column="rejected",
