@@ -3,7 +3,8 @@
 A random-init `transformers` Llama is saved with `save_pretrained` and loaded back with `load_model`, so both
 generators run identical weights. Both decode greedily for exactly --new-tokens tokens (no stop id) from the
 same ragged, left-padded prompts; tokens/s counts generated tokens (prefill time included), best of --repeats
-interleaved runs. With --n 4 both draw 4 samples per prompt at temperature 1 (our prefill is shared,
+interleaved rounds. The ratio against transformers is the median over rounds of the two times in the same
+round (a shared machine's slow and fast spells last longer than a round). With --n 4 both draw 4 samples per prompt at temperature 1 (our prefill is shared,
 transformers' is repeated). On CPU, "ours unpacked" is our sampler with plain sgemm (pack_weights=False).
 
     python benchmarks/sampler.py                     # CPU, a 55M-parameter Llama shape
@@ -15,6 +16,7 @@ Bandwidth fraction at batch 1 = bytes of weights read per token x tokens/s / --b
 """
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -46,7 +48,7 @@ parser.add_argument("--n", type=int, default=1, help="samples per prompt; n > 1 
                     "(transformers: num_return_sequences, which prefills each prompt n times)")
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 parser.add_argument("--no-compile", action="store_true", help="CUDA: skip the compiled decode step")
-parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant, interleaved; the best counts")
+parser.add_argument("--repeats", type=int, default=7, help="timed rounds, each runs every variant once")
 parser.add_argument("--bandwidth", type=float, default=3.35e12, help="HBM bandwidth in bytes/s (H100 SXM)")
 args = parser.parse_args()
 
@@ -63,13 +65,12 @@ def sync():
 
 
 def timed(fn):
-    """-> (wall seconds, CPU seconds of this process). On a shared CPU machine with one thread the CPU time is
-    the steadier measure: it does not count the time other processes held the core."""
+    """-> wall seconds of fn()."""
     sync()
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
     fn()
     sync()
-    return time.perf_counter() - t0, time.process_time() - c0
+    return time.perf_counter() - t0
 
 
 def hf_generate(hf_model, prompts, new_tokens):
@@ -123,14 +124,20 @@ for name in models:
             hf_generate(hf_model, prompts, 4)  # warm-up
             for kw in variants.values():  # warm-up (and compile: a full-length run, so every shape is seen)
                 our_generate(model, prompts, args.new_tokens if kw.get("compile") else 4, **kw)
-            best = {label: (float("inf"), float("inf")) for label in runs}
+            walls = {label: [] for label in runs}
             for _ in range(args.repeats):  # interleaved, so a slow spell of a shared machine hits every variant
                 for label, fn in runs.items():
-                    best[label] = min(best[label], timed(fn))
-        hf_wall, hf_cpu = best.pop("transformers")
-        line = f"  batch {B:3d}: transformers {tokens / hf_wall:8.1f} tok/s"
-        for label, (wall, cpu) in best.items():
-            line += f" | {label} {tokens / wall:8.1f} tok/s ({hf_wall / wall:.2f}x)"
+                    walls[label].append(timed(fn))
+        if os.environ.get("SAMPLER_BENCH_RAW"):
+            print({k: [round(x, 3) for x in v] for k, v in walls.items()})
+        hf_walls = walls.pop("transformers")
+        line = f"  batch {B:3d}: transformers {tokens / min(hf_walls):8.1f} tok/s"
+        for label, ours in walls.items():
+            # the ratio is the median over rounds of transformers' time / ours in the same round: a shared
+            # machine's slow and fast spells last longer than a round, so pairing cancels them
+            ratio = statistics.median(hf / our for hf, our in zip(hf_walls, ours))
+            line += f" | {label} {tokens / min(ours):8.1f} tok/s ({ratio:.2f}x)"
+            wall = min(ours)
             if B == 1 and device.type == "cuda":
                 line += f" [{read_bytes * tokens / wall / args.bandwidth:.0%} of bandwidth]"
         print(line, flush=True)

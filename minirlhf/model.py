@@ -107,20 +107,49 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
 
 
 def apply_rope(x, cos, sin):
-    """x (B, H, T, hd); cos, sin (B, 1, T, hd). The rotate-half convention of the Hugging Face checkpoints."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """x (B, H, T, hd); cos, sin (B, 1, T, hd), sin with its first half negated (`Backbone.forward`).
+
+    The rotate-half convention of the Hugging Face checkpoints, x * cos + cat(-x2, x1) * sin, with the sign
+    moved into sin: cat(-x2, x1) * sin == roll(x, hd/2) * cat(-sin1, sin2), bit for bit, one op fewer."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+@dataclass
+class PackedWeight:
+    """MKL's pre-packed copy of a linear weight, or of several stacked along the output (`mkl_pack`)."""
+    data: torch.Tensor  # opaque buffer in MKL's blocked layout
+    shape: torch.Tensor  # (N, K) zero-stride stand-in: _mkl_linear reads only the shape of the original weight
+    bias: torch.Tensor | None
+    out_features: list[int]  # per stacked layer, to split the product back
+
+
+def mkl_pack(weights, biases=None) -> PackedWeight:
+    """Weights (N_i, K) of linears that share an input, and their biases (or None) -> stacked (N, K), packed."""
+    weight = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
+    bias = None if biases is None or biases[0] is None else torch.cat([b.detach() for b in biases])
+    data = torch.ops.mkl._mkl_reorder_linear_weight(weight, 16)  # the layout does not depend on the rows
+    return PackedWeight(data, weight.new_zeros(()).expand(weight.shape), bias, [w.shape[0] for w in weights])
+
+
+PACKED_MAX_ROWS = 32  # measured in decode steps: faster up to 32 rows, slower from 64
 
 
 def linear(x, weight, bias=None, packed=None):
-    """F.linear(x, weight, bias); with `packed`, MKL's pre-packed copy of `weight`, the same product computed
-    by MKL's packed sgemm. Plain sgemm re-packs the weight into its blocked layout on every call, which costs
-    as much as the multiply itself when x has a few tens of rows, as in a decode step (`sampler.mkl_packed`).
-    From about 64 rows on, plain sgemm is as fast again and streams the smaller (unpadded) weight."""
+    """F.linear(x, weight, bias); with `packed` (see `sampler.mkl_packed`), the same product by MKL's packed
+    sgemm. Plain sgemm re-packs the weight into its blocked layout on every call, which costs as much as the
+    multiply itself when x has a few tens of rows, as in a decode step."""
     rows = x.numel() // x.shape[-1]
-    if packed is None or rows > 32:
+    if packed is None or rows > PACKED_MAX_ROWS:
         return F.linear(x, weight, bias)
-    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
+    return torch.ops.mkl._mkl_linear(x, packed.data, packed.shape, packed.bias, rows)
+
+
+def linears(x, layers, packed=None):
+    """[layer(x) for layer in layers] for layers that share their input (q/k/v, gate/up); with `packed`, their
+    stacked weights in one packed matmul, split back. In a decode step one call for all costs less than three."""
+    if packed is None or x.numel() // x.shape[-1] > PACKED_MAX_ROWS:
+        return [layer(x) for layer in layers]
+    return linear(x, None, packed=packed).split(packed.out_features, dim=-1)
 
 
 class Linear(nn.Linear):
@@ -138,13 +167,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # normalise in fp32 whatever the activation dtype, as the reference implementations do
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) in fp32 whatever the activation dtype, cast back, then scaled: the
+        # reference implementations' order of operations, in one fused op
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
+    qkv_packed = None  # q/k/v weights stacked and MKL-packed, set by the sampler on CPU (see `linears`)
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
@@ -160,9 +190,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, kv_cache):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, -1, hd)
-        k = self.k_proj(x).view(B, T, -1, hd)
-        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+        q, k, v = linears(x, (self.q_proj, self.k_proj, self.v_proj), self.qkv_packed)
+        q, k, v = q.view(B, T, -1, hd), k.view(B, T, -1, hd), v.view(B, T, -1, hd).transpose(1, 2)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, hd)
@@ -177,6 +206,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    gate_up_packed = None  # gate/up weights stacked and MKL-packed, set by the sampler on CPU
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         D, F_, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
@@ -185,7 +216,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(F_, D, bias=b)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linears(x, (self.gate_proj, self.up_proj), self.gate_up_packed)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -245,10 +277,10 @@ class Backbone(nn.Module):
             no_padding = kv_cache is None and self.cfg.sliding_window is None and bool(attention_mask.all())
             mask = None if no_padding else build_attention_mask(attention_mask, T, self.cfg.sliding_window)
         inv_freq = rope_inv_freq(self.cfg, input_ids.device)
-        freqs = position_ids[:, :, None].float() * inv_freq  # (B, T, hd/2), fp32 like the reference
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        freqs = position_ids[:, None, :, None].float() * inv_freq  # (B, 1, T, hd/2), fp32 like the reference
         x = self.embed_tokens(input_ids)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1).to(x.dtype)  # (B, 1, T, hd)
+        sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(x.dtype)  # sign of rotate-half: see apply_rope
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 # recompute each block's activations in backward: memory O(layers) instead of O(layers x acts)
@@ -260,7 +292,7 @@ class Backbone(nn.Module):
 
 class CausalLM(nn.Module):
     """The policy: backbone + LM head (`lm_head`, or the input embedding when tied)."""
-    output_packed = None  # MKL-packed output weight, set by the sampler on CPU (see `linear`)
+    output_packed = None  # MKL-packed output weight (a PackedWeight), set by the sampler on CPU (see `linear`)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -16,7 +16,9 @@ would alone. A decode query sees every valid written column, so `valid[:, None, 
 attention mask itself (a view, nothing built per step); Mistral's sliding window adds one comparison.
 
 Shared prefill. The B prompts of a batch run through the model once; the cache has B * n rows and the prefill
-writes prompt b's keys into rows b*n ... b*n + n-1 (a broadcast copy), then n samples per prompt decode.
+writes prompt b's keys into rows b*n ... b*n + n-1 (a broadcast copy), then n samples per prompt decode. The
+prefill runs in chunks of consecutive prompts (longest first), each padded only to its own longest prompt and
+written at the columns that end at P (`prefill_chunks`): a ragged batch's prefill skips most of its padding.
 
 Finished rows. A row is done after its first stop id; the loop ends when every row is done, and when at
 least half of the rows are done the batch is compacted (finished rows dropped from the cache and buffers).
@@ -52,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minirlhf.model import Linear
+from minirlhf.model import mkl_pack
 
 
 @dataclass
@@ -71,6 +73,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.pos = 0  # eager: columns [0, pos) are written; the caller advances it after each forward
         self.input_pos = None  # compiled decode: a (1,) tensor with the column to write
+        self.prefill = None  # (first row, n) during a prefill: the prompts' keys fill n rows each from there
 
     def update(self, layer_idx, k, v):
         """k, v (b, Hkv, T, hd) of the current tokens -> all keys and values (B, Hkv, S, hd) to attend to."""
@@ -79,10 +82,12 @@ class KVCache:
             k_all.index_copy_(2, self.input_pos, k)
             v_all.index_copy_(2, self.input_pos, v)
             return k_all, v_all
-        b, T, end = k.shape[0], k.shape[2], self.pos + k.shape[2]
-        if b != k_all.shape[0]:  # shared prefill of b prompts (pos == 0): prompt i fills rows i*n ... i*n+n-1
-            k_all.view(b, -1, *k_all.shape[1:])[:, :, :, :T] = k[:, None]
-            v_all.view(b, -1, *v_all.shape[1:])[:, :, :, :T] = v[:, None]
+        b, end = k.shape[0], self.pos + k.shape[2]
+        if self.prefill is not None:  # b prompts: prompt i fills rows first + i*n ... first + i*n + n-1
+            first, n = self.prefill
+            rows = slice(first, first + b * n)
+            k_all[rows, :, self.pos:end].unflatten(0, (b, n)).copy_(k[:, None])
+            v_all[rows, :, self.pos:end].unflatten(0, (b, n)).copy_(v[:, None])
             return k, v
         k_all[:, :, self.pos:end] = k
         v_all[:, :, self.pos:end] = v
@@ -116,10 +121,10 @@ def sampling_logits(logits, temperature=1.0, top_k=None, top_p=None):
 
 def sample(logits, generator, temperature=1.0, top_k=None, top_p=None):
     """(R, V) logits -> tokens (R,) and their fp32 log-probs (R,) under the sampling distribution."""
-    if temperature == 0:  # greedy (argmax of the logits, as transformers takes it); log-probs of the policy itself
+    if temperature == 0:  # greedy (the first maximum of the logits, as transformers' argmax); the policy's log-probs
         logits = logits.float()
-        tokens = logits.argmax(-1)
-        return tokens, logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
+        top, tokens = logits.max(-1)
+        return tokens, top - logits.logsumexp(-1)
     probs = sampling_logits(logits, temperature, top_k, top_p).softmax(-1)
     tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1).log()  # a drawn token's p is far from 0
@@ -147,27 +152,33 @@ def mkl_packed(model, enabled=True):
     """While generating on CPU in fp32 with MKL: every weight pre-packed once, for MKL's packed sgemm.
 
     A decode step multiplies a few rows by every weight; plain sgemm re-packs each weight into its blocked
-    layout on every call, which at 8 to 32 rows makes the matmuls 1.5-2.7x slower than with weights packed
-    once (`model.linear` uses the packed copy up to 32 rows). Packing takes about as long as a few decode
-    steps and does not pay at 1 row, so `generate` packs for batches of 8 rows or more (larger batches use it
-    once compaction brings them down). The copies cost about 1.4x the weights' memory until the call returns.
+    layout on every call, which at 8 to 32 rows makes a decode step 1.25-1.5x slower than with weights packed
+    once (`model.linear` uses the packed copy up to 32 rows; at 64 it is 5% slower). Weights that share an input are stacked into one
+    packed matrix (q/k/v, gate/up): 4 matmuls per layer instead of 7. Packing takes about as long as a few
+    decode steps and does not pay at 1 row, so `generate` packs for batches of 8 rows or more (larger batches
+    use it once compaction brings them down). The copies cost about 1.4x the weights' memory until the call
+    returns.
     """
     weight = model.output_weight()
     if not (enabled and weight.device.type == "cpu" and weight.dtype == torch.float32
             and torch.backends.mkl.is_available()):
         yield
         return
-    layers = [m for m in model.modules() if isinstance(m, Linear)]
-    def pack(w):
-        return torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), 16)  # layout does not depend on the rows
+    def pack(*layers):
+        return mkl_pack([layer.weight for layer in layers], [layer.bias for layer in layers])
     try:
-        for layer in layers:
-            layer.packed = pack(layer.weight)
-        model.output_packed = pack(weight)
+        for block in model.model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            attn.qkv_packed = pack(attn.q_proj, attn.k_proj, attn.v_proj)
+            attn.o_proj.packed = pack(attn.o_proj)
+            mlp.gate_up_packed = pack(mlp.gate_proj, mlp.up_proj)
+            mlp.down_proj.packed = pack(mlp.down_proj)
+        model.output_packed = mkl_pack([weight])
         yield
     finally:
-        for layer in layers:
-            layer.packed = None
+        for block in model.model.layers:
+            block.self_attn.qkv_packed = block.mlp.gate_up_packed = None
+            block.self_attn.o_proj.packed = block.mlp.down_proj.packed = None
         model.output_packed = None
 
 
@@ -181,7 +192,7 @@ def compiled_decode_step(device):
     return _compiled_decode_step[mode]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompts, max_new_tokens, n=1, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
              seed=0, generator=None, batch_size=64, compile=False, pack_weights=True) -> Generation:
     """Draw n responses for each prompt (a list of token ids) from `model`, an unsharded `CausalLM` in eval mode.
@@ -225,6 +236,18 @@ def generate(model, prompts, max_new_tokens, n=1, temperature=1.0, top_k=None, t
     return Generation(responses, token_logps, finish_reasons)
 
 
+def prefill_chunks(lengths, max_padding=0.125) -> list[slice]:
+    """Prompt lengths of a batch (longest first) -> slices of consecutive prompts, each chunk as long as its
+    padding (to its own longest prompt) stays within `max_padding` of its tokens, and at least one prompt."""
+    chunks, start = [], 0
+    for end in range(2, len(lengths) + 1):
+        padded = (end - start) * max(lengths[start:end])
+        if padded - sum(lengths[start:end]) > max_padding * padded:
+            chunks.append(slice(start, end - 1))
+            start = end - 1
+    return chunks + [slice(start, len(lengths))]
+
+
 def generate_batch(model, prompts, max_new_tokens, n, temperature, top_k, top_p, stop_ids, generator, decode,
                    cache=None):
     """One batch of prompts -> flat lists (B * n rows, prompt-major) of responses, token_logps, finish_reasons.
@@ -240,11 +263,17 @@ def generate_batch(model, prompts, max_new_tokens, n, temperature, top_k, top_p,
 
     static = cache is not None
     if static:
-        cache.pos, cache.input_pos = 0, None  # the prefill takes the eager path; stale columns stay masked
+        cache.input_pos = None  # the prefill takes the eager path; stale columns stay masked
     else:
         cache = KVCache(model.config, R, P + max_new_tokens, model.output_weight().dtype, device)
-    h = model(input_ids, prompt_mask, kv_cache=cache, return_hidden=True)[:, -1]  # (B, D): one prefill per prompt
-    logits = model.logits(h).repeat_interleave(n, 0)  # (R, V)
+    lengths = [len(prompt) for prompt in prompts]
+    h = []  # one prefill per prompt: chunk c's prompts are padded to their own longest, Pc, at columns [P-Pc, P)
+    for chunk in prefill_chunks(lengths):
+        Pc = max(lengths[chunk])
+        cache.pos, cache.prefill = P - Pc, (chunk.start * n, n)
+        h.append(model(input_ids[chunk, P - Pc:], prompt_mask[chunk, P - Pc:], kv_cache=cache, return_hidden=True)[:, -1])
+    cache.prefill = None
+    logits = model.logits(torch.cat(h)).repeat_interleave(n, 0)  # (R, V)
     cache.pos = P
     valid = torch.zeros(R, cache.k[0].shape[2], dtype=torch.bool, device=device)  # (R, L)
     valid[:, :P] = prompt_mask.bool().repeat_interleave(n, 0)

@@ -28,9 +28,9 @@ def pick_stop_ids(responses):
 
 
 def record_packing(model):
-    """-> list that gets, at every forward of the first layer's q_proj, whether it ran on MKL-packed weights."""
+    """-> list that gets, at every forward of the first layer's attention, whether it ran on MKL-packed weights."""
     used = []
-    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, _: used.append(m.packed is not None))
+    model.model.layers[0].self_attn.register_forward_pre_hook(lambda m, _: used.append(m.qkv_packed is not None))
     return used
 
 
@@ -169,19 +169,27 @@ def test_seed_reproducible(llama):
 
 
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL-packed weights need MKL")
-def test_mkl_packed_weights_change_no_draw(llama):
-    """12 rows per batch: the prefill and every decode step run on packed weights, the draws and log-probs are
-    those of plain sgemm, and the packed copies are gone when generate returns."""
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])  # qwen2: q/k/v biases, stacked with the weights
+def test_mkl_packed_weights_change_no_draw(tmp_path, family):
+    """12 rows per batch: the prefill and every decode step run on packed weights (q/k/v and gate/up stacked),
+    the draws and log-probs are those of plain sgemm, and the packed copies are gone when generate returns."""
+    save_tiny(tmp_path, family)
+    llama = load_model(tmp_path).eval()
+    with torch.no_grad():  # transformers initialises biases to zero: make them count
+        for name, p in llama.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(len(name)))
     prompts = random_prompts([5, 2, 8], seed=9)
     used = record_packing(llama)
     packed = generate(llama, prompts, 6, n=4, temperature=1.0, seed=2)
-    assert used == [True] * 6
+    assert used == [True] * 8  # prefill chunks of lengths 8, 5 and 2 (too ragged to share), 5 decode steps
     plain = generate(llama, prompts, 6, n=4, temperature=1.0, seed=2, pack_weights=False)
-    assert used[6:] == [False] * 6
+    assert used[8:] == [False] * 8
     assert packed.responses == plain.responses
     torch.testing.assert_close(torch.tensor(packed.token_logps), torch.tensor(plain.token_logps), atol=1e-5, rtol=0)
-    assert llama.output_packed is None and all(m.packed is None for m in llama.modules() if hasattr(m, "packed"))
-    llama.model.layers[0].self_attn.q_proj._forward_pre_hooks.clear()
+    leftover = [name for name, m in llama.named_modules() for attr in ("packed", "qkv_packed", "gate_up_packed")
+                if getattr(m, attr, None) is not None]
+    assert llama.output_packed is None and leftover == []
 
 
 def test_one_prefill_per_prompt(llama):
@@ -193,7 +201,8 @@ def test_one_prefill_per_prompt(llama):
         gen = generate(llama, prompts, max_new, n=n, temperature=1.0)
     finally:
         del llama.forward
-    assert shapes == [(3, 6)] + [(3 * n, 1)] * (max_new - 1)  # one prompt pass, then one token per row per step
+    # one pass per prompt (longest first, in chunks each padded to its longest), then one token per row per step
+    assert shapes == [(1, 6), (2, 4)] + [(3 * n, 1)] * (max_new - 1)
     assert [len(r) for r in gen.responses] == [n] * 3 and all(len(y) == max_new for r in gen.responses for y in r)
 
 
