@@ -161,6 +161,14 @@ def test_top_k_top_p_never_emit_masked_tokens(llama):
         assert {r[0] for r in gen.responses[0]} == allowed
 
 
+def test_inverse_cdf_skips_zero_mass_tokens_at_the_extremes():
+    """u = 0 and u = 1 (what u * total can round to) land on the first and last tokens with mass, never on the
+    zero-probability tokens around them; inside, each token owns its CDF step."""
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]]).expand(5, 5)
+    u = torch.tensor([[0.0], [0.2499], [0.25], [0.9999], [1.0]], dtype=torch.float64)
+    assert sampler.inverse_cdf(probs, u).tolist() == [1, 1, 3, 3, 3]
+
+
 def test_seed_reproducible(llama):
     prompts = random_prompts([4, 6], seed=4)
     run = lambda **k: generate(llama, prompts, 8, n=3, temperature=1.0, **k).responses
