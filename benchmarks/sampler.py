@@ -49,6 +49,7 @@ parser.add_argument("--n", type=int, default=1, help="samples per prompt; n > 1 
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 parser.add_argument("--no-compile", action="store_true", help="CUDA: skip the compiled decode step")
 parser.add_argument("--repeats", type=int, default=7, help="timed rounds, each runs every variant once")
+parser.add_argument("--print-rounds", action="store_true", help="also print every round's seconds per variant")
 parser.add_argument("--bandwidth", type=float, default=3.35e12, help="HBM bandwidth in bytes/s (H100 SXM)")
 args = parser.parse_args()
 
@@ -128,7 +129,7 @@ for name in models:
             for _ in range(args.repeats):  # interleaved, so a slow spell of a shared machine hits every variant
                 for label, fn in runs.items():
                     walls[label].append(timed(fn))
-        if os.environ.get("SAMPLER_BENCH_RAW"):
+        if args.print_rounds:
             print({k: [round(x, 3) for x in v] for k, v in walls.items()})
         hf_walls = walls.pop("transformers")
         line = f"  batch {B:3d}: transformers {tokens / min(hf_walls):8.1f} tok/s"

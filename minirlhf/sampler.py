@@ -26,7 +26,8 @@ Many prompts are processed `batch_size` sequences (rows) at a time, longest prom
 and an out-of-memory shows up in the first batch); results come back in the caller's order.
 
 MKL-packed weights (CPU, fp32, default): a decode step of a few rows re-packs every weight inside plain
-sgemm; `mkl_packed` packs each weight once per call instead (see its docstring and benchmarks/RESULTS.md).
+sgemm; `mkl_packed` packs each weight once per call instead, q/k/v and gate/up stacked into one matrix each
+(see its docstring and benchmarks/RESULTS.md).
 
 Compiled decode (opt-in, `compile=True`, meant for CUDA): gpt-fast's idea. Shapes are static: one cache
 (batch_size rows, L = longest prompt of the call + max_new_tokens) is allocated per call and reused by every
@@ -36,7 +37,8 @@ so one compiled graph (CUDA graphs, mode="reduce-overhead") serves every step of
 on this path: it would change the shapes.
 
 Sampling distribution: logits / temperature, then top-k, then top-p (the order of `transformers`' warpers),
-renormalised. `token_logps` are log-probs under that distribution: log_softmax(sampling_logits(...)) at the
+renormalised, drawn by inverting its CDF with one uniform per row (`inverse_cdf`). `token_logps` are
+log-probs under that distribution: log_softmax(sampling_logits(...)) at the
 drawn token; at temperature 1 with no top-k/top-p they are the policy's own log p(y_t | x, y_<t).
 Temperature 0 is greedy; its token_logps are the policy's log-probs at temperature 1.
 

