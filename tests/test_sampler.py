@@ -161,6 +161,24 @@ def test_top_k_top_p_never_emit_masked_tokens(llama):
         assert {r[0] for r in gen.responses[0]} == allowed
 
 
+def test_prefill_chunks_cover_the_batch_within_the_padding_bound():
+    """Consecutive chunks cover every prompt once; each has padding <= 1/8 of its tokens or is one prompt, and
+    taking in the next prompt would break the bound (chunks are as long as the bound allows)."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        lengths = sorted(torch.randint(1, 80, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist(),
+                         reverse=True)
+        chunks = sampler.prefill_chunks(lengths)
+        assert [i for c in chunks for i in range(c.start, c.stop)] == list(range(len(lengths)))
+        waste = lambda ls: len(ls) * max(ls) - sum(ls)
+        for c, nxt in zip(chunks, chunks[1:] + [None]):
+            part = lengths[c]
+            assert len(part) == 1 or waste(part) <= len(part) * max(part) / 8
+            if nxt is not None:
+                grown = lengths[c.start:c.stop + 1]
+                assert waste(grown) > len(grown) * max(grown) / 8
+
+
 def test_inverse_cdf_skips_zero_mass_tokens_at_the_extremes():
     """u = 0 and u = 1 (what u * total can round to) land on the first and last tokens with mass, never on the
     zero-probability tokens around them; inside, each token owns its CDF step."""
