@@ -10,21 +10,32 @@ folders and `datasets` files, so each step is the same code a user runs on its o
     torchrun --nproc_per_node=8 iterate.py --sft-model SFT --reward RM --prompts prompts.jsonl \
         --output-dir runs/online --max-new-tokens 1024 --max-length 2048 --batch-size 1 --grad-accum 16
 
+Online labels (`--oracle`, `--labels-per-iteration K`; minirlhf/oracle.py): the preference oracle itself is
+queried on the current policy's samples, as Algorithm 1 and Xiong et al. 2024 define online RLHF. Each
+iteration, K prompts get one pair labelled (which two of the n responses: `--label-pair`), the labels join the
+label set, the Bradley-Terry reward model is refit on all of them (warm-started) and then ranks the iteration's
+samples; the oracle's own answer orders the pairs it labelled (`--labels-train both`). K = 0 is the paper's
+fixed proxy. Every policy's human-label count is recorded, so arms are compared at the same label budget.
+
 With no `--sft-model`, the built-in task (`minirlhf/task.py`) first makes everything the outside world would:
-SFT on demonstrations, an offline preference set labelled by simulated annotators, the proxy Bradley-Terry
-reward model, and the offline DPO baseline; after the loop every policy is evaluated against the gold reward.
+SFT on demonstrations, an offline preference set labelled by simulated annotators, the initial Bradley-Terry
+reward model, and the offline DPO baseline on every label of the budget; then the loop runs with online labels
+from the same annotators, and every policy is evaluated against the gold reward.
 
 Distributed: each rank generates and scores its share of the prompts, the pairs are gathered, and DPO trains
 with FSDP2. For generation each rank loads the last saved policy folder (rank 0 wrote it from the gathered full
 state dict) into a plain, unsharded model: sampling runs thousands of small forwards, which FSDP would slow
 down by all-gathering every layer at every step. Every finished stage leaves a `done.json`; a rerun skips
-finished stages, and `--resume` also continues an interrupted DPO stage from its last checkpoint.
+finished stages (and never asks the oracle again for an iteration whose labels.jsonl exists), and `--resume`
+also continues an interrupted DPO stage from its last checkpoint.
 
 Unlike the paper: with `--sft-model` the defaults are its recipe (PAPER below), but generation uses our own
 KV-cache sampler instead of vLLM and DPO runs under FSDP2 instead of DeepSpeed; the built-in task scales the
-recipe down to a 126k-parameter model (BUILTIN below) and adds RPO's NLL term on the chosen response.
+recipe down to a 126k-parameter model (BUILTIN below), adds RPO's NLL term on the chosen response, and spends
+its label budget online (README: the controlled study).
 """
 import argparse
+import json
 import os
 import time
 
@@ -34,10 +45,11 @@ import train_dpo
 import train_rm
 from minirlhf import dist, task
 from minirlhf.checkpoint import atomic_write_json, load_model, save_model
-from minirlhf.data import BadRow, load_dataset_any, split_row, write_jsonl
-from minirlhf.evaluate import evaluate_policy, format_table, plot, reward_model_accuracy
+from minirlhf.data import load_dataset_any, load_prompts, write_jsonl
+from minirlhf.evaluate import evaluate_policies, format_table, plot, sampled_pairs_accuracy
 from minirlhf.losses import PREFERENCE_LOSSES
 from minirlhf.model import init_model
+from minirlhf.oracle import LABEL_PAIRS, ask_oracle, load_oracle
 from minirlhf.pairs import make_pair, shaped_scores
 from minirlhf.rewards import load_reward_source
 from minirlhf.sampler import generate
@@ -46,13 +58,18 @@ from minirlhf.tokenizer import decode_response, encode_prompt, load_tokenizer
 # The paper's recipe for real models (Sec. 5): 3 iterations, 8 samples, 2 epochs, beta 0.1, lr 5e-7 cosine with
 # 3% warmup. The built-in task keeps the structure and scales what a 126k-parameter model needs.
 PAPER = dict(lr=5e-7, max_new_tokens=2048, max_length=4096, batch_size=1, grad_accum=32, prompts_per_iteration=None,
-             nll_coef=0.0)
+             nll_coef=0.0, labels_per_iteration=0, rm_lr=2e-6, n=8, epochs=2, label_pair="max_min")
 # The built-in task adds RPO's NLL term on the chosen response (Pang et al. 2024; the Llama 3.1 report): without
 # it, DPO on best-vs-worst pairs of a tiny model lowers both responses' likelihood and drifts far from pi_0.
 BUILTIN = dict(lr=2e-4, max_new_tokens=task.MAX_RESPONSE_TOKENS, max_length=64, batch_size=32, grad_accum=1,
-               prompts_per_iteration=2000, nll_coef=1.0)
+               nll_coef=1.0, labels_per_iteration=600, oracle="builtin", rm_lr=1e-3)
+# It spends its label budget online (README, the controlled study): each iteration 600 of its 700 prompts get
+# their on-policy pair of 2 samples labelled, DPO 6 epochs. With --labels-per-iteration 0, the paper's loop: a
+# fixed proxy ranks 8 samples of 2000 prompts per iteration, best vs worst, DPO 2 epochs.
+BUILTIN_ONLINE = dict(n=2, prompts_per_iteration=700, epochs=6, label_pair="random")
+BUILTIN_PROXY = dict(n=8, prompts_per_iteration=2000, epochs=2, label_pair="max_min")
 # The built-in task's offline stages: SFT, the reward model and the offline DPO baseline.
-SFT_LR, SFT_EPOCHS, RM_LR, RM_EPOCHS, OFFLINE_DPO_EPOCHS = 3e-3, 6, 3e-3, 6, 2
+SFT_LR, SFT_EPOCHS, RM_LR, RM_EPOCHS, OFFLINE_DPO_EPOCHS = 3e-3, 6, 3e-3, 6, 6
 
 
 def build_parser():
@@ -72,7 +89,7 @@ def build_parser():
     # the loop
     p.add_argument("--iterations", type=int, default=3, help="T, the number of online iterations")
     p.add_argument("--prompts-per-iteration", type=int, help="fresh prompts per iteration (default: all / T)")
-    p.add_argument("--n", type=int, default=8, help="responses sampled per prompt")
+    p.add_argument("--n", type=int, help="responses sampled per prompt (paper: 8; built-in: 2 online, 8 with K = 0)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
     p.add_argument("--max-new-tokens", type=int, help="response length limit (paper: 2048)")
@@ -84,6 +101,21 @@ def build_parser():
     p.add_argument("--truncation-penalty", type=float, default=0.0, help="subtracted from responses without a stop")
     p.add_argument("--ref", default="initial", choices=["initial", "previous"],
                    help="DPO reference: the SFT model pi_0 (paper) or the previous iteration's policy")
+    # online labels: the preference oracle queried on the current policy's samples (minirlhf/oracle.py)
+    p.add_argument("--oracle", help="preference oracle: 'builtin' (the task's simulated annotators; built-in "
+                                    "default) or module:function f(prompts, responses_a, responses_b) -> P(a > b); "
+                                    "module:function imports and runs your code")
+    p.add_argument("--labels-per-iteration", type=int, help="K: prompts per iteration whose pair the oracle labels; "
+                                                            "the BT reward model is refit on all labels so far "
+                                                            "(0: the paper's fixed proxy; built-in: 200)")
+    p.add_argument("--label-pair", choices=list(LABEL_PAIRS), help="which two responses the oracle sees: the "
+                   "reward model's best vs worst (default), best vs random, or two random samples (built-in)")
+    p.add_argument("--labels-train", default="both", choices=["both", "reward_model"],
+                   help="what online labels train: the reward model and DPO (the label orders its own pair), or "
+                        "the reward model only")
+    p.add_argument("--labels", help="preference file the --reward model was trained on; refits include it")
+    p.add_argument("--rm-lr", type=float, help="learning rate of each reward-model refit (paper: 2e-6)")
+    p.add_argument("--rm-epochs", type=int, default=2, help="epochs of each reward-model refit (warm-started)")
     # DPO on each iteration's pairs (train_dpo.py)
     p.add_argument("--loss", default="dpo", choices=list(PREFERENCE_LOSSES), help="preference loss of losses.py")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (KL strength)")
@@ -91,7 +123,7 @@ def build_parser():
     p.add_argument("--nll-coef", type=float, help="RPO: weight of an NLL term on the chosen response (paper: 0; "
                                                  "built-in: 1)")
     p.add_argument("--lr", type=float, help="DPO learning rate (paper: 5e-7; built-in: 2e-4)")
-    p.add_argument("--epochs", type=int, default=2, help="DPO epochs per iteration")
+    p.add_argument("--epochs", type=int, help="DPO epochs per iteration (paper: 2; built-in: 6 online, 2 with K = 0)")
     p.add_argument("--batch-size", type=int, help="pairs per micro-batch per rank")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--max-length", type=int, help="prompt + response token limit for DPO")
@@ -99,14 +131,18 @@ def build_parser():
     # sizes of the built-in task (used only without --sft-model)
     p.add_argument("--task-sft-prompts", type=int, default=2000, help="demonstrations for SFT")
     p.add_argument("--task-labels", type=int, default=2000, help="prompts labelled by simulated humans (offline set)")
-    p.add_argument("--task-eval-prompts", type=int, default=300, help="held-out prompts for the final evaluation")
+    p.add_argument("--task-eval-prompts", type=int, default=500, help="held-out prompts for the final evaluation")
     return p
 
 
 def resolve_defaults(args):
     """Fill unset flags from the paper's recipe, or from the built-in task's scaled version of it; refuse
     combinations that would fail only after hours of earlier stages."""
-    for key, value in (BUILTIN if args.sft_model is None else PAPER).items():
+    defaults = PAPER if args.sft_model else BUILTIN
+    if args.sft_model is None:
+        online = args.labels_per_iteration is None or args.labels_per_iteration > 0
+        defaults = {**BUILTIN, **(BUILTIN_ONLINE if online else BUILTIN_PROXY)}
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.sft_model is not None and not (args.prompts and args.reward):
@@ -115,6 +151,13 @@ def resolve_defaults(args):
         raise SystemExit("--prompts, --reward and --eval-prompts need --sft-model (the built-in task makes its own)")
     if args.pair_rule == "max_min_p" and args.length_penalty <= 0:
         raise SystemExit("--pair-rule max_min_p needs --length-penalty > 0")
+    if args.labels_per_iteration < 0 or (args.labels_per_iteration > 0 and args.oracle is None):
+        raise SystemExit("--labels-per-iteration K > 0 needs --oracle (K = 0: the paper's fixed proxy reward)")
+    if args.labels and not args.sft_model:
+        raise SystemExit("--labels needs --sft-model (the built-in task makes its own labels)")
+    if args.sft_model is None and args.iterations * args.labels_per_iteration >= args.task_labels:
+        raise SystemExit(f"{args.iterations} iterations x --labels-per-iteration {args.labels_per_iteration} leave "
+                         f"no labels of the --task-labels {args.task_labels} budget for the initial reward model")
     return args
 
 
@@ -162,9 +205,11 @@ def builtin_task(args, device):
     root, seed = args.output_dir, args.seed
     tokenizer = task.build_tokenizer()
     n_sft, n_labels, n_iter = args.task_sft_prompts, args.task_labels, args.iterations * args.prompts_per_iteration
-    prompts = task.make_prompts(n_sft + n_labels + n_iter + args.task_eval_prompts, seed)
+    prompts = task.make_prompts(n_sft + n_labels + args.task_eval_prompts + n_iter, seed)
     sft_prompts, label_prompts = prompts[:n_sft], prompts[n_sft:n_sft + n_labels]
-    iter_prompts, eval_prompts = prompts[n_sft + n_labels:n_sft + n_labels + n_iter], prompts[n_sft + n_labels + n_iter:]
+    # held-out prompts before the iterations' own, so every loop setting is evaluated on the same ones
+    eval_prompts, iter_prompts = (prompts[n_sft + n_labels:n_sft + n_labels + args.task_eval_prompts],
+                                  prompts[n_sft + n_labels + args.task_eval_prompts:])
     init_dir, sft_dir, data_dir = f"{root}/init", f"{root}/sft", f"{root}/data"
     if not done(init_dir):  # a random-init tiny Llama, saved like any hub checkpoint
         if dist.is_main():
@@ -185,41 +230,51 @@ def builtin_task(args, device):
         pairs = []
         for r in rows:
             a, b = r["responses"]
-            if a != b and a and b:  # identical or empty responses carry no preference
+            if a != b:  # identical responses carry no preference; an empty response is a response
                 a_wins = task.annotate(r["prompt"], a, b, task.TAU, generator)
                 pairs.append(dict(prompt=r["prompt"], chosen=a if a_wins else b, rejected=b if a_wins else a))
         if dist.is_main():
             write_jsonl(labels_path, pairs)
         mark_done(data_dir, {"human_labels": len(pairs), "prompts": len(rows)})
-    rm_dir = f"{root}/reward_model"
-    if not done(rm_dir):  # 3. the proxy Bradley-Terry reward model
-        train_rm.main(["--kind", "bt", "--model", sft_dir, "--train-data", labels_path, "--output-dir", rm_dir,
-                       "--lr", str(RM_LR), "--epochs", str(RM_EPOCHS), "--batch-size", "32",
-                       "--max-length", str(args.max_length), "--seed", str(seed), "--eval-fraction", "0.1"])
+    # 3. the Bradley-Terry reward model on the labels not kept for the online iterations (all with K = 0)
+    rm_dir, rm_labels = f"{root}/reward_model", f"{root}/reward_model_labels.jsonl"
+    if not done(rm_dir):
+        if dist.is_main():
+            offline = list(load_dataset_any(labels_path))
+            write_jsonl(rm_labels, offline[:len(offline) - args.iterations * args.labels_per_iteration])
+        dist.barrier()
+        train_rm.main(rm_flags(args, sft_dir, rm_labels, rm_dir, RM_LR, RM_EPOCHS))
         mark_done(rm_dir, {})
     offline_dir = f"{root}/offline_dpo"
-    if not done(offline_dir):  # 4. the offline DPO baseline: the same human labels, no online samples
+    if not done(offline_dir):  # 4. the offline DPO baseline: all the human labels, no online samples
         train_dpo.main(dpo_flags(args, sft_dir, sft_dir, labels_path, offline_dir, epochs=OFFLINE_DPO_EPOCHS))
         mark_done(offline_dir, {})
-    return sft_dir, rm_dir, iter_prompts, eval_prompts, offline_dir
+    return sft_dir, rm_dir, rm_labels, iter_prompts, eval_prompts, offline_dir
 
 
-def load_prompts(path, column):
-    """The prompts of a dataset file (strings or chat messages); a missing or empty prompt names its row."""
-    rows = load_dataset_any(path)
-    if column not in rows.column_names:
-        raise ValueError(f"{path}: no column {column!r} (columns: {rows.column_names}); set --prompt-column")
-    prompts = []
-    for i, row in enumerate(rows):
-        try:
-            prompts.append(split_row(row, column, [])[0])
-        except BadRow as bad:
-            raise bad.error(path, i) from None
-    return prompts
+def rm_flags(args, model, data, out, lr, epochs):
+    """train_rm.py's command line for a Bradley-Terry reward model on every label in `data`."""
+    return ["--kind", "bt", "--model", model, "--train-data", data, "--output-dir", out, "--lr", str(lr),
+            "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
+            "--max-length", str(args.max_length), "--seed", str(args.seed), "--eval-fraction", "0"]
+
+
+def refit_reward_model(args, label_files, rm_dir, out):
+    """train_rm.py on every label so far (one file in the usual preference format), warm-started from rm_dir."""
+    if not done(out):
+        if dist.is_main():
+            write_jsonl(f"{out}.labels.jsonl", [dict(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"])
+                                                for f in label_files for r in load_dataset_any(f)])
+        dist.barrier()
+        train_rm.main(rm_flags(args, rm_dir, f"{out}.labels.jsonl", out, args.rm_lr, args.rm_epochs))
+        mark_done(out, {})
+    return out
 
 
 def main(argv=None):
     args = resolve_defaults(build_parser().parse_args(argv))
+    if args.sft_model is None and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # a 126k-parameter model: a second thread costs more than it gives (README)
     rank, world_size, device = dist.init_distributed()
     start = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
@@ -227,12 +282,14 @@ def main(argv=None):
         atomic_write_json(f"{args.output_dir}/args.json", vars(args))
     offline_dir = eval_prompts = None
     if args.sft_model is None:
-        sft_dir, reward_spec, prompts, eval_prompts, offline_dir = builtin_task(args, device)
+        sft_dir, reward_spec, initial_labels, prompts, eval_prompts, offline_dir = builtin_task(args, device)
     else:
-        sft_dir, reward_spec = args.sft_model, args.reward
+        sft_dir, reward_spec, initial_labels = args.sft_model, args.reward, args.labels
         prompts = load_prompts(args.prompts, args.prompt_column)
         eval_prompts = load_prompts(args.eval_prompts, args.prompt_column) if args.eval_prompts else None
-    reward_fn = load_reward_source(reward_spec, device=device)
+    oracle = load_oracle(args.oracle) if args.labels_per_iteration else None
+    label_files = [initial_labels] if initial_labels else []
+    human_labels = sum(len(load_dataset_any(f)) for f in label_files)
     tokenizer = load_tokenizer(sft_dir)
     per_iter = args.prompts_per_iteration or len(prompts) // args.iterations
     if per_iter < 1 or per_iter * args.iterations > len(prompts):
@@ -243,22 +300,43 @@ def main(argv=None):
         it_dir = f"{args.output_dir}/iter{t}"
         if done(it_dir):
             policy_dir = f"{it_dir}/policy"
+            if oracle:
+                label_files.append(f"{it_dir}/labels.jsonl")
+                reward_spec = f"{it_dir}/reward_model"
             continue
         t0 = time.time()
         # 1-3. fresh prompts, n responses each from the current policy, scored by the reward source
         iter_prompts = prompts[(t - 1) * per_iter:t * per_iter]
         rows = sample(policy_dir, tokenizer, iter_prompts, args.n, args, args.seed + t, device)
-        rewards = reward_fn([r["prompt"] for r in rows], [r["responses"] for r in rows])
+        score(rows, load_reward_source(reward_spec, device=device))
+        info = {}
+        if oracle:  # online labels: the oracle judges K of these samples, then the reward model is refit on all
+            path, labelled, info["reward_model_accuracy_on_new_labels"] = ask_oracle(
+                oracle, gather_rows(rows), args.labels_per_iteration, args.label_pair, f"{it_dir}/labels.jsonl",
+                seed=args.seed * 1000 + 500 + t)
+            label_files.append(path)
+            reward_spec = refit_reward_model(args, label_files, reward_spec, f"{it_dir}/reward_model")
+            score(rows, load_reward_source(reward_spec, device=device))
+        human_labels = sum(len(load_dataset_any(f)) for f in label_files)
         # 4. one pair per prompt from the shaped scores (--pair-rule; the paper's best vs worst by default)
         generator = torch.Generator().manual_seed(args.seed * 1000 + t)
-        for r, rew in zip(rows, rewards):
-            scores = shaped_scores(rew, r["n_tokens"], r["truncated"], args.length_penalty, args.truncation_penalty)
+        for r in rows:
+            scores = shaped_scores(r["rewards"], r["n_tokens"], r["truncated"], args.length_penalty,
+                                   args.truncation_penalty)
             pair = make_pair(scores, args.pair_rule, args.min_gap, generator, args.length_penalty)
-            r.update(rewards=list(map(float, rew)), chosen=None if pair is None else r["responses"][pair[0]],
+            r.update(chosen=None if pair is None else r["responses"][pair[0]],
                      rejected=None if pair is None else r["responses"][pair[1]])
-        rows = gather_rows(rows)
+        rows, extra = gather_rows(rows), []
+        if oracle and args.labels_train == "both":  # the oracle's answer orders its pair, not the proxy's guess
+            by_index = {r["index"]: r for r in rows}
+            for label in labelled:  # a label file written outside the run may name no index: its pairs are added
+                r = by_index.get(label.get("index"))
+                if r is not None and r["prompt"] == label["prompt"]:
+                    r.update(chosen=label["chosen"], rejected=label["rejected"])
+                else:
+                    extra.append(dict(prompt=label["prompt"], chosen=label["chosen"], rejected=label["rejected"]))
         pairs = [dict(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"]) for r in rows
-                 if r["chosen"] is not None]
+                 if r["chosen"] is not None] + extra
         if not pairs:
             raise ValueError(f"iteration {t}: the best and worst responses of every prompt tie (or differ by less "
                              "than --min-gap): no pair to train on; raise --temperature or --n, or lower --min-gap")
@@ -272,51 +350,57 @@ def main(argv=None):
         # 6. the iteration's metrics; the policy folder is already saved by train_dpo
         all_rewards = [x for r in rows for x in r["rewards"]]
         metrics = dict(iteration=t, prompts=len(rows), pairs=len(pairs), no_pair=len(rows) - len(pairs),
+                       human_labels=human_labels, reward_model=reward_spec, **info,
                        mean_reward=sum(all_rewards) / len(all_rewards), reference=ref_dir,
                        mean_best_reward=sum(max(r["rewards"]) for r in rows) / len(rows),
                        truncated=sum(x for r in rows for x in r["truncated"]) / len(all_rewards),
                        dpo={k: v for k, v in dpo.items() if isinstance(v, (int, float))}, seconds=time.time() - t0)
         dist.print0(f"iteration {t}: {len(pairs)} pairs ({metrics['no_pair']} prompts tied or within --min-gap), "
-                    f"mean reward {metrics['mean_reward']:.3f}, best-of-{args.n} {metrics['mean_best_reward']:.3f}")
+                    f"mean reward {metrics['mean_reward']:.3f}, best-of-{args.n} {metrics['mean_best_reward']:.3f}, "
+                    f"{human_labels} human labels so far")
         if dist.is_main():
             atomic_write_json(f"{it_dir}/metrics.json", metrics)
         mark_done(it_dir, metrics)
         policy_dir = f"{it_dir}/policy"
     if eval_prompts:
-        evaluate_all(args, sft_dir, offline_dir, reward_fn, eval_prompts, device, args.sft_model is None, start)
+        evaluate_all(args, sft_dir, offline_dir, load_reward_source(reward_spec, device=device), eval_prompts, device,
+                     args.sft_model is None, start)
     dist.print0(f"total time {time.time() - start:.0f} s; outputs in {args.output_dir}")
 
 
+def score(rows, reward_fn):
+    """rows[i]["rewards"]: the reward source's score of each of the row's responses."""
+    for r, rewards in zip(rows, reward_fn([r["prompt"] for r in rows], [r["responses"] for r in rows])):
+        r["rewards"] = list(map(float, rewards))
+
+
 def evaluate_all(args, sft_dir, offline_dir, reward_fn, prompts, device, builtin, start):
-    """Every policy on held-out prompts -> table on stdout, summary.json and (with matplotlib) summary.png."""
+    """Every policy on held-out prompts -> table on stdout, summary.json and (with matplotlib) summary.png. The
+    proxy reward is the last reward model (with online labels, the one that has seen the most)."""
     if not dist.is_main():
         return dist.barrier()
-    tokenizer = load_tokenizer(sft_dir)
-    ref_model = load_model(sft_dir, device=device).eval()
-    policies = {"sft": sft_dir, **({"offline_dpo": offline_dir} if offline_dir else {}),
-                **{f"iter{t}": f"{args.output_dir}/iter{t}/policy" for t in range(1, args.iterations + 1)}}
-    gold_fn = task.gold_reward if builtin else None
-    rows, baseline = {}, None
-    for name, path in policies.items():
-        policy = load_model(path, device=device).eval()
-        metrics, _ = evaluate_policy(policy, ref_model, tokenizer, prompts, reward_fn, args.max_new_tokens,
-                                     seed=args.seed, gold_fn=gold_fn, baseline_gold=baseline)
-        baseline = baseline or metrics.get("gold")
-        metrics.pop("gold", None)
-        rows[name] = metrics
+    tokenizer, gold_fn = load_tokenizer(sft_dir), task.gold_reward if builtin else None
+    iters = {f"iter{t}": f"{args.output_dir}/iter{t}/policy" for t in range(1, args.iterations + 1)}
+    policies = {"sft": sft_dir, **({"offline_dpo": offline_dir} if offline_dir else {}), **iters}
+    rows = evaluate_policies(policies, tokenizer, prompts, reward_fn, args.max_new_tokens, args.seed, gold_fn, device)
+    labels = {"sft": 0, "offline_dpo": len(load_dataset_any(f"{args.output_dir}/data/preferences.jsonl"))
+              if offline_dir else 0}
+    for t in range(1, args.iterations + 1):
+        with open(f"{args.output_dir}/iter{t}/metrics.json") as f:
+            labels[f"iter{t}"] = json.load(f)["human_labels"]
+    for name in rows:
+        rows[name]["human_labels"] = labels[name]
     summary = {"policies": rows}
-    if builtin:  # how well the proxy reward model ranks fresh SFT samples, against the gold reward
-        ab = [evaluate_policy(ref_model, ref_model, tokenizer, prompts, reward_fn, args.max_new_tokens,
-                              seed=args.seed + 1 + k)[1] for k in range(2)]
-        summary["reward_model_gold_accuracy"], summary["reward_model_pairs"] = reward_model_accuracy(
-            reward_fn, prompts, ab[0], ab[1], task.gold_reward)
+    if builtin:  # how well the proxy ranks fresh samples of the SFT policy and of the last one, against gold
+        for name in ("sft", f"iter{args.iterations}"):
+            acc, n = sampled_pairs_accuracy(policies[name], tokenizer, prompts, reward_fn, args.max_new_tokens,
+                                            task.gold_reward, args.seed, device)
+            summary[f"reward_model_gold_accuracy_{name}"] = acc
+            print(f"reward model accuracy against gold labels on held-out {name} pairs: {acc:.3f} ({n} pairs)")
     print(format_table(rows))
-    if "reward_model_gold_accuracy" in summary:
-        print(f"reward model accuracy against gold labels on held-out SFT pairs: "
-              f"{summary['reward_model_gold_accuracy']:.3f} ({summary['reward_model_pairs']} pairs)")
     summary["seconds"] = time.time() - start
     atomic_write_json(f"{args.output_dir}/summary.json", summary)
-    plot(rows, f"{args.output_dir}/summary.png")
+    plot(rows, f"{args.output_dir}/summary.png", task.TAU if builtin else 1.0)
     dist.barrier()
 
 

@@ -14,8 +14,8 @@ content gives the same token ids in every format.
 
 Truncation rule: a row whose prompt is longer than max_prompt_length tokens, or leaves no room for a response
 token under max_length, is a bad row (never cut: cutting a prompt changes the task); then each response is cut
-from the right so prompt + response <= max_length (a cut response loses its EOS). Bad rows (missing or empty
-field, wrong type, prompt too long, chosen identical to rejected, prompts that differ or break the template's
+from the right so prompt + response <= max_length (a cut response loses its EOS). Bad rows (missing field, empty
+prompt, wrong type, prompt too long, chosen identical to rejected, prompts that differ or break the template's
 prefix property) raise DataError naming the file, row and field; with skip_bad=True they are skipped and the
 count per reason is printed and returned. Scripts with their own row checks use split_row and BadRow.
 """
@@ -66,6 +66,20 @@ def load_dataset_any(path, split="train") -> datasets.Dataset:
     return datasets.load_dataset(path, split=split)
 
 
+def load_prompts(path, column):
+    """The prompts of a dataset file (strings or chat messages); a missing or empty prompt names its row."""
+    rows = load_dataset_any(path)
+    if column not in rows.column_names:
+        raise ValueError(f"{path}: no column {column!r} (columns: {rows.column_names}); set --prompt-column")
+    prompts = []
+    for i, row in enumerate(rows):
+        try:
+            prompts.append(split_row(row, column, [])[0])
+        except BadRow as bad:
+            raise bad.error(path, i) from None
+    return prompts
+
+
 def write_jsonl(path, rows):
     """Write rows as JSON lines atomically (temporary file + rename), so readers never see half a file."""
     atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
@@ -80,14 +94,15 @@ class BadRow(Exception):
         return DataError(f"{source}: row {i}: field {column!r}: {message}")
 
 
-def _field(row, column):
-    """row[column] as a string or a list of {"role", "content"} messages, else BadRow."""
+def _field(row, column, allow_empty=False):
+    """row[column] as a string or a list of {"role", "content"} messages, else BadRow. allow_empty: a response
+    may be "" (or messages with empty content): the policy said nothing but the stop token, a real answer."""
     value = row.get(column)
     if value is None:
         have = "" if column in row else f" (row has columns {sorted(row)})"
         raise BadRow("missing", column, f"missing{have}")
     if isinstance(value, str):
-        if not value.strip():
+        if not value.strip() and not allow_empty:
             raise BadRow("empty", column, "empty string")
         return value
     if not isinstance(value, list) or not all(
@@ -95,14 +110,14 @@ def _field(row, column):
             for m in value):
         raise BadRow("wrong_type", column, f"expected a string or a list of {{'role', 'content'}} string messages, "
                                            f"got {type(value).__name__}: {str(value)[:80]}")
-    if not value or any(not m["content"].strip() for m in value):
+    if not value or (not allow_empty and any(not m["content"].strip() for m in value)):
         raise BadRow("empty", column, "empty message list or message content")
     return [{"role": m["role"], "content": m["content"]} for m in value]  # drop extra keys arrow adds
 
 
 def split_row(row, prompt_column, response_columns):
     """(prompt, [response per column]) in any supported row format, prompt = str or messages; else BadRow."""
-    responses = [_field(row, c) for c in response_columns]
+    responses = [_field(row, c, allow_empty=True) for c in response_columns]
     if not any(isinstance(r, list) and any(m["role"] != "assistant" for m in r) for r in responses):
         return _field(row, prompt_column), responses
     prompts = []  # implicit prompt: whole conversations, split before the last assistant message
@@ -128,10 +143,11 @@ def _tokenize_rows(rows, tokenizer, prompt_column, response_columns, max_length,
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
     check_chat_template(tokenizer, chat_template)  # a tokenizer problem, not a row problem: fail before row 0
-    out, skipped, i = [], Counter(), -1  # i: the last row index (-1: no rows at all)
+    out, skipped, i, n_empty = [], Counter(), -1, 0  # i: the last row index (-1: no rows at all)
     for i, row in enumerate(rows):
         try:
             prompt, responses = split_row(row, prompt_column, response_columns)
+            n_empty += sum(r == "" or (isinstance(r, list) and not "".join(m["content"] for m in r)) for r in responses)
             encoded = []
             for column, response in zip(response_columns, responses):
                 try:
@@ -156,6 +172,8 @@ def _tokenize_rows(rows, tokenizer, prompt_column, response_columns, max_length,
             skipped[bad.args[0]] += 1
             continue
         out.append((i, prompt_ids, responses))
+    if n_empty:  # valid rows, but a user should know they are there
+        print0(f"{source}: {n_empty} empty responses (the stop token alone)")
     report_skipped(source, skipped, i + 1, len(out))
     return out, dict(skipped)
 

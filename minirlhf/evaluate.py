@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from minirlhf.checkpoint import load_model
 from minirlhf.data import Sequence, collate_sequences
 from minirlhf.logprobs import sequence_logps
 from minirlhf.sampler import generate
@@ -75,7 +76,7 @@ def reward_model_accuracy(reward_fn, prompts, responses_a, responses_b, gold_fn)
     return agree / max(n, 1), n
 
 
-COLUMNS = ["gold_reward", "gold_win_rate", "proxy_reward", "length", "kl_to_ref"]
+COLUMNS = ["gold_reward", "gold_win_rate", "proxy_reward", "length", "kl_to_ref", "human_labels"]
 
 
 def format_table(rows: dict) -> str:
@@ -83,29 +84,89 @@ def format_table(rows: dict) -> str:
     columns = [c for c in COLUMNS if any(c in m for m in rows.values())]
     lines = [f"{'policy':12s}" + "".join(f"{c:>15s}" for c in columns)]
     for name, metrics in rows.items():
-        cells = (f"{metrics[c]:15.3f}" if c in metrics else f"{'-':>15s}" for c in columns)
+        cells = (f"{metrics[c]:15d}" if isinstance(metrics.get(c), int) else f"{metrics[c]:15.3f}" if c in metrics
+                 else f"{'-':>15s}" for c in columns)
         lines.append(f"{name:12s}" + "".join(cells))
     return "\n".join(lines)
 
 
-def plot(rows: dict, path):
-    """A PNG of every metric per policy, when matplotlib is installed (it is not a dependency)."""
+def evaluate_policies(policies, tokenizer, prompts, reward_fn, max_new_tokens, seed=0, gold_fn=None, device="cpu"):
+    """policies: name -> checkpoint folder, the first one the reference pi_0 -> name -> metrics of
+    `evaluate_policy` (gold win rates against the first policy)."""
+    names = list(policies)
+    ref_model = load_model(policies[names[0]], device=device).eval()
+    rows, baseline = {}, None
+    for name in names:
+        policy = load_model(policies[name], device=device).eval()
+        metrics, _ = evaluate_policy(policy, ref_model, tokenizer, prompts, reward_fn, max_new_tokens, seed=seed,
+                                     gold_fn=gold_fn, baseline_gold=baseline)
+        baseline = baseline or metrics.get("gold")
+        metrics.pop("gold", None)
+        rows[name] = metrics
+    return rows
+
+
+def sampled_pairs_accuracy(policy_dir, tokenizer, prompts, reward_fn, max_new_tokens, gold_fn, seed=0, device="cpu"):
+    """`reward_model_accuracy` on two fresh samples per prompt from one policy: how well the proxy ranks what that
+    policy produces (later policies drift away from the samples the reward model was trained on)."""
+    policy = load_model(policy_dir, device=device).eval()
+    a, b = (evaluate_policy(policy, policy, tokenizer, prompts, reward_fn, max_new_tokens, seed=seed + k)[1]
+            for k in (1, 2))
+    return reward_model_accuracy(reward_fn, prompts, a, b, gold_fn)
+
+
+def plot(rows: dict, path, proxy_scale=1.0):
+    """The loop as a path and everything else as reference lines, when matplotlib is installed (not a dependency).
+
+    rows: policy name -> metrics; "sft" and "iter1".."iterT" make the path (x = iteration), every other row is a
+    baseline drawn as a labelled horizontal line. Left: gold reward (solid) and proxy reward (dashed) on one
+    axis, the proxy times `proxy_scale` and shifted to equal the gold reward at SFT (a Bradley-Terry reward is
+    defined up to a constant; for the built-in task's annotators, proxy_scale = TAU puts a calibrated proxy on
+    the gold scale), so the proxy-gold gap of over-optimisation shows at a glance. Middle: KL(pi || pi_0).
+    Right: gold reward against KL (Gao et al. 2023's over-optimisation curve in miniature)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    columns = [c for c in COLUMNS if any(c in m for m in rows.values())]
-    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3))
-    for ax, c in zip(axes, columns):
-        names = [n for n in rows if c in rows[n]]
-        ax.plot(names, [rows[n][c] for n in names], marker="o")
-        ax.set_title(c)
-        ax.tick_params(axis="x", rotation=60)
+    path_names = [n for n in rows if n == "sft" or (n.startswith("iter") and n[4:].isdigit())]
+    baselines = [n for n in rows if n not in path_names]
+    x = list(range(len(path_names)))
+    has_gold = "gold_reward" in rows[path_names[0]]
+    fig, axes = plt.subplots(1, 3 if has_gold else 2, figsize=(13 if has_gold else 9, 3.6))
+    ax = axes[0]
+    shift = rows["sft"]["gold_reward"] - proxy_scale * rows["sft"]["proxy_reward"] if has_gold else 0.0
+    proxy = [shift + proxy_scale * rows[n]["proxy_reward"] for n in path_names]
+    if has_gold:
+        ax.plot(x, [rows[n]["gold_reward"] for n in path_names], "o-", color="C0", label="gold reward")
+    ax.plot(x, proxy, "s--", color="C1", label="proxy reward" + (" (shifted to gold at SFT)" if has_gold else ""))
+    for k, b in enumerate(baselines):
+        key = "gold_reward" if has_gold else "proxy_reward"
+        ax.axhline(rows[b][key], color=f"C{k + 2}", ls=":", label=f"{b} ({key.split('_')[0]})")
+    ax.set_xticks(x, path_names)
+    ax.set_xlabel("iteration")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    ax.plot(x, [rows[n]["kl_to_ref"] for n in path_names], "o-", color="C0", label="online iterations")
+    for k, b in enumerate(baselines):
+        ax.axhline(rows[b]["kl_to_ref"], color=f"C{k + 2}", ls=":", label=b)
+    ax.set_xticks(x, path_names)
+    ax.set_title("KL(pi || pi_0)")
+    ax.legend(fontsize=7)
+    if has_gold:
+        ax = axes[2]
+        ax.plot([rows[n]["kl_to_ref"] for n in path_names], [rows[n]["gold_reward"] for n in path_names], "o-",
+                color="C0", label="online iterations")
+        for n in path_names:
+            ax.annotate(n, (rows[n]["kl_to_ref"], rows[n]["gold_reward"]), fontsize=7)
+        for k, b in enumerate(baselines):
+            ax.plot(rows[b]["kl_to_ref"], rows[b]["gold_reward"], "*", ms=10, color=f"C{k + 2}", label=b)
+        ax.set_xlabel("KL(pi || pi_0)")
+        ax.set_ylabel("gold reward")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png")
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
     return path
-

@@ -88,7 +88,7 @@ def test_sft_formats_agree(tmp_path, tokenizer):
 GOOD = [FORMATS["standard"](*row) for row in CONTENT[:2]]
 BAD = {  # reason -> (bad row, field named in the error)
     "missing": (dict(prompt="a", rejected="b"), "chosen"),
-    "empty": (dict(prompt="a", chosen="  ", rejected="b"), "chosen"),
+    "empty": (dict(prompt="  ", chosen="a", rejected="b"), "prompt"),
     "wrong_type": (dict(prompt="a", chosen="b", rejected=3), "rejected"),
     "prompt_too_long": (dict(prompt="a" * 40, chosen="b", rejected="c"), "prompt"),
     "identical": (dict(prompt="a", chosen="same", rejected="same"), "rejected"),
@@ -105,6 +105,25 @@ def test_bad_row_error_names_file_row_and_field(tmp_path, tokenizer, reason, cap
     pairs, skipped = load_preferences(path, tokenizer, max_prompt_length=30, max_length=60, skip_bad=True)
     assert len(pairs) == 2 and skipped == {reason: 1}
     assert f"skipped 1 bad rows of 3: {{'{reason}': 1}}" in capsys.readouterr().out
+
+
+def test_empty_responses_are_preferences_and_are_counted(tmp_path, tokenizer, capsys):
+    """The stop token alone is an answer: "" (or an empty assistant message) is a valid chosen or rejected response,
+    its ids are just EOS, and the data summary counts them; a missing field or a non-string stays a bad row."""
+    rows = [dict(prompt="a", chosen="", rejected="b"), dict(prompt="c", chosen="d", rejected=""),
+            dict(prompt=user("e"), chosen=assistant(""), rejected=assistant("f"))]
+    pairs, skipped = load_preferences(write(rows, tmp_path / "empty.jsonl"), tokenizer)
+    assert skipped == {} and len(pairs) == 3
+    eos = tokenizer.eos_token_id
+    assert pairs[0].chosen_ids == [eos] and pairs[1].rejected_ids == [eos] and pairs[2].chosen_ids == [eos]
+    assert pairs[0].rejected_ids == encode_pair(tokenizer, "a", "b")[1]
+    assert "3 empty responses" in capsys.readouterr().out
+    for bad, field in [(dict(prompt="a", rejected=""), "chosen"), (dict(prompt="a", chosen=None, rejected=""), "chosen"),
+                       (dict(prompt="a", chosen="", rejected=0), "rejected")]:
+        with pytest.raises(DataError, match=f"row 0: field '{field}'"):
+            tokenize_preferences([bad], tokenizer)
+    with pytest.raises(DataError, match="field 'rejected': identical"):  # "" vs "" carries no preference
+        tokenize_preferences([dict(prompt="a", chosen="", rejected="")], tokenizer)
 
 
 def test_skip_counts_every_reason_and_all_bad_is_an_error(tokenizer):

@@ -36,6 +36,7 @@ def copy_until(base_run, dst, iterations):
     """A copy of the run's offline stages and its first `iterations` iterations."""
     for name in ["init", "sft", "data", "reward_model", "offline_dpo"] + [f"iter{t}" for t in range(1, iterations + 1)]:
         shutil.copytree(os.path.join(base_run, name), os.path.join(dst, name))
+    shutil.copy(os.path.join(base_run, "reward_model_labels.jsonl"), dst)
     return str(dst)
 
 
@@ -162,10 +163,81 @@ def test_pairwise_judge_as_reward_source(base_run, tmp_path):
     assert len({x for r in rows for x in r["rewards"]}) > 4  # real comparisons, not constant scores
 
 
+def test_builtin_online_labels_refit_the_reward_model(base_run):
+    """K oracle labels per iteration on the current policy's pairs, appended to the label set; each refit reward
+    model trains on all labels so far (its weights change), and every policy's label count adds up."""
+    args = json.load(open(os.path.join(base_run, "args.json")))
+    k = args["labels_per_iteration"]
+    assert k > 0 and args["oracle"] == "builtin"
+    offline = sum(1 for _ in open(os.path.join(base_run, "data", "preferences.jsonl")))
+    initial = sum(1 for _ in open(os.path.join(base_run, "reward_model_labels.jsonl")))
+    assert initial == offline - 2 * k  # the same budget as offline DPO, at the end of the 2 iterations
+    previous = load_file(os.path.join(base_run, "reward_model", "model.safetensors"))
+    for t in (1, 2):
+        it = os.path.join(base_run, f"iter{t}")
+        labels = [json.loads(line) for line in open(os.path.join(it, "labels.jsonl"))]
+        samples = {s["index"]: s for s in map(json.loads, open(os.path.join(it, "samples.jsonl")))}
+        assert len(labels) == k
+        for label in labels:  # a pair of this iteration's samples of that prompt, and DPO trains on its order
+            s = samples[label["index"]]
+            assert s["prompt"] == label["prompt"] and {label["chosen"], label["rejected"]} <= set(s["responses"])
+            assert (s["chosen"], s["rejected"]) == (label["chosen"], label["rejected"])
+        assert sum(1 for _ in open(os.path.join(it, "reward_model.labels.jsonl"))) == initial + t * k
+        metrics = json.load(open(os.path.join(it, "metrics.json")))
+        assert metrics["human_labels"] == initial + t * k
+        assert 0.0 <= metrics["reward_model_accuracy_on_new_labels"] <= 1.0
+        refit = load_file(os.path.join(it, "reward_model", "model.safetensors"))
+        assert max((refit[n] - previous[n]).abs().max().item() for n in refit) > 1e-4
+        previous = refit
+    policies = json.load(open(os.path.join(base_run, "summary.json")))["policies"]
+    assert [policies[n]["human_labels"] for n in ("sft", "offline_dpo", "iter1", "iter2")] == [
+        0, offline, initial + k, offline]
+
+
+def test_module_function_oracle_and_a_rerun_that_asks_nothing_twice(base_run, tmp_path, monkeypatch):
+    """A rule-based oracle (the gold reward, as a hard judge) drives a --sft-model run; killed in iteration 1's DPO,
+    after its labels were written, the rerun reuses them and asks the oracle only for iteration 2."""
+    asked = tmp_path / "asked.jsonl"
+    (tmp_path / "rule_judge.py").write_text(
+        "import json, os\nfrom minirlhf.task import gold_reward\n"
+        "def judge(prompts, a, b):\n"
+        "    with open(os.environ['ASKED_LOG'], 'a') as f:\n"
+        "        f.writelines(json.dumps(row) + '\\n' for row in zip(prompts, a, b))\n"
+        "    return [float(gold_reward(p, x) > gold_reward(p, y)) for p, x, y in zip(prompts, a, b)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("ASKED_LOG", str(asked))
+    initial = tmp_path / "initial_labels.jsonl"
+    initial.write_text("".join(open(os.path.join(base_run, "reward_model_labels.jsonl")).readlines()[:40]))
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 48, seed=9, without="")
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), "--sft-model", os.path.join(base_run, "sft"), "--prompts", prompts,
+            "--reward", os.path.join(base_run, "reward_model"), "--labels", str(initial), "--oracle",
+            "rule_judge:judge", "--labels-per-iteration", "6", "--iterations", "2", "--n", "4", "--lr", "1e-3",
+            "--rm-lr", "1e-3", "--max-new-tokens", "10", "--max-length", "64", "--batch-size", "8", "--grad-accum", "1"]
+    monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", "1")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        iterate.main(argv)
+    first = (out / "iter1" / "labels.jsonl").read_text()
+    assert len(first.splitlines()) == 6 == len(asked.read_text().splitlines())
+    monkeypatch.delenv("MINIRLHF_FAIL_AFTER_STEP")
+    iterate.main(argv)
+    questions = [tuple(json.loads(line)) for line in asked.read_text().splitlines()]
+    assert len(questions) == 12 == len(set(questions))  # iteration 1's six were not asked again
+    assert (out / "iter1" / "labels.jsonl").read_text() == first
+    for t in (1, 2):
+        labels = [json.loads(line) for line in open(out / f"iter{t}" / "labels.jsonl")]
+        assert len(labels) == 6
+        assert all(task.gold_reward(r["prompt"], r["chosen"]) >= task.gold_reward(r["prompt"], r["rejected"])
+                   for r in labels)
+        assert json.load(open(out / f"iter{t}" / "metrics.json"))["human_labels"] == 40 + 6 * t
+
+
 def test_bad_flag_combinations_fail_before_any_work(tmp_path):
     for argv, match in [(["--sft-model", "m"], "needs --prompts and --reward"),
                         (["--reward", "r"], "need --sft-model"),
-                        (["--pair-rule", "max_min_p"], "max_min_p needs --length-penalty")]:
+                        (["--pair-rule", "max_min_p"], "max_min_p needs --length-penalty"),
+                        (["--oracle", "builtin", "--labels-per-iteration", "700"], "leave no labels"),
+                        (["--labels", "x.jsonl"], "--labels needs --sft-model")]:
         with pytest.raises(SystemExit, match=match):
             iterate.main(["--output-dir", str(tmp_path / "x")] + argv)
         assert not (tmp_path / "x").exists()

@@ -102,6 +102,26 @@ def test_dpo_starts_at_ln2_and_learns_a_rule(setup, tmp_path, tokenizer):
     torch.testing.assert_close(ref["eval_chosen_logps"], hf_logps(reference, tokenizer, rows)[:, 0], atol=1e-4, rtol=0)
 
 
+def test_empty_responses_train_as_the_stop_token_alone(setup, tmp_path, tokenizer):
+    """A pair whose chosen or rejected response is "" is trained on, not dropped: its response is the EOS token,
+    and its reference log-prob is log p(EOS | prompt) as transformers computes it."""
+    d = setup
+    rows = synthetic_rows(8, seed=3)
+    for i in range(0, 8, 2):
+        rows[i]["rejected"] = ""
+    rows[1]["chosen"] = ""
+    write_jsonl(d / "with_empty.jsonl", rows)
+    out = tmp_path / "empty"
+    result = run(d, out, "--train-data", d / "with_empty.jsonl", "--batch-size", 4, "--grad-accum", 1, "--epochs", 1)
+    assert result["step"] == 2  # 8 pairs, none skipped
+    ref = load_file(out / "ref_logps.safetensors")
+    assert ref["rejected_tokens"][0::2].tolist() == [1.0] * 4 and ref["chosen_tokens"][1].item() == 1.0
+    reference = transformers.AutoModelForCausalLM.from_pretrained(d / "model").eval()
+    expected = hf_logps(reference, tokenizer, rows)
+    torch.testing.assert_close(ref["chosen_logps"], expected[:, 0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ref["rejected_logps"], expected[:, 1], atol=1e-4, rtol=0)
+
+
 def test_loss_variants_at_the_first_step(setup, tmp_path):
     """Policy == reference at step 1, so IPO with length-normalised log-probs gives (0 - 1/(2 beta))^2 = 25 per
     pair, and RPO's term adds nll_coef x the chosen per-token NLL, read back from ref_logps.safetensors. Runs with

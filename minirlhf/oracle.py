@@ -1,0 +1,112 @@
+"""The preference oracle queried during the loop: online labels that follow the policy.
+
+Dong et al. 2024 (Algorithm 1) and Xiong et al. 2024 (ICML, "Iterative Preference Learning from Human Feedback",
+the online iterative GSHF of their Sec. 3) define online RLHF as querying the preference oracle P(a > b | x) on
+the current policy's samples; the RLHF Workflow paper stands a fixed proxy reward model in for it because human
+labels are expensive. With `iterate.py --labels-per-iteration K`, each iteration shows the oracle one pair for K
+of its prompts, adds the answers to the label set, and refits the reward model on all labels so far.
+
+An oracle is a function  f(prompts, responses_a, responses_b) -> list[float]  returning P(a preferred to b) for
+each aligned triple (0/1 for a hard judge). A label is one Bernoulli draw z ~ Bernoulli(p) from a seeded
+generator, so a probabilistic oracle (the built-in task's Bradley-Terry annotators) labels like a noisy human.
+`load_oracle("builtin")` is the built-in task's simulated annotators; "module:function" imports user code (an
+LLM judge or a labelling tool sits behind it), importable from the working directory.
+
+Which two of the n responses to show (`--label-pair`):
+- `max_min`: the current reward model's best vs worst, the pair the DPO step will train on for this prompt, so
+  a label checks exactly the ranking that drives the policy (where the proxy is exploited, it is wrong here);
+- `max_random`: the reward model's best vs a uniformly random other response;
+- `random`: two of the n samples, uniformly (what the offline set does with the SFT policy's two samples): an
+  on-policy pair, no label when the two are the same text. The built-in default (n = 2), because it measured best:
+  the reward model's choices concentrate the labels where its own errors lie, and DPO prefers on-policy pairs
+  (README, the controlled study).
+"""
+import importlib
+import math
+import os
+import sys
+
+import torch
+
+from minirlhf import dist, task
+from minirlhf.data import load_dataset_any, write_jsonl
+
+LABEL_PAIRS = ("max_min", "max_random", "random")
+
+
+def load_oracle(spec):
+    """'builtin' (the task's annotators) or 'module:function' -> f(prompts, responses_a, responses_b)."""
+    if spec == "builtin":
+        return lambda prompts, a, b: [task.preference_prob(p, x, y) for p, x, y in zip(prompts, a, b)]
+    module, sep, name = str(spec).partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"oracle {spec!r}: expected 'builtin' or 'module:function'")
+    if os.getcwd() not in sys.path:  # "importable from the working directory", also for `python /path/iterate.py`
+        sys.path.insert(0, os.getcwd())
+    fn = getattr(importlib.import_module(module), name)
+    fn.spec = spec
+    return fn
+
+
+def label_pairs(oracle, prompts, responses_a, responses_b, generator, name="oracle") -> list[bool]:
+    """Ask the oracle once for all triples -> True where a is preferred. A return of the wrong length, or a value
+    that is not a probability, stops the run naming the function and the row."""
+    name = getattr(oracle, "spec", name)
+    probs = list(oracle(list(prompts), list(responses_a), list(responses_b)))
+    if len(probs) != len(prompts):
+        raise ValueError(f"oracle {name} returned {len(probs)} values for {len(prompts)} pairs")
+    labels = []
+    for i, p in enumerate(probs):
+        try:
+            p = float(p)
+        except (TypeError, ValueError):
+            raise ValueError(f"oracle {name}: row {i}: expected a probability, got {p!r}") from None
+        if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+            raise ValueError(f"oracle {name}: row {i}: P(a preferred) must be in [0, 1], got {p}")
+        labels.append(bool(torch.rand((), generator=generator, dtype=torch.float64).item() < p))
+    return labels
+
+
+def pick_label_pair(scores, responses, rule, generator):
+    """Indices (a, b) of the two responses to show for one prompt, or None when they would be the same text
+    (nothing to compare). `scores` are the current reward model's, used by max_min and max_random."""
+    if rule == "random":  # two of the i.i.d. samples, so the pair is distributed as the policy's own
+        a, b = torch.randperm(len(responses), generator=generator)[:2].tolist()
+        return None if responses[a] == responses[b] else (a, b)
+    distinct = {r: i for i, r in enumerate(responses)}
+    if len(distinct) < 2:
+        return None
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    best = int(scores.argmax())
+    if rule == "max_random":
+        others = [i for i in distinct.values() if responses[i] != responses[best]]
+        return best, others[int(torch.randint(len(others), (), generator=generator))]
+    worst = min((i for i in distinct.values() if responses[i] != responses[best]), key=lambda i: scores[i])
+    return best, worst
+
+
+def ask_oracle(oracle, rows, k, rule, path, seed):
+    """K of an iteration's rows (each: index, prompt, responses, rewards), in order and skipping those whose
+    responses are all the same text, one pair each, labelled by the oracle (on rank 0) and written to `path` as a
+    preference file -> (path, its rows, how often the current reward model agreed with the oracle: its accuracy
+    on fresh labels of the current policy). The file is the record: a rerun after a kill reads it and asks the
+    oracle nothing twice, and a user may label outside the run and put the file there."""
+    if not os.path.exists(path) and dist.is_main():
+        generator = torch.Generator().manual_seed(seed)
+        shown = []
+        for r in rows:
+            pair = pick_label_pair(r["rewards"], r["responses"], rule, generator)
+            if pair is not None:
+                shown.append((r, *pair))
+            if len(shown) == k:
+                break
+        a_wins = label_pairs(oracle, [r["prompt"] for r, _, _ in shown], [r["responses"][a] for r, a, _ in shown],
+                             [r["responses"][b] for r, _, b in shown], generator)
+        write_jsonl(path, [dict(prompt=r["prompt"], chosen=r["responses"][a if w else b],
+                                rejected=r["responses"][b if w else a], index=r["index"],
+                                reward_model_agreed=(r["rewards"][a] > r["rewards"][b]) == w)
+                           for (r, a, b), w in zip(shown, a_wins)])
+    dist.barrier()
+    labels = list(load_dataset_any(path))
+    agreed = [r["reward_model_agreed"] for r in labels if r.get("reward_model_agreed") is not None]
+    return path, labels, sum(agreed) / len(agreed) if agreed else None
