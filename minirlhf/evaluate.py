@@ -145,7 +145,7 @@ def plot(rows: dict, path, proxy_scale=1.0):
         key = "gold_reward" if has_gold else "proxy_reward"
         ax.axhline(rows[b][key], color=f"C{k + 2}", ls=":", label=f"{b} ({key.split('_')[0]})")
     ax.set_xticks(x, path_names)
-    ax.set_xlabel("iteration")
+    ax.set_title("reward")
     ax.legend(fontsize=7)
     ax = axes[1]
     ax.plot(x, [rows[n]["kl_to_ref"] for n in path_names], "o-", color="C0", label="online iterations")

@@ -40,28 +40,30 @@ def copy_until(base_run, dst, iterations):
     return str(dst)
 
 
-def test_shortened_builtin_run_beats_sft(base_run):
+def test_shortened_builtin_run_rises_every_iteration(base_run):
     summary = json.load(open(os.path.join(base_run, "summary.json")))
     rows = summary["policies"]
     assert set(rows) == {"sft", "offline_dpo", "iter1", "iter2"}
-    # the proxy reward, which online DPO maximises, rises at every iteration; the gold reward rises at the first
-    # (by 0.13 on average over 3 seeds). Later iterations over-optimise the 75%-accurate
-    # proxy, so the gold reward of iteration 2 depends on the seed (benchmarks/RESULTS.md): not asserted.
-    assert rows["sft"]["proxy_reward"] < rows["iter1"]["proxy_reward"] < rows["iter2"]["proxy_reward"]
-    assert rows["iter1"]["gold_reward"] > rows["sft"]["gold_reward"] + 0.03
-    assert rows["iter1"]["gold_win_rate"] > 0.5
+    # with online labels the gold reward rises at every iteration: on the 5 seeds of the README's study by
+    # 0.06-0.08 at iteration 1 and 0.05-0.08 at iteration 2
+    assert rows["sft"]["gold_reward"] + 0.03 < rows["iter1"]["gold_reward"] < rows["iter2"]["gold_reward"]
+    assert rows["iter1"]["gold_win_rate"] > 0.5 and rows["iter2"]["gold_win_rate"] > rows["iter1"]["gold_win_rate"]
     assert abs(rows["sft"]["kl_to_ref"]) < 1e-3  # the reference measured against itself
+    assert rows["sft"]["kl_to_ref"] < rows["iter1"]["kl_to_ref"] < rows["iter2"]["kl_to_ref"]
     samples = [json.loads(line) for line in open(os.path.join(base_run, "iter1", "samples.jsonl"))]
-    assert len(samples) == 2000 and all(len(s["responses"]) == 8 == len(s["rewards"]) for s in samples)
-    for s in samples:  # chosen is the best and rejected the worst under the proxy reward (max_min)
-        if s["chosen"] is not None:
+    args = json.load(open(os.path.join(base_run, "args.json")))
+    assert len(samples) == args["prompts_per_iteration"] and all(len(s["responses"]) == args["n"] == len(s["rewards"])
+                                                                for s in samples)
+    labelled = {json.loads(line)["index"] for line in open(os.path.join(base_run, "iter1", "labels.jsonl"))}
+    for s in samples:  # unlabelled prompts: chosen is the best and rejected the worst under the proxy (max_min)
+        if s["chosen"] is not None and s["index"] not in labelled:
             assert s["rewards"][s["responses"].index(s["chosen"])] == max(s["rewards"])
             assert s["rewards"][s["responses"].index(s["rejected"])] == min(s["rewards"])
     metrics = json.load(open(os.path.join(base_run, "iter1", "metrics.json")))
-    assert metrics["no_pair"] == sum(s["chosen"] is None for s in samples) == 2000 - metrics["pairs"]
-    for name in ["sft", "offline_dpo", "iter1/policy", "iter2/policy", "reward_model"]:
+    assert metrics["no_pair"] == sum(s["chosen"] is None for s in samples) == len(samples) - metrics["pairs"]
+    for name in ["sft", "offline_dpo", "iter1/policy", "iter2/policy", "reward_model", "iter2/reward_model"]:
         assert os.path.exists(os.path.join(base_run, name, "config.json")), name
-    # matplotlib is optional: with it the run also draws the table
+    # matplotlib is optional: with it the run also draws the summary
     assert os.path.exists(os.path.join(base_run, "summary.png")) == (importlib.util.find_spec("matplotlib") is not None)
 
 
