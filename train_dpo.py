@@ -18,7 +18,8 @@ be short, and its loss is the mean over its own pairs.
     torchrun --nproc_per_node=8 train_dpo.py --model MODEL --train-data DATA --grad-accum 2 --output-dir out/dpo
 
 OUTPUT is a Hugging Face folder (config.json, model.safetensors, tokenizer) with args.json, metrics.jsonl,
-eval.json, ref_logps.safetensors and checkpoint/ (model, one optimizer shard and RNG state per rank, and
+eval.json and done.json (published together from OUTPUT/staging/ at the end: minirlhf/rundir.py),
+ref_logps.safetensors and checkpoint/ (model, one optimizer shard and RNG state per rank, and
 trainer_state.json; safetensors and JSON, no pickle). --resume continues from checkpoint/ and needs the same
 world size, since each rank saved its own FSDP optimizer shard. OUTPUT must be on a filesystem every node sees.
 Test hook: MINIRLHF_FAIL_AFTER_STEP=k raises after step k (a simulated kill).
@@ -37,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from minirlhf import checkpoint, data, dist, losses
+from minirlhf import checkpoint, data, dist, losses, rundir
 from minirlhf.logprobs import length_normalize, sequence_logps
 from minirlhf.tokenizer import load_tokenizer, pad_token_id
 
@@ -90,6 +91,10 @@ def build_parser():
     # checkpoints
     p.add_argument("--save-steps", type=int, default=500, help="save OUTPUT/checkpoint every N steps (0: at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if there is one")
+    p.add_argument("--allow-changed-args", action="store_true", help="with --resume: continue although arguments "
+                   "that change results differ from the recorded ones (e.g. a lower --lr after a non-finite loss)")
+    p.add_argument("--overwrite", action="store_true", help="run into a folder holding files this program did not "
+                   "write (same-named ones are replaced), or restart an unfinished run without --resume")
     return p
 
 
@@ -149,9 +154,11 @@ def reference_logps(ref_model_path, examples, eval_examples, path, batch_size, d
         gc.collect()
         torch.cuda.empty_cache()
     if dist.is_main():
-        save_file({k: v.contiguous() for k, v in out.items()}, f"{path}.tmp",
-                  metadata={"ref_model": os.path.abspath(ref_model_path), "fingerprint": key})
-        os.replace(f"{path}.tmp", path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with rundir.writing(path):
+            save_file({k: v.contiguous() for k, v in out.items()}, tmp,
+                      metadata={"ref_model": os.path.abspath(ref_model_path), "fingerprint": key})
+        rundir.durable_replace(tmp, path)
     return out
 
 
@@ -216,6 +223,10 @@ def load_examples(args, tokenizer, path, split, chat_template):
     return data.load_preferences(path, tokenizer, split, rejected_column=args.rejected_column, **kw)[0]
 
 
+# arguments that cannot change the trained weights: they may differ on --resume
+NOT_RESULTS = ("resume", "allow_changed_args", "overwrite", "save_steps", "gradient_checkpointing")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     sft = args.loss == "sft"
@@ -224,14 +235,18 @@ def main(argv=None):
     args.ref_model = args.ref_model or args.model
     args.max_prompt_length = args.max_prompt_length or args.max_length // 4
     rank, world_size, device = dist.init_distributed()
-    os.makedirs(args.output_dir, exist_ok=True)
+    run = rundir.start(args.output_dir, vars(args), ["ref_logps.safetensors", "metrics.jsonl", "eval.json", "args.json"],
+                       resume=args.resume, overwrite=args.overwrite, allow_changed_args=args.allow_changed_args,
+                       ignore=NOT_RESULTS)
+    try:
+        return train(args, run, rank, world_size, device)
+    finally:
+        run.close()
+
+
+def train(args, run, rank, world_size, device):
+    sft, resume = args.loss == "sft", run.resume
     ckpt = os.path.join(args.output_dir, "checkpoint")
-    if args.resume and dist.is_main():
-        checkpoint.recover_dir(ckpt)  # a kill between the two renames of the last checkpoint save
-    dist.barrier()
-    resume = args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.json"))
-    if dist.is_main():
-        checkpoint.atomic_write_json(os.path.join(args.output_dir, "args.json"), vars(args))
 
     # data: every rank tokenises everything (deterministic) and takes its slice of each window
     tokenizer = load_tokenizer(args.model)
@@ -267,16 +282,12 @@ def main(argv=None):
     policy.model.gradient_checkpointing = args.gradient_checkpointing
     policy = dist.apply_fsdp(policy, bf16=device.type == "cuda").to(device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, eps=args.adam_eps)
-    step, metrics_path = 0, os.path.join(args.output_dir, "metrics.jsonl")
+    step = 0
     if resume:
         step = checkpoint.load_training_state(policy, optimizer, ckpt, device)["step"]
         dist.print0(f"resuming from {ckpt} at step {step}")
-    if dist.is_main():  # keep the log of the steps before the checkpoint, drop those that will be redone
-        old = []
-        if resume and os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                old = [l for l in f if l.endswith("\n")]  # a kill mid-append leaves a partial last line
-        checkpoint.atomic_write_text(metrics_path, "".join(l for l in old if json.loads(l)["step"] <= step))
+    run.start_metrics(step)  # keep the log of the steps before the checkpoint, drop those that will be redone
+    saved, save_due = (step if resume else None), False
 
     # training loop: one optimizer step per window of batch_size x grad_accum x world_size pairs
     bar = tqdm(total=total_steps, initial=step, disable=None if dist.is_main() else True, desc=args.loss)
@@ -315,9 +326,11 @@ def main(argv=None):
         sums = sums.tolist()
         loss = sums[0] / n_window
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            saved = f"the last good checkpoint is {ckpt}" if os.path.exists(ckpt) else "no checkpoint was saved yet"
-            raise FloatingPointError(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite; stopped "
-                                     f"before updating the weights ({saved}). Lower --lr or check the data.")
+            raise FloatingPointError(rundir.nonfinite_message(step + 1, loss, grad_norm, ckpt, saved))
+        if save_due:  # the weights of step `step` just gave a finite loss and gradient: only now a good checkpoint
+            checkpoint.save_training_state(policy, optimizer, tokenizer, args.output_dir,
+                                           {"step": step, "world_size": world_size})
+            saved, save_due = step, False
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -328,13 +341,10 @@ def main(argv=None):
             n = len(window)
             last |= {"chosen_reward": sums[1] / n, "rejected_reward": sums[2] / n, "margin": (sums[1] - sums[2]) / n,
                      "accuracy": sums[3] / n}
-        if dist.is_main():
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
+        run.log(last)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", **({} if sft else {"acc": f"{last['accuracy']:.2f}"}))
-        if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-            checkpoint.save_training_state(policy, optimizer, tokenizer, args.output_dir, {"step": step, "world_size": world_size})
+        save_due = bool(args.save_steps) and step % args.save_steps == 0 and step < total_steps
         if step == fail_after:
             raise RuntimeError(f"MINIRLHF_FAIL_AFTER_STEP={fail_after}: simulated kill")
     bar.close()
@@ -346,13 +356,12 @@ def main(argv=None):
         summary |= evaluate(args, policy, eval_examples, ref_eval, device, pad_id)
         dist.print0(json.dumps({k: v for k, v in summary.items() if k.startswith("eval")}))
     checkpoint.save_training_state(policy, optimizer, tokenizer, args.output_dir, {"step": step, "world_size": world_size})
-    if dist.is_main():
-        checkpoint.publish(ckpt, args.output_dir)
-        checkpoint.atomic_write_json(os.path.join(args.output_dir, "eval.json"), summary)
+    run.publish(ckpt, {"eval.json": summary})  # args, metrics, eval and model together, then done.json
     dist.barrier()
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    with rundir.user_errors():
+        main()
     dist.cleanup()

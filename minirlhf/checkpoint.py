@@ -5,11 +5,10 @@
 init, no `transformers` model in between) and the tensors are assigned in the dtype and on the device asked for.
 `save_model` writes the same layout back (sharded above `max_shard_bytes`), with the tokenizer, so
 `transformers.AutoModelForCausalLM` / `AutoModelForSequenceClassification` load what we save. Every write goes
-to a temporary path first and is renamed into place, so a killed run never leaves a half-written output.
+to a temporary path first, is fsynced and renamed into place, so a killed run never leaves a half-written output.
 `save_training_state` / `load_training_state` keep what `--resume` needs beside the model: each rank's optimizer
 shard and RNG state (safetensors) and the step (JSON).
 """
-import contextlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from minirlhf import dist
+from minirlhf.rundir import atomic_write_json, atomic_write_text, durable_replace, writing  # noqa: F401 (re-exported)
 from minirlhf.model import CausalLM, RewardModel, config_from_hf
 
 ARCHITECTURES = {  # model_type -> (causal LM class, reward model class) names in transformers
@@ -34,20 +34,6 @@ ARCHITECTURES = {  # model_type -> (causal LM class, reward model class) names i
 # heads a checkpoint may carry that the other kind of model does not load: lm_head (a causal LM read as a reward
 # model, or tied embeddings saved twice) and score (a reward model read as a causal LM)
 OTHER_HEADS = ("lm_head.weight", "score.weight", "score.bias")
-
-
-def atomic_write_text(path, text):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_config(path) -> dict:
@@ -113,6 +99,7 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0):
 def hf_config_for(model, tokenizer=None, dtype=None) -> dict:
     cfg = model.config
     hf = dict(cfg.hf)
+    hf.pop("auto_map", None)  # remote-code classes of the input checkpoint: what we save is plain transformers
     is_reward = isinstance(model, RewardModel)
     hf["architectures"] = [ARCHITECTURES[cfg.model_type][1 if is_reward else 0]]
     if dtype is not None:
@@ -137,33 +124,38 @@ def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
-    shards, current, size = [], {}, 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
+    try:
+        with writing(out_dir):  # disk full: an error naming the folder, and no temporary left
+            shards, current, size = [], {}, 0
+            for name, tensor in state.items():
+                nbytes = tensor.numel() * tensor.element_size()
+                if current and size + nbytes > max_shard_bytes:
+                    shards.append(current)
+                    current, size = {}, 0
+                current[name] = tensor
+                size += nbytes
             shards.append(current)
-            current, size = {}, 0
-        current[name] = tensor
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-            weight_map.update({name: fname for name in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf_config_for(model, tokenizer, dtype), f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for fname, obj in (extra_files or {}).items():
-        with open(os.path.join(tmp, fname), "w") as f:
-            json.dump(obj, f, indent=2)
+            if len(shards) == 1:
+                save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            else:
+                weight_map = {}
+                for i, shard in enumerate(shards):
+                    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                    save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+                    weight_map.update({name: fname for name in shard})
+                total = sum(t.numel() * t.element_size() for t in state.values())
+                with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(hf_config_for(model, tokenizer, dtype), f, indent=2)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for fname, obj in (extra_files or {}).items():
+                with open(os.path.join(tmp, fname), "w") as f:
+                    json.dump(obj, f, indent=2)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_dir(tmp, out_dir)
     return out_dir
 
@@ -176,7 +168,7 @@ def replace_dir(tmp, out_dir):
         shutil.rmtree(old)
     if os.path.exists(out_dir):
         os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
+    durable_replace(tmp, out_dir)
     if os.path.exists(old):
         shutil.rmtree(old)
 
@@ -195,13 +187,15 @@ def _old_name(out_dir):
 
 # Training state beside the model, for --resume: safetensors and JSON only, never pickle.
 
-def save_training_state(policy, optimizer, tokenizer, output_dir, train_state):
-    """OUTPUT/checkpoint: HF model (rank 0), optimizer shard and RNG state per rank, trainer_state.json. Written
-    in a temporary folder renamed into place, so a kill at any moment leaves the previous checkpoint whole."""
+def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, extra_files=None):
+    """OUTPUT/checkpoint: HF model (rank 0; with `extra_files`, see save_model), optimizer shard and RNG state per
+    rank, trainer_state.json. Written in a temporary folder (a name unique to this save, the same on every rank)
+    renamed into place, so a kill at any moment leaves the previous checkpoint whole."""
     full = dist.full_state_dict(policy)  # collective: every rank gathers
-    tmp, rank = os.path.join(output_dir, ".checkpoint.next"), dist.get_rank()
+    name = dist.all_gather_objects(uuid.uuid4().hex[:8])[0]
+    tmp, rank = os.path.join(output_dir, f".checkpoint.tmp-{name}"), dist.get_rank()
     if dist.is_main():
-        save_model(policy, tmp, tokenizer, state_dict=full)
+        save_model(policy, tmp, tokenizer, state_dict=full, extra_files=extra_files)
     dist.barrier()
     state = {f"{name}/{k}": (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
              for name, p in policy.named_parameters() for k, v in optimizer.state.get(p, {}).items()}
@@ -238,25 +232,3 @@ def load_training_state(policy, optimizer, ckpt, device):
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return train_state
-
-
-def publish(ckpt, output_dir):
-    """Make OUTPUT itself a loadable HF folder: hard-link (else copy) the checkpoint's model and tokenizer files
-    to temporary names, then rename each into place; weights of an earlier run (another shard count) go.
-    config.json goes first and comes back last, so a folder killed halfway holds no loadable mix of two runs."""
-    names = sorted((n for n in os.listdir(ckpt) if not n.startswith(("optimizer.", "rng.", "trainer_state"))),
-                   key=lambda n: n == "config.json")
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(output_dir, "config.json"))
-    for name in os.listdir(output_dir):
-        if name.startswith("model") and name.endswith((".safetensors", ".index.json")) and name not in names:
-            os.remove(os.path.join(output_dir, name))
-    for name in names:
-        tmp = os.path.join(output_dir, f".{name}.tmp")
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        try:
-            os.link(os.path.join(ckpt, name), tmp)  # no second copy of the weights on disk
-        except OSError:
-            shutil.copy2(os.path.join(ckpt, name), tmp)
-        os.replace(tmp, os.path.join(output_dir, name))
