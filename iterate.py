@@ -32,14 +32,14 @@ import torch
 
 import train_dpo
 import train_rm
-from minirlhf import dist, task
+from minirlhf import dist, rundir, task
 from minirlhf.checkpoint import atomic_write_json, load_model, save_model
-from minirlhf.data import BadRow, load_dataset_any, split_row, write_jsonl
+from minirlhf.data import BadRow, check_prompts, load_dataset_any, split_row, write_jsonl
 from minirlhf.evaluate import evaluate_policy, format_table, plot, reward_model_accuracy
 from minirlhf.losses import PREFERENCE_LOSSES
 from minirlhf.model import init_model
 from minirlhf.pairs import make_pair, shaped_scores
-from minirlhf.rewards import load_reward_source
+from minirlhf.rewards import check_finite, load_reward_source
 from minirlhf.sampler import generate
 from minirlhf.tokenizer import decode_response, encode_prompt, load_tokenizer
 
@@ -62,6 +62,8 @@ def build_parser():
     p.add_argument("--output-dir", default="runs/iterate", help="run folder: one subfolder per stage and iteration")
     p.add_argument("--seed", type=int, default=0, help="seed of every sampler, shuffle and simulated label")
     p.add_argument("--resume", action="store_true", help="continue an interrupted DPO stage from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="run into a folder holding files this program did not "
+                                                            "write (same-named ones are replaced)")
     # what the outside world provides (default: the built-in task makes all of it)
     p.add_argument("--sft-model", help="HF folder of the SFT policy pi_0 (default: SFT on the built-in task)")
     p.add_argument("--reward", help="reward source: a BT reward model folder, a pairwise preference model folder, "
@@ -221,10 +223,19 @@ def load_prompts(path, column):
 def main(argv=None):
     args = resolve_defaults(build_parser().parse_args(argv))
     rank, world_size, device = dist.init_distributed()
+    # the folder is locked, foreign files refused, and a rerun with other arguments refused (its finished stages
+    # would be skipped and mixed with new ones): minirlhf/rundir.py
+    names = ["init", "sft", "data", "reward_model", "offline_dpo", "summary.json", "summary.png"]
+    run = rundir.start(args.output_dir, vars(args), names + [f"iter{t}" for t in range(1, args.iterations + 1)],
+                       overwrite=args.overwrite, ignore=("resume", "save_steps", "overwrite"), staged=False)
+    try:
+        run_workflow(args, device)
+    finally:
+        run.close()
+
+
+def run_workflow(args, device):
     start = time.time()
-    os.makedirs(args.output_dir, exist_ok=True)
-    if dist.is_main():
-        atomic_write_json(f"{args.output_dir}/args.json", vars(args))
     offline_dir = eval_prompts = None
     if args.sft_model is None:
         sft_dir, reward_spec, prompts, eval_prompts, offline_dir = builtin_task(args, device)
@@ -234,6 +245,9 @@ def main(argv=None):
         eval_prompts = load_prompts(args.eval_prompts, args.prompt_column) if args.eval_prompts else None
     reward_fn = load_reward_source(reward_spec, device=device)
     tokenizer = load_tokenizer(sft_dir)
+    if args.sft_model is not None:  # user prompts: what would fail after sampling fails now, naming the row
+        check_prompts(prompts, tokenizer, args.max_length // 4, args.prompts, args.prompt_column)
+        check_prompts(eval_prompts or [], tokenizer, None, args.eval_prompts, args.prompt_column)
     per_iter = args.prompts_per_iteration or len(prompts) // args.iterations
     if per_iter < 1 or per_iter * args.iterations > len(prompts):
         raise ValueError(f"{args.iterations} iterations of {per_iter} fresh prompts need {args.iterations * per_iter}"
@@ -249,6 +263,7 @@ def main(argv=None):
         iter_prompts = prompts[(t - 1) * per_iter:t * per_iter]
         rows = sample(policy_dir, tokenizer, iter_prompts, args.n, args, args.seed + t, device)
         rewards = reward_fn([r["prompt"] for r in rows], [r["responses"] for r in rows])
+        check_finite(rewards, [(t - 1) * per_iter + r["index"] for r in rows], reward_spec)  # row of the prompts
         # 4. one pair per prompt from the shaped scores (--pair-rule; the paper's best vs worst by default)
         generator = torch.Generator().manual_seed(args.seed * 1000 + t)
         for r, rew in zip(rows, rewards):
@@ -271,12 +286,13 @@ def main(argv=None):
         dpo = train_dpo.main(dpo_flags(args, policy_dir, ref_dir, f"{it_dir}/pairs.jsonl", f"{it_dir}/policy"))
         # 6. the iteration's metrics; the policy folder is already saved by train_dpo
         all_rewards = [x for r in rows for x in r["rewards"]]
-        metrics = dict(iteration=t, prompts=len(rows), pairs=len(pairs), no_pair=len(rows) - len(pairs),
+        metrics = dict(iteration=t, prompts=len(rows), pairs=dpo["train_examples"], no_pair=len(rows) - len(pairs),
+                       dropped_by_dpo=len(pairs) - dpo["train_examples"],  # e.g. identical once cut to --max-length
                        mean_reward=sum(all_rewards) / len(all_rewards), reference=ref_dir,
                        mean_best_reward=sum(max(r["rewards"]) for r in rows) / len(rows),
                        truncated=sum(x for r in rows for x in r["truncated"]) / len(all_rewards),
                        dpo={k: v for k, v in dpo.items() if isinstance(v, (int, float))}, seconds=time.time() - t0)
-        dist.print0(f"iteration {t}: {len(pairs)} pairs ({metrics['no_pair']} prompts tied or within --min-gap), "
+        dist.print0(f"iteration {t}: {metrics['pairs']} pairs ({metrics['no_pair']} prompts tied or within --min-gap), "
                     f"mean reward {metrics['mean_reward']:.3f}, best-of-{args.n} {metrics['mean_best_reward']:.3f}")
         if dist.is_main():
             atomic_write_json(f"{it_dir}/metrics.json", metrics)
@@ -321,5 +337,6 @@ def evaluate_all(args, sft_dir, offline_dir, reward_fn, prompts, device, builtin
 
 
 if __name__ == "__main__":
-    main()
+    with rundir.user_errors():
+        main()
     dist.cleanup()

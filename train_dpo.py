@@ -351,6 +351,7 @@ def train(args, run, rank, world_size, device):
 
     # held-out evaluation, then OUTPUT/checkpoint (resumable) and OUTPUT itself (the final HF model)
     summary = {"step": step, "train_loss": last.get("loss"), "output_dir": os.path.abspath(args.output_dir),
+               "train_examples": len(train_rows),  # after --skip-bad-rows: what was trained on
                "tokens_per_sec": sum(tokens_per_sec) / max(1, len(tokens_per_sec))}
     if eval_examples:
         summary |= evaluate(args, policy, eval_examples, ref_eval, device, pad_id)

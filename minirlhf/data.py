@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 
-from minirlhf.checkpoint import atomic_write_text
 from minirlhf.dist import print0
-from minirlhf.tokenizer import check_chat_template, encode_pair
+from minirlhf.rundir import UserError, atomic_write_text
+from minirlhf.tokenizer import as_messages, check_chat_template, encode_pair, encode_prompt
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A bad data row: the message names the file, the row index and the field."""
 
 
@@ -67,8 +67,9 @@ def load_dataset_any(path, split="train") -> datasets.Dataset:
 
 
 def write_jsonl(path, rows):
-    """Write rows as JSON lines atomically (temporary file + rename), so readers never see half a file."""
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    """Write rows as JSON lines atomically (temporary file + rename), so readers never see half a file; NaN and
+    Infinity are refused (they are not JSON)."""
+    atomic_write_text(path, "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
 
 
 class BadRow(Exception):
@@ -158,6 +159,19 @@ def _tokenize_rows(rows, tokenizer, prompt_column, response_columns, max_length,
         out.append((i, prompt_ids, responses))
     report_skipped(source, skipped, i + 1, len(out))
     return out, dict(skipped)
+
+
+def check_prompts(prompts, tokenizer, max_prompt_length, source, column="prompt"):
+    """Online prompts, checked before any sampling: each has a user message (what a reward function reads), and
+    at most max_prompt_length tokens (None: no limit), the limit beyond which DPO would drop its pair."""
+    for i, prompt in enumerate(prompts):
+        roles = [m["role"] for m in as_messages(prompt)]
+        if "user" not in roles:
+            raise DataError(f"{source}: row {i}: field {column!r}: no user message (roles {roles})")
+        n = len(encode_prompt(tokenizer, prompt)) if max_prompt_length else 0
+        if n > max_prompt_length:
+            raise DataError(f"{source}: row {i}: field {column!r}: prompt is {n} tokens > {max_prompt_length}, the "
+                            "DPO prompt limit (--max-length / 4): raise --max-length or drop the row")
 
 
 def report_skipped(source, skipped, n_rows, n_kept):

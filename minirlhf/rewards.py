@@ -24,6 +24,7 @@ FSDP in train_rm.py.
 """
 import importlib
 import json
+import math
 import os
 
 import torch
@@ -32,6 +33,7 @@ from minirlhf.checkpoint import load_model, read_config
 from minirlhf.data import Sequence, collate_sequences
 from minirlhf.logprobs import IGNORE_INDEX
 from minirlhf.losses import preference_probability
+from minirlhf.rundir import UserError
 from minirlhf.tokenizer import as_messages, encode_pair, encode_prompt, load_tokenizer, pad_token_id
 
 # The judge's user turn, RLHFlow's layout; the answer (the assistant's first token) is a label token.
@@ -197,7 +199,18 @@ def _unflatten(flat, responses) -> list[list[float]]:
 
 
 def _last_user_content(prompt) -> str:
-    return prompt if isinstance(prompt, str) else [m for m in prompt if m["role"] == "user"][-1]["content"]
+    users = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt if m["role"] == "user"]
+    if not users:
+        raise UserError(f"prompt {str(prompt)[:80]!r} has no user message for the reward function to read")
+    return users[-1]
+
+
+def check_finite(scores, indices, source):
+    """Stop on a NaN or infinite reward (it would make a tie or a meaningless pair, and is not JSON): scores one
+    list per prompt, indices the prompts' numbers to name."""
+    for i, row in zip(indices, scores):
+        if not all(math.isfinite(x) for x in row):
+            raise UserError(f"reward source {source}: non-finite reward {row} for prompt {i}: fix the reward source")
 
 
 def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pairs_max=ALL_PAIRS_MAX, seed=0):

@@ -33,9 +33,11 @@ def base_run(tmp_path_factory):
 
 
 def copy_until(base_run, dst, iterations):
-    """A copy of the run's offline stages and its first `iterations` iterations."""
+    """A copy of the run's offline stages and its first `iterations` iterations, with the manifest that says they
+    are iterate.py's (not its args.json: a copy may run with other values)."""
     for name in ["init", "sft", "data", "reward_model", "offline_dpo"] + [f"iter{t}" for t in range(1, iterations + 1)]:
         shutil.copytree(os.path.join(base_run, name), os.path.join(dst, name))
+    shutil.copy(os.path.join(base_run, "manifest.json"), dst)
     return str(dst)
 
 
@@ -57,7 +59,8 @@ def test_shortened_builtin_run_beats_sft(base_run):
             assert s["rewards"][s["responses"].index(s["chosen"])] == max(s["rewards"])
             assert s["rewards"][s["responses"].index(s["rejected"])] == min(s["rewards"])
     metrics = json.load(open(os.path.join(base_run, "iter1", "metrics.json")))
-    assert metrics["no_pair"] == sum(s["chosen"] is None for s in samples) == 2000 - metrics["pairs"]
+    assert metrics["no_pair"] == sum(s["chosen"] is None for s in samples)
+    assert metrics["no_pair"] + metrics["pairs"] + metrics["dropped_by_dpo"] == 2000
     for name in ["sft", "offline_dpo", "iter1/policy", "iter2/policy", "reward_model"]:
         assert os.path.exists(os.path.join(base_run, name, "config.json")), name
     # matplotlib is optional: with it the run also draws the table
