@@ -71,7 +71,8 @@ def build_parser():
     # objective
     p.add_argument("--loss", default="dpo", choices=[*losses.PREFERENCE_LOSSES, "sft"], help="training objective")
     p.add_argument("--beta", type=float, default=0.1, help="KL strength beta of DPO / IPO / hinge")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO: probability that a label is flipped")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO (--loss dpo only): probability in "
+                                                                        "[0, 0.5) that a label is flipped")
     p.add_argument("--nll-coef", type=float, default=0.0, help="RPO: weight of the chosen response's per-token NLL")
     p.add_argument("--length-normalize", action="store_true", help="log-probs averaged over response tokens "
                                                                      "(as TRL does for IPO)")
@@ -79,8 +80,8 @@ def build_parser():
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-7, SFT 2e-5)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the training data (default 2, SFT 1)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: epochs; sizes the schedule)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs (SFT: sequences) per micro-batch per rank")
-    p.add_argument("--grad-accum", type=int, default=16, help="micro-batches per optimizer step")
+    p.add_argument("--batch-size", type=rundir.positive_int, default=8, help="pairs (SFT: sequences) per micro-batch per rank")
+    p.add_argument("--grad-accum", type=rundir.positive_int, default=16, help="micro-batches per optimizer step")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
@@ -234,7 +235,13 @@ def main(argv=None):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.ref_model = args.ref_model or args.model
     args.max_prompt_length = args.max_prompt_length or args.max_length // 4
+    if args.label_smoothing and (args.loss != "dpo" or not 0 <= args.label_smoothing < 0.5):
+        raise rundir.UserError(f"--label-smoothing {args.label_smoothing}: conservative DPO needs --loss dpo (got "
+                               f"{args.loss}) and a flip rate in [0, 0.5) (0.5 or more inverts the preference)")
     rank, world_size, device = dist.init_distributed()
+    if args.loss == "ipo" and not args.length_normalize:
+        dist.print0("note: IPO on summed log-probs (the paper's form); TRL averages them per token "
+                    "(--length-normalize), so a beta tuned in TRL does not carry over")
     run = rundir.start(args.output_dir, vars(args), ["ref_logps.safetensors", "metrics.jsonl", "eval.json", "args.json"],
                        resume=args.resume, overwrite=args.overwrite, allow_changed_args=args.allow_changed_args,
                        ignore=NOT_RESULTS)

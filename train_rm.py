@@ -74,9 +74,9 @@ def build_parser():
     p.add_argument("--epochs", type=int, default=1, help="passes over the training pairs")
     p.add_argument("--max-steps", type=int, default=None,
                    help="train exactly this many optimizer steps instead of --epochs (sizes the schedule)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch per rank")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--eval-batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=rundir.positive_int, default=8, help="pairs per micro-batch per rank")
+    p.add_argument("--grad-accum", type=rundir.positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--eval-batch-size", type=rundir.positive_int, default=None,
                    help="pairs per eval batch per rank (default --batch-size)")
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
     p.add_argument("--weight-decay", type=float, default=0.001, help="AdamW weight decay (matrices only)")
@@ -110,9 +110,11 @@ def load_examples(args, tokenizer, path, split):
             for pair in pairs:
                 try:
                     margins.append(float(column[pair.row]))
+                    if not math.isfinite(margins[-1]):
+                        raise ValueError
                 except (TypeError, ValueError):
-                    raise data.DataError(f"{path}: row {pair.row}: field {args.margin_column!r}: expected a number, "
-                                         f"got {column[pair.row]!r}") from None
+                    raise data.DataError(f"{path}: row {pair.row}: field {args.margin_column!r}: expected a finite "
+                                         f"number, got {column[pair.row]!r}") from None
         return list(zip(pairs, margins))
     # pairwise: the row formats of data.py (its row splitter and errors), then the judge template
     check_chat_template(tokenizer)  # a tokenizer problem, not a row problem: fail before row 0

@@ -15,12 +15,12 @@ import shutil
 import uuid
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from minirlhf import dist
-from minirlhf.rundir import atomic_write_json, atomic_write_text, durable_replace, writing  # noqa: F401 (re-exported)
+from minirlhf.rundir import UserError, atomic_write_json, atomic_write_text, durable_replace, writing  # noqa: F401
 from minirlhf.model import CausalLM, RewardModel, config_from_hf
 
 ARCHITECTURES = {  # model_type -> (causal LM class, reward model class) names in transformers
@@ -38,8 +38,10 @@ OTHER_HEADS = ("lm_head.weight", "score.weight", "score.bias")
 
 def read_config(path) -> dict:
     config_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such folder (expected a Hugging Face checkpoint folder)")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
+        raise UserError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
     with open(config_path) as f:
         return json.load(f)
 
@@ -51,12 +53,18 @@ def weight_files(path) -> list[str]:
         return [single]
     if os.path.isfile(index):
         with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: no \"weight_map\" {{tensor name: shard file}}")
+        shards = sorted(set(weight_map.values()))
+        outside = [s for s in shards if os.path.isabs(s) or os.path.normpath(s).startswith("..")]
+        if outside:  # a shard path is a name inside the folder, never a way to read other files
+            raise UserError(f"{index}: shard path(s) outside the checkpoint folder: {outside}")
         missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
         if missing:
-            raise FileNotFoundError(f"{index}: lists shard(s) that do not exist: {missing}")
+            raise UserError(f"{index}: lists shard(s) that do not exist: {missing}")
         return [os.path.join(path, s) for s in shards]
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+    raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json "
                             "(minirlhf reads safetensors only, never pickled .bin weights)")
 
 
@@ -73,16 +81,16 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0):
     expected = model.state_dict()
     state = {}
     for file in weight_files(path):
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with _open_safetensors(file, device) as f:
             for name in f.keys():
                 if name not in expected:
                     if name in OTHER_HEADS or name.endswith("rotary_emb.inv_freq"):
                         continue  # the head of the other kind (a reward model read as a causal LM), buffers
-                    raise ValueError(f"{file}: unexpected tensor {name}: config.json describes a model without "
+                    raise UserError(f"{file}: unexpected tensor {name}: config.json describes a model without "
                                      "it (check attention_bias, mlp_bias, tie_word_embeddings, model_type)")
                 tensor = f.get_tensor(name)
                 if tensor.shape != expected[name].shape:
-                    raise ValueError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
+                    raise UserError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
                                      f"{tuple(expected[name].shape)}")
                 state[name] = tensor.to(dtype)
     if kind == "reward" and "score.weight" not in state:
@@ -91,9 +99,16 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0):
         state["score.weight"] = (torch.randn(1, cfg.hidden_size, generator=generator) * std).to(dtype).to(device)
     missing = [name for name in expected if name not in state]
     if missing:
-        raise ValueError(f"{path}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise UserError(f"{path}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(state, assign=True, strict=True)
     return model
+
+
+def _open_safetensors(file, device):
+    try:
+        return safe_open(file, framework="pt", device=str(device))
+    except (SafetensorError, OSError) as e:  # its own message names no file
+        raise UserError(f"{file}: not a readable safetensors file (truncated or empty?): {e}") from None
 
 
 def hf_config_for(model, tokenizer=None, dtype=None) -> dict:
@@ -215,7 +230,7 @@ def load_training_state(policy, optimizer, ckpt, device):
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         train_state = json.load(f)
     if train_state["world_size"] != dist.world_size():
-        raise ValueError(f"{ckpt} was saved by {train_state['world_size']} ranks, each with its own optimizer "
+        raise UserError(f"{ckpt} was saved by {train_state['world_size']} ranks, each with its own optimizer "
                          f"shard: resume with the same world size (got {dist.world_size()})")
     saved = load_file(os.path.join(ckpt, f"optimizer.rank{rank}.safetensors"))
     for name, p in policy.named_parameters():

@@ -51,19 +51,62 @@ class Sequence:  # one SFT / scoring example
 
 
 def load_dataset_any(path, split="train") -> datasets.Dataset:
-    """A .json / .jsonl / .parquet file, a Dataset.save_to_disk folder, or else anything `datasets.load_dataset`
-    takes with `split` (a hub name, a folder of data files)."""
+    """A .json / .jsonl / .parquet file, a Dataset.save_to_disk folder, a folder of data files, or "hub:NAME" for
+    `datasets.load_dataset(NAME, split=split)`: the Hub is reached only when asked for by that prefix.
+    A file that does not load is read again to say which line is bad (JSON) or that it is not parquet."""
     path = str(path)
     datasets.disable_progress_bars()  # one bar per small file would drown the training logs
+    if path.startswith("hub:"):
+        return datasets.load_dataset(path[4:], split=split)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: not found locally (for a dataset on the Hugging Face Hub, write hub:{path})")
     if any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(path)
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     ext = os.path.splitext(path)[1]
-    if ext in (".json", ".jsonl", ".parquet"):
-        if not os.path.exists(path):
-            raise FileNotFoundError(path)
-        return datasets.load_dataset("parquet" if ext == ".parquet" else "json", data_files=path, split="train")
-    return datasets.load_dataset(path, split=split)
+    if ext not in (".json", ".jsonl", ".parquet"):
+        return datasets.load_dataset(path, split=split)  # a local folder of data files
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: is a folder, not a {ext} file")
+    if ext != ".parquet":
+        _check_json(path, ext)  # cheap next to tokenisation, and it names the bad line
+    try:
+        ds = datasets.load_dataset("parquet" if ext == ".parquet" else "json", data_files=path, split="train")
+    except Exception as e:  # pyarrow and datasets name neither the file nor the row
+        raise DataError(f"{path}: could not be read as {ext[1:]}: {type(e).__name__}: {str(e)[:200]}") from None
+    if not len(ds):
+        raise DataError(f"{path}: no rows")
+    return ds
+
+
+def _check_json(path, ext):
+    """Every line of a .jsonl (or the whole .json) is UTF-8 JSON holding objects, and there is at least one."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    where = "file"
+    try:
+        if ext == ".json":
+            items = json.loads(raw.decode("utf-8"))
+            items = items if isinstance(items, list) else [items]
+            for i, item in enumerate(items):
+                where = f"item {i}"
+                if not isinstance(item, dict):
+                    raise ValueError(f"a JSON {type(item).__name__}, expected an object {{column: value}}")
+        else:
+            items = []
+            for i, line in enumerate(raw.split(b"\n")):
+                where = f"line {i + 1}"
+                if line.strip():
+                    items.append(json.loads(line.decode("utf-8")))
+                    if not isinstance(items[-1], dict):
+                        raise ValueError(f"a JSON {type(items[-1]).__name__}, expected an object {{column: value}}")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {where}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") \
+            from None
+    except ValueError as e:
+        raise DataError(f"{path}: {where}: {e}") from None
+    if not items:
+        raise DataError(f"{path}: no rows (the file is empty or blank)")
 
 
 def write_jsonl(path, rows):
@@ -169,7 +212,7 @@ def check_prompts(prompts, tokenizer, max_prompt_length, source, column="prompt"
         if "user" not in roles:
             raise DataError(f"{source}: row {i}: field {column!r}: no user message (roles {roles})")
         n = len(encode_prompt(tokenizer, prompt)) if max_prompt_length else 0
-        if n > max_prompt_length:
+        if max_prompt_length and n > max_prompt_length:
             raise DataError(f"{source}: row {i}: field {column!r}: prompt is {n} tokens > {max_prompt_length}, the "
                             "DPO prompt limit (--max-length / 4): raise --max-length or drop the row")
 

@@ -15,6 +15,7 @@ A run owns its --output-dir through:
 Every write is atomic (a uniquely named temporary, renamed into place) and durable: the file, or every file of a
 folder, and then the folder are fsynced around the rename that publishes it.
 """
+import argparse
 import contextlib
 import fcntl
 import json
@@ -44,6 +45,14 @@ def user_errors():
         yield
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def positive_int(text):
+    """argparse type of counts that must be >= 1 (a batch size of 0 would divide by zero later)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
 
 
 def _fsync(path):

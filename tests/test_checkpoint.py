@@ -104,7 +104,7 @@ def test_unsupported_rope_type(tmp_path):
 def test_missing_weight_file(tmp_path):
     save_tiny(tmp_path, "llama3")
     os.remove(tmp_path / "model.safetensors")
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(ValueError, match="no model.safetensors"):
         load_model(tmp_path)
 
 
@@ -112,7 +112,7 @@ def test_missing_shard(tmp_path):
     save_tiny(tmp_path / "src", "llama3")
     save_model(load_model(tmp_path / "src"), tmp_path / "out", max_shard_bytes=20_000)
     os.remove(weight_files(tmp_path / "out")[1])
-    with pytest.raises(FileNotFoundError, match=r"index.json: lists shard\(s\) that do not exist.*model-00002"):
+    with pytest.raises(ValueError, match=r"index.json: lists shard\(s\) that do not exist.*model-00002"):
         load_model(tmp_path / "out")
 
 
