@@ -67,7 +67,8 @@ def build_parser():
     # what the outside world provides (default: the built-in task makes all of it)
     p.add_argument("--sft-model", help="HF folder of the SFT policy pi_0 (default: SFT on the built-in task)")
     p.add_argument("--reward", help="reward source: a BT reward model folder, a pairwise preference model folder, "
-                                    "or module:function (default: the built-in task's proxy reward model)")
+                                    "or module:function (imports and runs that Python code, found on sys.path or in "
+                                    "the working directory; default: the built-in task's proxy reward model)")
     p.add_argument("--prompts", help="dataset (.jsonl/.json/.parquet/save_to_disk folder) with a prompt column")
     p.add_argument("--prompt-column", default="prompt", help="column of --prompts holding a string or chat messages")
     p.add_argument("--eval-prompts", help="held-out prompts evaluated after the loop (default: none; built-in: 300)")

@@ -52,7 +52,7 @@ def build_parser():
     p.add_argument("--model", required=True, help="policy checkpoint folder (Hugging Face layout, with tokenizer)")
     p.add_argument("--ref-model", default=None, help="reference policy checkpoint folder (default: --model)")
     p.add_argument("--train-data", required=True, help="training data: .json/.jsonl/.parquet, save_to_disk folder "
-                                                       "or hub name (formats: see minirlhf/data.py)")
+                                                       "or hub:NAME (formats: see minirlhf/data.py)")
     p.add_argument("--train-split", default="train", help="split of --train-data (hub datasets / DatasetDicts)")
     p.add_argument("--eval-data", default=None, help="held-out data in the same format")
     p.add_argument("--eval-split", default="test", help="split of --eval-data")

@@ -52,7 +52,7 @@ def build_parser():
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
     p.add_argument("--kind", default="bt", choices=["bt", "pairwise"], help="Bradley-Terry or pairwise model")
     p.add_argument("--train-data", required=True, help="preference data: .json/.jsonl/.parquet, save_to_disk "
-                                                       "folder or hub name (formats: see minirlhf/data.py)")
+                                                       "folder or hub:NAME (formats: see minirlhf/data.py)")
     p.add_argument("--train-split", default="train", help="split of --train-data (hub datasets / DatasetDicts)")
     p.add_argument("--eval-data", default=None, help="held-out preference data in the same format")
     p.add_argument("--eval-split", default="test", help="split of --eval-data")

@@ -26,6 +26,7 @@ import importlib
 import json
 import math
 import os
+import sys
 
 import torch
 
@@ -226,6 +227,8 @@ def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pa
         module, sep, name = spec.partition(":")
         if not sep or not module or not name:
             raise ValueError(f"reward source {spec!r}: not a checkpoint folder and not 'module:function'")
+        if os.getcwd() not in sys.path:  # `python /elsewhere/iterate.py` puts the script's folder there, not this one
+            sys.path.append(os.getcwd())
         user_fn = getattr(importlib.import_module(module), name)
 
         def score_with_function(prompts, responses):

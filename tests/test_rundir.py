@@ -93,3 +93,18 @@ def test_refusals_before_any_work(tmp_path):
     with pytest.raises(rundir.UserError, match=r"--beta: recorded 0.1, now 0.5\n  --seed: recorded 0, now 7"):
         rundir.start(tmp_path / "c", {"seed": 7, "beta": 0.5, "resume": True}, [], staged=False, ignore=("resume",))
     assert json.loads((tmp_path / "c" / "args.json").read_text())["seed"] == 0
+
+
+def test_writes_are_durable(tmp_path, monkeypatch):
+    """The file's data is fsynced before the rename that publishes it, and its folder after (the rename itself)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    rundir.atomic_write_json(tmp_path / "x.json", {"a": 1})
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1].startswith(str(tmp_path / "x.json.tmp-")) and events[2][1] == str(tmp_path)
+    with pytest.raises(ValueError):  # NaN is not JSON: refused, not written
+        rundir.atomic_write_json(tmp_path / "y.json", {"a": float("nan")})
+    assert not (tmp_path / "y.json").exists()
