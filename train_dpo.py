@@ -208,13 +208,6 @@ def micro_batches(window, batch_size, rank, world_size):
             for s in range(0, len(window), batch_size * world_size)]
 
 
-def lr_at(step, total_steps, warmup_steps, peak, schedule):
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak * {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1}[schedule]
-
-
 def load_examples(args, tokenizer, path, split, chat_template):
     kw = dict(prompt_column=args.prompt_column, chosen_column=args.chosen_column, max_length=args.max_length,
               max_prompt_length=args.max_prompt_length, chat_template=chat_template, skip_bad=args.skip_bad_rows)
@@ -308,7 +301,7 @@ def train(args, run, rank, world_size, device):
         window = [train_rows[i] for i in epoch_windows[1][w]]
         # every rank knows the window's size in pairs (SFT: target tokens): the global count of window_mean
         n_window = sum(len(examples[i].response_ids) for i in window) if sft else len(window)
-        lr = lr_at(step, total_steps, warmup_steps, args.lr, args.lr_schedule)
+        lr = losses.lr_at(step, total_steps, warmup_steps, args.lr, args.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         policy.train()

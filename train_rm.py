@@ -9,7 +9,7 @@
                  -1/2 [log p("A" | x, y_c, y_r) + log p("B" | x, y_r, y_c)]. Saved as a causal LM.
 
 Defaults follow RLHFlow's recipe: AdamW, lr 2e-6 (bt) / 5e-6 (pairwise), 1 epoch, cosine schedule to 0 with 3%
-linear warmup (as transformers' get_cosine_schedule_with_warmup), weight decay 0.001 (not on norms/biases),
+linear warmup (losses.lr_at, train_dpo.py's schedule), weight decay 0.001 (not on norms/biases),
 gradient clipping 1.0, max length 4096. Their global batch is 512 pairs: --batch-size 1 --grad-accum 64 on
 8 GPUs. Global batch = batch size x grad accum x world size; a final partial batch of an epoch is dropped
 (data.shuffled_batches). Unlike RLHFlow (DeepSpeed, transformers Trainer) this is FSDP2 and one plain loop.
@@ -194,14 +194,6 @@ def evaluate(model, examples, args, label_ids, pad_id, device):
     return {"accuracy": sums[1].item() / n, "loss": sums[0].item() / n, "margin": sums[2].item() / n, "pairs": int(n)}
 
 
-def lr_at(step, total_steps, warmup_steps, peak):
-    """Linear warmup from 0, then cosine decay to 0 (transformers' get_cosine_schedule_with_warmup)."""
-    if step < warmup_steps:
-        return peak * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def pairwise_config(args):
     """What rewards.load_reward_source needs to ask a pairwise judge the same way (saved beside its weights)."""
     if args.kind != "pairwise":
@@ -272,7 +264,7 @@ def train(args, run, rank, world_size, device):
         epoch, w = divmod(step, steps_per_epoch)
         batches = data.shuffled_batches(len(train), args.batch_size, args.seed, epoch, rank, world_size)
         for w in range(w, steps_per_epoch):
-            lr = lr_at(step, total_steps, warmup_steps, args.lr)
+            lr = losses.lr_at(step, total_steps, warmup_steps, args.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, margin

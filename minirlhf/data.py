@@ -1,7 +1,8 @@
 """Preference and SFT data: loading, row formats, tokenisation, truncation, collation and sharded shuffling.
 
-Row formats (TRL's conventions; column names are arguments that scripts expose as flags):
-  standard        prompt, chosen, rejected are strings
+Row formats (TRL's column layouts; column names are arguments that scripts expose as flags):
+  standard        prompt, chosen, rejected are strings. Unlike TRL, which tokenises such rows as raw text, we
+                  template them: the prompt is one user message and each response one assistant message
   conversational  prompt is a list of {"role", "content"} messages (or a string); chosen / rejected are lists
                   of assistant messages
   implicit prompt chosen and rejected are whole conversations (RLHFlow, UltraFeedback-binarized): the prompt is

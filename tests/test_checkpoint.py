@@ -188,3 +188,12 @@ def test_init_model_is_seeded_and_loads_in_transformers(tmp_path):
     ids, _ = ragged_batch([5], "right")
     with torch.no_grad():
         torch.testing.assert_close(a.eval()(ids), hf(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_auto_map_is_not_copied_into_saved_configs(tmp_path):
+    """A config's auto_map names remote-code classes: what we save is a plain transformers model without it."""
+    save_tiny(tmp_path / "src", "llama3")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModel": "x.Y"}}))
+    save_model(load_model(tmp_path / "src"), tmp_path / "out")
+    assert "auto_map" not in json.loads((tmp_path / "out" / "config.json").read_text())

@@ -263,6 +263,12 @@ def test_resume_refuses_changed_arguments_and_a_held_folder(setup, tmp_path, mon
     assert "resuming from" in capsys.readouterr().out
 
 
+def test_ipo_without_length_normalize_says_how_it_differs_from_trl(setup, tmp_path, capsys):
+    with pytest.raises(ValueError):  # the note comes first, before any input is read
+        run(setup, tmp_path / "o", "--train-data", tmp_path / "missing.jsonl", "--loss", "ipo")
+    assert "note: IPO on summed log-probs" in capsys.readouterr().out
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -143,7 +143,9 @@ def test_resume_after_kill_equals_uninterrupted_run(setup, kind, monkeypatch):
     assert resumed["step"] == full["step"] == 5 and resumed["accuracy"] == full["accuracy"]
     a, b = (load_file(setup / name / "model.safetensors") for name in ("full", "killed"))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) == 0
-    assert [json.loads(line)["step"] for line in open(setup / "killed/metrics.jsonl")] == [1, 2, 3, 4, 5]
+    metrics = [json.loads(line) for line in open(setup / "killed/metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert metrics[0]["lr"] == 3e-3 / 2  # losses.lr_at: 2 warmup steps, the first already at half the peak
     assert os.path.exists(setup / "killed/done.json")
     assert os.path.exists(setup / "killed/pairwise.json") == (kind == "pairwise")
 
