@@ -79,7 +79,8 @@ def build_parser():
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
     p.add_argument("--max-new-tokens", type=int, help="response length limit (paper: 2048)")
-    p.add_argument("--gen-batch-size", type=rundir.positive_int, default=256, help="sequences per sampler batch (memory budget)")
+    p.add_argument("--gen-batch-size", type=rundir.positive_int, default=256,
+                   help="sequences per sampler batch (memory budget)")
     p.add_argument("--pair-rule", default="max_min", choices=["max_min", "max_random", "max_min_p"],
                    help="best vs worst (paper), best vs random, or best vs worst after the length penalty")
     p.add_argument("--min-gap", type=float, default=0.0, help="no pair unless chosen beats rejected by more than this")

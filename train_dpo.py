@@ -235,9 +235,9 @@ def main(argv=None):
     if args.loss == "ipo" and not args.length_normalize:
         dist.print0("note: IPO on summed log-probs (the paper's form); TRL averages them per token "
                     "(--length-normalize), so a beta tuned in TRL does not carry over")
-    run = rundir.start(args.output_dir, vars(args), ["ref_logps.safetensors", "metrics.jsonl", "eval.json", "args.json"],
-                       resume=args.resume, overwrite=args.overwrite, allow_changed_args=args.allow_changed_args,
-                       ignore=NOT_RESULTS)
+    names = ["ref_logps.safetensors", "metrics.jsonl", "eval.json", "args.json"]  # what this script writes
+    run = rundir.start(args.output_dir, vars(args), names, resume=args.resume, overwrite=args.overwrite,
+                       allow_changed_args=args.allow_changed_args, ignore=NOT_RESULTS)
     try:
         return train(args, run, rank, world_size, device)
     finally:

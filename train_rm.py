@@ -284,8 +284,8 @@ def train(args, run, rank, world_size, device):
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise FloatingPointError(rundir.nonfinite_message(step + 1, loss, grad_norm, ckpt, saved))
             if save_due:  # step `step`'s weights just gave a finite loss and gradient (rundir.nonfinite_message)
-                checkpoint.save_training_state(model, optimizer, tokenizer, out, {"step": step, "world_size": world_size},
-                                               pairwise_config(args))
+                checkpoint.save_training_state(model, optimizer, tokenizer, out,
+                                               {"step": step, "world_size": world_size}, pairwise_config(args))
                 saved, save_due = step, False
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from minirlhf import dist
-from minirlhf.rundir import UserError, atomic_write_json, atomic_write_text, durable_replace, writing  # noqa: F401
+from minirlhf.rundir import UserError, atomic_write_json, durable_replace, writing
 from minirlhf.model import CausalLM, RewardModel, config_from_hf
 
 ARCHITECTURES = {  # model_type -> (causal LM class, reward model class) names in transformers

@@ -83,8 +83,8 @@ def writing(path):
     try:
         yield
     except (OSError, SafetensorError) as e:  # safetensors reports its own write errors with its own type
-        raise UserError(f"{path}: could not write: {getattr(e, 'strerror', None) or e}; free space or choose another --output-dir") \
-            from None
+        reason = getattr(e, "strerror", None) or e
+        raise UserError(f"{path}: could not write: {reason}; free space or choose another --output-dir") from None
 
 
 def atomic_write_text(path, text):
@@ -309,6 +309,9 @@ def start(out, args, names, *, resume=False, overwrite=False, allow_changed_args
         except UserError as e:
             error = str(e)
             run.close()
+        except BaseException:
+            run.close()
+            raise
     error, resume = dist.all_gather_objects((error, run.resume))[0]  # every rank stops, or resumes, together
     if error:
         raise UserError(error)

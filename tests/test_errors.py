@@ -4,8 +4,6 @@ import json
 import os
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 import train_dpo
 import train_rm

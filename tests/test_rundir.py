@@ -36,7 +36,8 @@ def test_changed_args_lists_what_changes_results():
     recorded = {"lr": 1e-3, "loss": "dpo", "save_steps": 2, "data": "a.jsonl"}
     new = {"lr": 2e-3, "loss": "dpo", "save_steps": 5, "data": "b.jsonl", "beta": 0.1}
     assert rundir.changed_args(recorded, new, ignore=("save_steps",)) == [
-        "--beta: recorded None, now 0.1", "--data: recorded 'a.jsonl', now 'b.jsonl'", "--lr: recorded 0.001, now 0.002"]
+        "--beta: recorded None, now 0.1", "--data: recorded 'a.jsonl', now 'b.jsonl'",
+        "--lr: recorded 0.001, now 0.002"]
 
 
 def test_publish_moves_a_run_in_together(tmp_path, monkeypatch):
@@ -57,8 +58,9 @@ def test_publish_moves_a_run_in_together(tmp_path, monkeypatch):
     run.publish(ckpt, {"eval.json": {"accuracy": 0.5}})
     run.close()
     assert order[-2:] == ["config.json", "done.json"] and "model.safetensors" in order
-    assert sorted(os.listdir(out)) == sorted(["notes.txt", ".lock", "manifest.json", "done.json", "args.json",
-                                              "eval.json", "config.json", "generation_config.json", "model.safetensors"])
+    assert sorted(os.listdir(out)) == sorted([
+        "notes.txt", ".lock", "manifest.json", "done.json", "args.json", "eval.json", "config.json",
+        "generation_config.json", "model.safetensors"])
     assert json.loads((out / "done.json").read_text())["accuracy"] == 0.5
     assert json.loads((out / "args.json").read_text()) == {"lr": 1}
 
