@@ -3,7 +3,7 @@
 DPO (Rafailov et al. 2023, eq. 7) fits the policy pi to pairs (x, y_c, y_r) without a reward model:
     L = -log sigmoid(beta [(log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))])
 The reference terms are constants, so they are computed once, in one pass, before training (and saved to
-OUTPUT/ref_logps.safetensors); the reference model is then freed and training holds one model, under FSDP too.
+OUTPUT/staging/, then OUTPUT/ref_logps.safetensors); the reference model is then freed and training holds one model, under FSDP too.
 --loss ipo|hinge picks another loss of losses.PREFERENCE_LOSSES, --nll-coef adds RPO's chosen NLL, and
 --loss sft trains the NLL of the response tokens only (the SFT model the workflow starts from).
 
@@ -18,8 +18,8 @@ be short, and its loss is the mean over its own pairs.
     torchrun --nproc_per_node=8 train_dpo.py --model MODEL --train-data DATA --grad-accum 2 --output-dir out/dpo
 
 OUTPUT is a Hugging Face folder (config.json, model.safetensors, tokenizer) with args.json, metrics.jsonl,
-eval.json and done.json (published together from OUTPUT/staging/ at the end: minirlhf/rundir.py),
-ref_logps.safetensors and checkpoint/ (model, one optimizer shard and RNG state per rank, and
+eval.json, ref_logps.safetensors and done.json (published together from OUTPUT/staging/ at the end:
+minirlhf/rundir.py), and checkpoint/ (model, one optimizer shard and RNG state per rank, and
 trainer_state.json; safetensors and JSON, no pickle). --resume continues from checkpoint/ and needs the same
 world size, since each rank saved its own FSDP optimizer shard. OUTPUT must be on a filesystem every node sees.
 Test hook: MINIRLHF_FAIL_AFTER_STEP=k raises after step k (a simulated kill).
@@ -272,7 +272,7 @@ def train(args, run, rank, world_size, device):
     ref_train = ref_eval = None
     if not sft:
         ref = reference_logps(args.ref_model, examples, eval_examples if args.eval_data else [],
-                              os.path.join(args.output_dir, "ref_logps.safetensors"), args.batch_size, device, pad_id,
+                              os.path.join(run.staging, "ref_logps.safetensors"), args.batch_size, device, pad_id,
                               reuse=resume)
         ref_train = ref_table(ref, "", args.length_normalize).to(device)  # (N, 2), indexed by row of --train-data
         ref_eval = ref_table(ref, "eval_", args.length_normalize) if args.eval_data else ref_train[eval_rows].cpu()

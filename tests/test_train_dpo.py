@@ -168,10 +168,10 @@ def test_resume_after_kill_equals_uninterrupted_run(setup, tmp_path, monkeypatch
         run(d, tmp_path / "killed", *args)
     monkeypatch.delenv("MINIRLHF_FAIL_AFTER_STEP")
     assert json.loads((tmp_path / "killed/checkpoint/trainer_state.json").read_text())["step"] == 2
-    ref_file = tmp_path / "killed/ref_logps.safetensors"
+    ref_file = tmp_path / "killed/staging/ref_logps.safetensors"  # the run in progress, published at its end
     mtime = ref_file.stat().st_mtime_ns
     resumed = run(d, tmp_path / "killed", *args, "--resume")
-    assert ref_file.stat().st_mtime_ns == mtime
+    assert (tmp_path / "killed/ref_logps.safetensors").stat().st_mtime_ns == mtime  # moved in, not recomputed
     assert resumed["step"] == full["step"] == 14
     assert_same_weights(tmp_path / "full", tmp_path / "killed", atol=1e-6)
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
