@@ -40,6 +40,7 @@ from minirlhf.losses import PREFERENCE_LOSSES
 from minirlhf.model import init_model
 from minirlhf.pairs import make_pair, shaped_scores
 from minirlhf.rewards import check_finite, load_reward_source
+from minirlhf.rundir import UserError
 from minirlhf.sampler import generate
 from minirlhf.tokenizer import decode_response, encode_prompt, load_tokenizer
 
@@ -212,7 +213,7 @@ def load_prompts(path, column):
     """The prompts of a dataset file (strings or chat messages); a missing or empty prompt names its row."""
     rows = load_dataset_any(path)
     if column not in rows.column_names:
-        raise ValueError(f"{path}: no column {column!r} (columns: {rows.column_names}); set --prompt-column")
+        raise UserError(f"{path}: no column {column!r} (columns: {rows.column_names}); set --prompt-column")
     prompts = []
     for i, row in enumerate(rows):
         try:
@@ -252,7 +253,7 @@ def run_workflow(args, device):
         check_prompts(eval_prompts or [], tokenizer, None, args.eval_prompts, args.prompt_column)
     per_iter = args.prompts_per_iteration or len(prompts) // args.iterations
     if per_iter < 1 or per_iter * args.iterations > len(prompts):
-        raise ValueError(f"{args.iterations} iterations of {per_iter} fresh prompts need {args.iterations * per_iter}"
+        raise UserError(f"{args.iterations} iterations of {per_iter} fresh prompts need {args.iterations * per_iter}"
                          f" prompts; there are {len(prompts)}")
     policy_dir = sft_dir
     for t in range(1, args.iterations + 1):
@@ -277,7 +278,7 @@ def run_workflow(args, device):
         pairs = [dict(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"]) for r in rows
                  if r["chosen"] is not None]
         if not pairs:
-            raise ValueError(f"iteration {t}: the best and worst responses of every prompt tie (or differ by less "
+            raise UserError(f"iteration {t}: the best and worst responses of every prompt tie (or differ by less "
                              "than --min-gap): no pair to train on; raise --temperature or --n, or lower --min-gap")
         if dist.is_main():
             write_jsonl(f"{it_dir}/samples.jsonl", rows)

@@ -234,7 +234,7 @@ def train(args, run, rank, world_size, device):
     window = args.batch_size * args.grad_accum * world_size  # pairs per optimizer step, all ranks
     steps_per_epoch = len(train) // window
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train)} training pairs are fewer than one global batch of {window} "
+        raise rundir.UserError(f"{len(train)} training pairs are fewer than one global batch of {window} "
                          "(batch size x grad accum x world size)")
     total_steps = args.epochs * steps_per_epoch if args.max_steps is None else args.max_steps
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)

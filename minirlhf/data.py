@@ -171,7 +171,7 @@ def _tokenize_rows(rows, tokenizer, prompt_column, response_columns, max_length,
                    skip_bad, source):
     """[(row index, prompt_ids, [response_ids per column])] with the truncation rule applied, and skip counts."""
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
-        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
+        raise UserError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
     check_chat_template(tokenizer, chat_template)  # a tokenizer problem, not a row problem: fail before row 0
     out, skipped, i = [], Counter(), -1  # i: the last row index (-1: no rows at all)
     for i, row in enumerate(rows):

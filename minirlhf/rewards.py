@@ -100,7 +100,7 @@ def label_token_ids(tokenizer, label_tokens=LABEL_TOKENS) -> list[int]:
     """The ids of the label tokens ("A", "B"); each must be exactly one token and they must differ."""
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in label_tokens]
     if any(len(i) != 1 for i in ids) or ids[0] == ids[1]:
-        raise ValueError(f"label tokens {list(label_tokens)} must be two different single tokens for this tokenizer, "
+        raise UserError(f"label tokens {list(label_tokens)} must be two different single tokens for this tokenizer, "
                          f"got ids {ids}; pick others with --label-tokens")
     return [i[0] for i in ids]
 
@@ -226,7 +226,7 @@ def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pa
     if not os.path.isdir(spec):
         module, sep, name = spec.partition(":")
         if not sep or not module or not name:
-            raise ValueError(f"reward source {spec!r}: not a checkpoint folder and not 'module:function'")
+            raise UserError(f"reward source {spec!r}: not a checkpoint folder and not 'module:function'")
         if os.getcwd() not in sys.path:  # `python /elsewhere/iterate.py` puts the script's folder there, not this one
             sys.path.append(os.getcwd())
         user_fn = getattr(importlib.import_module(module), name)
@@ -235,7 +235,7 @@ def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pa
             flat_prompts = [_last_user_content(p) for p, rs in zip(prompts, responses) for _ in rs]
             flat = [float(x) for x in user_fn(flat_prompts, [r for rs in responses for r in rs])]
             if len(flat) != len(flat_prompts):
-                raise ValueError(f"reward function {spec} returned {len(flat)} values for {len(flat_prompts)} "
+                raise UserError(f"reward function {spec} returned {len(flat)} values for {len(flat_prompts)} "
                                  "responses")
             return _unflatten(flat, responses)
         return score_with_function

@@ -36,7 +36,7 @@ def as_messages(prompt) -> list[dict]:
 def check_chat_template(tokenizer, chat_template=None):
     """Raise a clear error when there is no template to apply (`chat_template` overrides the tokenizer's)."""
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: pass "
+        raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: pass "
                          "chat_template= (a Jinja string) or use a checkpoint whose tokenizer has one")
 
 
@@ -72,7 +72,7 @@ def encode_pair(tokenizer, prompt, response, chat_template=None) -> tuple[list[i
                          f"{tokenizer.decode(prompt_ids[i:i + 8])!r} vs {tokenizer.decode(full_ids[i:i + 8])!r}")
     response_ids, eos = full_ids[len(prompt_ids):], tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("tokenizer has no eos_token: responses could not end with an end-of-turn token")
+        raise UserError("tokenizer has no eos_token: responses could not end with an end-of-turn token")
     if eos in response_ids:
         return prompt_ids, response_ids[:len(response_ids) - response_ids[::-1].index(eos)]
     return prompt_ids, response_ids + [eos]

@@ -197,3 +197,18 @@ def test_auto_map_is_not_copied_into_saved_configs(tmp_path):
     (tmp_path / "src" / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModel": "x.Y"}}))
     save_model(load_model(tmp_path / "src"), tmp_path / "out")
     assert "auto_map" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_checkpoint_saves_use_unique_temporary_names(tmp_path, monkeypatch):
+    """Two saves into one folder never share a temporary name (two runs once did: .checkpoint.next), and none is
+    left behind."""
+    save_tiny(tmp_path / "src", "llama3")
+    model = load_model(tmp_path / "src")
+    optimizer = torch.optim.AdamW(model.parameters())
+    names, real_save = [], checkpoint.save_model
+    monkeypatch.setattr(checkpoint, "save_model",
+                        lambda m, out, *a, **k: names.append(os.path.basename(out)) or real_save(m, out, *a, **k))
+    for step in (1, 2):
+        checkpoint.save_training_state(model, optimizer, None, tmp_path / "out", {"step": step, "world_size": 1})
+    assert len(set(names)) == 2 and all(n.startswith(".checkpoint.tmp-") for n in names)
+    assert os.listdir(tmp_path / "out") == ["checkpoint"]
