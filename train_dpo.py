@@ -129,11 +129,13 @@ def compute_logps(model, examples, batch_size, device, pad_id):
     return logps.float().cpu(), n_tokens.cpu()
 
 
-def reference_logps(ref_model_path, examples, eval_examples, path, batch_size, device, pad_id, reuse=False):
+def reference_logps(ref_model_path, examples, eval_examples, path, batch_size, device, pad_id, reuse=False,
+                    strict=False):
     """{chosen,rejected}_{logps,tokens} (N,) per example of `examples` (rows of --train-data) and eval_* per
     example of `eval_examples`: read from `path` (a safetensors file) if `reuse` and its fingerprint (reference
     path + every token id) matches, else from one pass of the reference model, which is then freed; saved to
-    `path` with metadata {"ref_model": absolute path, "fingerprint"}."""
+    `path` with metadata {"ref_model": absolute path, "fingerprint"}. `strict`: a fingerprint that does not match
+    (the data changed under the same path since the run began) is an error."""
     key = hashlib.sha256(os.path.abspath(ref_model_path).encode())
     for e in examples + eval_examples:
         key.update(repr((e.prompt_ids, e.chosen_ids, e.rejected_ids)).encode())
@@ -142,6 +144,9 @@ def reference_logps(ref_model_path, examples, eval_examples, path, batch_size, d
         with safe_open(path, "pt") as f:
             if f.metadata().get("fingerprint") == key:
                 return load_file(path)
+        if strict:
+            raise rundir.UserError(f"{path}: the data or the reference model differ from those the run began with "
+                                   "(their token ids): resume with the same data, or pass --allow-changed-args")
     ref_model = checkpoint.load_model(ref_model_path, device="cpu" if dist.world_size() > 1 else device)
     ref_model = dist.apply_fsdp(ref_model, bf16=device.type == "cuda").to(device)
     out = {}
@@ -273,7 +278,7 @@ def train(args, run, rank, world_size, device):
     if not sft:
         ref = reference_logps(args.ref_model, examples, eval_examples if args.eval_data else [],
                               os.path.join(run.staging, "ref_logps.safetensors"), args.batch_size, device, pad_id,
-                              reuse=resume)
+                              reuse=resume, strict=not args.allow_changed_args)
         ref_train = ref_table(ref, "", args.length_normalize).to(device)  # (N, 2), indexed by row of --train-data
         ref_eval = ref_table(ref, "eval_", args.length_normalize) if args.eval_data else ref_train[eval_rows].cpu()
 

@@ -245,8 +245,9 @@ def test_a_folder_describes_one_run_until_the_next_one_publishes(setup, tmp_path
 
 
 def test_resume_refuses_changed_arguments_and_a_held_folder(setup, tmp_path, monkeypatch, capsys):
-    """--resume with another lr or batch size is refused with the list; --save-steps may differ. A second run
-    into a folder that a live run holds is refused with the holder's pid."""
+    """--resume with another lr or batch size is refused with the list, and so is other data under the same path
+    (the reference log-probs' fingerprint); --save-steps may differ. A second run into a folder that a live run
+    holds is refused with the holder's pid."""
     d, out = setup, tmp_path / "out"
     args = ["--train-data", d / "eight.jsonl", "--batch-size", 4, "--grad-accum", 1, "--epochs", 2, "--save-steps", 1]
     monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", "2")
@@ -259,6 +260,14 @@ def test_resume_refuses_changed_arguments_and_a_held_folder(setup, tmp_path, mon
     with pytest.raises(ValueError, match=rf"in use by pid {os.getpid()}"):
         run(d, out, *args, "--resume")
     rundir.unlock(held)
+    write_jsonl(tmp_path / "edited.jsonl", synthetic_rows(8, seed=5))  # other rows under the recorded path
+    os.replace(d / "eight.jsonl", tmp_path / "eight.jsonl")
+    os.replace(tmp_path / "edited.jsonl", d / "eight.jsonl")
+    try:
+        with pytest.raises(ValueError, match="differ from those the run began with"):
+            run(d, out, *args, "--resume")
+    finally:
+        os.replace(tmp_path / "eight.jsonl", d / "eight.jsonl")
     assert run(d, out, *args, "--resume", "--save-steps", 3)["step"] == 4
     assert "resuming from" in capsys.readouterr().out
 
