@@ -2,8 +2,8 @@
 
 DPO (Rafailov et al. 2023, eq. 7) fits the policy pi to pairs (x, y_c, y_r) without a reward model:
     L = -log sigmoid(beta [(log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))])
-The reference terms are constants, so they are computed once, in one pass, before training (and saved to
-OUTPUT/staging/, then OUTPUT/ref_logps.safetensors); the reference model is then freed and training holds one model, under FSDP too.
+The reference terms are constants, so they are computed once, in one pass, before training (and saved as
+ref_logps.safetensors); the reference model is then freed and training holds one model, under FSDP too.
 --loss ipo|hinge picks another loss of losses.PREFERENCE_LOSSES, --nll-coef adds RPO's chosen NLL, and
 --loss sft trains the NLL of the response tokens only (the SFT model the workflow starts from).
 
