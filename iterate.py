@@ -254,7 +254,7 @@ def run_workflow(args, device):
     per_iter = args.prompts_per_iteration or len(prompts) // args.iterations
     if per_iter < 1 or per_iter * args.iterations > len(prompts):
         raise UserError(f"{args.iterations} iterations of {per_iter} fresh prompts need {args.iterations * per_iter}"
-                         f" prompts; there are {len(prompts)}")
+                        f" prompts; there are {len(prompts)}")
     policy_dir = sft_dir
     for t in range(1, args.iterations + 1):
         it_dir = f"{args.output_dir}/iter{t}"
@@ -279,7 +279,7 @@ def run_workflow(args, device):
                  if r["chosen"] is not None]
         if not pairs:
             raise UserError(f"iteration {t}: the best and worst responses of every prompt tie (or differ by less "
-                             "than --min-gap): no pair to train on; raise --temperature or --n, or lower --min-gap")
+                            "than --min-gap): no pair to train on; raise --temperature or --n, or lower --min-gap")
         if dist.is_main():
             write_jsonl(f"{it_dir}/samples.jsonl", rows)
             write_jsonl(f"{it_dir}/pairs.jsonl", pairs)

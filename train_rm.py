@@ -235,7 +235,7 @@ def train(args, run, rank, world_size, device):
     steps_per_epoch = len(train) // window
     if steps_per_epoch == 0:
         raise rundir.UserError(f"{len(train)} training pairs are fewer than one global batch of {window} "
-                         "(batch size x grad accum x world size)")
+                               "(batch size x grad accum x world size)")
     total_steps = args.epochs * steps_per_epoch if args.max_steps is None else args.max_steps
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     dist.print0(f"{len(train)} training pairs, {len(held_out)} held out; {total_steps} steps of {window} pairs")

@@ -87,11 +87,11 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0):
                     if name in OTHER_HEADS or name.endswith("rotary_emb.inv_freq"):
                         continue  # the head of the other kind (a reward model read as a causal LM), buffers
                     raise UserError(f"{file}: unexpected tensor {name}: config.json describes a model without "
-                                     "it (check attention_bias, mlp_bias, tie_word_embeddings, model_type)")
+                                    "it (check attention_bias, mlp_bias, tie_word_embeddings, model_type)")
                 tensor = f.get_tensor(name)
                 if tensor.shape != expected[name].shape:
                     raise UserError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
-                                     f"{tuple(expected[name].shape)}")
+                                    f"{tuple(expected[name].shape)}")
                 state[name] = tensor.to(dtype)
     if kind == "reward" and "score.weight" not in state:
         std = hf.get("initializer_range", 0.02)
@@ -231,7 +231,7 @@ def load_training_state(policy, optimizer, ckpt, device):
         train_state = json.load(f)
     if train_state["world_size"] != dist.world_size():
         raise UserError(f"{ckpt} was saved by {train_state['world_size']} ranks, each with its own optimizer "
-                         f"shard: resume with the same world size (got {dist.world_size()})")
+                        f"shard: resume with the same world size (got {dist.world_size()})")
     saved = load_file(os.path.join(ckpt, f"optimizer.rank{rank}.safetensors"))
     for name, p in policy.named_parameters():
         state = {k.rsplit("/", 1)[1]: v for k, v in saved.items() if k.rsplit("/", 1)[0] == name}

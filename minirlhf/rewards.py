@@ -101,7 +101,7 @@ def label_token_ids(tokenizer, label_tokens=LABEL_TOKENS) -> list[int]:
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in label_tokens]
     if any(len(i) != 1 for i in ids) or ids[0] == ids[1]:
         raise UserError(f"label tokens {list(label_tokens)} must be two different single tokens for this tokenizer, "
-                         f"got ids {ids}; pick others with --label-tokens")
+                        f"got ids {ids}; pick others with --label-tokens")
     return [i[0] for i in ids]
 
 
@@ -236,7 +236,7 @@ def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pa
             flat = [float(x) for x in user_fn(flat_prompts, [r for rs in responses for r in rs])]
             if len(flat) != len(flat_prompts):
                 raise UserError(f"reward function {spec} returned {len(flat)} values for {len(flat_prompts)} "
-                                 "responses")
+                                "responses")
             return _unflatten(flat, responses)
         return score_with_function
 
