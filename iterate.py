@@ -200,7 +200,8 @@ def builtin_task(args, device):
     if not done(rm_dir):  # 3. the proxy Bradley-Terry reward model
         train_rm.main(["--kind", "bt", "--model", sft_dir, "--train-data", labels_path, "--output-dir", rm_dir,
                        "--lr", str(RM_LR), "--epochs", str(RM_EPOCHS), "--batch-size", "32",
-                       "--max-length", str(args.max_length), "--seed", str(seed), "--eval-fraction", "0.1"])
+                       "--max-length", str(args.max_length), "--seed", str(seed), "--eval-fraction", "0.1"]
+                      + (["--resume"] if args.resume else []))
         mark_done(rm_dir, {})
     offline_dir = f"{root}/offline_dpo"
     if not done(offline_dir):  # 4. the offline DPO baseline: the same human labels, no online samples

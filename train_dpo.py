@@ -258,6 +258,8 @@ def train(args, run, rank, world_size, device):
     pad_id = pad_token_id(tokenizer)
     chat_template = None
     if args.chat_template:
+        if not os.path.isfile(args.chat_template):
+            raise rundir.UserError(f"{args.chat_template}: no such file (--chat-template: a Jinja template file)")
         with open(args.chat_template) as f:
             chat_template = f.read()
     examples = load_examples(args, tokenizer, args.train_data, args.train_split, chat_template)

@@ -97,6 +97,8 @@ CASES = {  # kind -> (what triggers it, what the message must say)
                                  r"--label-smoothing 0.1: .*needs --loss dpo \(got ipo\)"),
     "label smoothing >= 0.5": (lambda d, m: dpo(d, d / "i.jsonl", "--label-smoothing", 0.5),
                                r"--label-smoothing 0.5: .*in \[0, 0.5\)"),
+    "missing chat template file": (lambda d, m: dpo(d, d / "h.jsonl", "--chat-template", d / "none.jinja"),
+                                   r"none.jinja: no such file"),
     "hub-like name not found locally": (lambda d, m: data.load_dataset_any("someorg/somedata"),
                                         r"someorg/somedata: not found locally .*hub:someorg/somedata"),
 }
