@@ -12,27 +12,20 @@ folders and `datasets` files, so each step is the same code a user runs on its o
 
 Online labels (`--oracle`, `--labels-per-iteration K`; minirlhf/oracle.py): the preference oracle itself is
 queried on the current policy's samples, as Algorithm 1 and Xiong et al. 2024 define online RLHF. Each
-iteration, K prompts get one pair labelled (which two of the n responses: `--label-pair`), the labels join the
-label set, the Bradley-Terry reward model is refit on all of them (warm-started) and then ranks the iteration's
-samples; the oracle's own answer orders the pairs it labelled (`--labels-train both`). K = 0 is the paper's
-fixed proxy. Every policy's human-label count is recorded, so arms are compared at the same label budget.
+iteration K prompts get one pair labelled (`--label-pair`), the Bradley-Terry reward model is refit on all labels
+so far and ranks the samples, and the oracle's answers order the pairs they label. K = 0: the paper's fixed proxy.
 
-With no `--sft-model`, the built-in task (`minirlhf/task.py`) first makes everything the outside world would:
-SFT on demonstrations, an offline preference set labelled by simulated annotators, the initial Bradley-Terry
-reward model, and the offline DPO baseline on every label of the budget; then the loop runs with online labels
-from the same annotators, and every policy is evaluated against the gold reward.
+With no `--sft-model`, the built-in task (`minirlhf/task.py`) first makes what the outside world would: SFT on
+demonstrations, a label budget of SFT pairs labelled by simulated annotators, the initial reward model (on the
+labels not kept for the loop), and offline DPO on the whole budget; every policy is then scored by the gold reward.
 
-Distributed: each rank generates and scores its share of the prompts, the pairs are gathered, and DPO trains
-with FSDP2. For generation each rank loads the last saved policy folder (rank 0 wrote it from the gathered full
-state dict) into a plain, unsharded model: sampling runs thousands of small forwards, which FSDP would slow
-down by all-gathering every layer at every step. Every finished stage leaves a `done.json`; a rerun skips
-finished stages (and never asks the oracle again for an iteration whose labels.jsonl exists), and `--resume`
-also continues an interrupted DPO stage from its last checkpoint.
-
-Unlike the paper: with `--sft-model` the defaults are its recipe (PAPER below), but generation uses our own
-KV-cache sampler instead of vLLM and DPO runs under FSDP2 instead of DeepSpeed; the built-in task scales the
-recipe down to a 126k-parameter model (BUILTIN below), adds RPO's NLL term on the chosen response, and spends
-its label budget online (README: the controlled study).
+Distributed: each rank samples and scores its share of the prompts into a plain, unsharded copy of the last
+saved policy (sampling runs thousands of small forwards, which FSDP would slow down by all-gathering every layer
+at every step); the pairs are gathered and DPO trains under FSDP2. Every finished stage leaves a `done.json`: a
+rerun skips it (and never asks the oracle again for an iteration whose labels.jsonl exists), and `--resume` also
+continues an interrupted DPO stage. Unlike the paper: our KV-cache sampler instead of vLLM, FSDP2 instead of
+DeepSpeed; with `--sft-model` the defaults are its recipe (PAPER below); the built-in task scales it down to a
+126k-parameter model (BUILTIN below), adds RPO's NLL term and spends its label budget online (README).
 """
 import argparse
 import json
@@ -43,15 +36,16 @@ import torch
 
 import train_dpo
 import train_rm
-from minirlhf import dist, task
+from minirlhf import dist, rundir, task
 from minirlhf.checkpoint import atomic_write_json, load_model, save_model
-from minirlhf.data import load_dataset_any, load_prompts, write_jsonl
-from minirlhf.evaluate import evaluate_policies, format_table, plot, sampled_pairs_accuracy
+from minirlhf.data import check_prompts, load_dataset_any, load_prompts, write_jsonl
+from minirlhf.evaluate import evaluate_run
 from minirlhf.losses import PREFERENCE_LOSSES
 from minirlhf.model import init_model
-from minirlhf.oracle import LABEL_PAIRS, ask_oracle, load_oracle
+from minirlhf.oracle import LABEL_PAIRS, apply_labels, ask_oracle, load_oracle
 from minirlhf.pairs import make_pair, shaped_scores
-from minirlhf.rewards import load_reward_source
+from minirlhf.rewards import check_finite, load_reward_source
+from minirlhf.rundir import UserError
 from minirlhf.sampler import generate
 from minirlhf.tokenizer import decode_response, encode_prompt, load_tokenizer
 
@@ -79,21 +73,25 @@ def build_parser():
     p.add_argument("--output-dir", default="runs/iterate", help="run folder: one subfolder per stage and iteration")
     p.add_argument("--seed", type=int, default=0, help="seed of every sampler, shuffle and simulated label")
     p.add_argument("--resume", action="store_true", help="continue an interrupted DPO stage from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="run into a folder holding files this program did not "
+                                                            "write (same-named ones are replaced)")
     # what the outside world provides (default: the built-in task makes all of it)
     p.add_argument("--sft-model", help="HF folder of the SFT policy pi_0 (default: SFT on the built-in task)")
     p.add_argument("--reward", help="reward source: a BT reward model folder, a pairwise preference model folder, "
-                                    "or module:function (default: the built-in task's proxy reward model)")
+                                    "or module:function (imports and runs that Python code, found on sys.path or in "
+                                    "the working directory; default: the built-in task's proxy reward model)")
     p.add_argument("--prompts", help="dataset (.jsonl/.json/.parquet/save_to_disk folder) with a prompt column")
     p.add_argument("--prompt-column", default="prompt", help="column of --prompts holding a string or chat messages")
-    p.add_argument("--eval-prompts", help="held-out prompts evaluated after the loop (default: none; built-in: 300)")
+    p.add_argument("--eval-prompts", help="held-out prompts evaluated after the loop (default: none; built-in: 500)")
     # the loop
-    p.add_argument("--iterations", type=int, default=3, help="T, the number of online iterations")
+    p.add_argument("--iterations", type=rundir.positive_int, default=3, help="T, the number of online iterations")
     p.add_argument("--prompts-per-iteration", type=int, help="fresh prompts per iteration (default: all / T)")
-    p.add_argument("--n", type=int, help="responses sampled per prompt (paper: 8; built-in: 2 online, 8 with K = 0)")
+    p.add_argument("--n", type=rundir.positive_int, help="responses per prompt (paper 8; built-in 2, or 8 with K = 0)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
     p.add_argument("--max-new-tokens", type=int, help="response length limit (paper: 2048)")
-    p.add_argument("--gen-batch-size", type=int, default=256, help="sequences per sampler batch (memory budget)")
+    p.add_argument("--gen-batch-size", type=rundir.positive_int, default=256,
+                   help="sequences per sampler batch (memory budget)")
     p.add_argument("--pair-rule", default="max_min", choices=["max_min", "max_random", "max_min_p"],
                    help="best vs worst (paper), best vs random, or best vs worst after the length penalty")
     p.add_argument("--min-gap", type=float, default=0.0, help="no pair unless chosen beats rejected by more than this")
@@ -102,17 +100,14 @@ def build_parser():
     p.add_argument("--ref", default="initial", choices=["initial", "previous"],
                    help="DPO reference: the SFT model pi_0 (paper) or the previous iteration's policy")
     # online labels: the preference oracle queried on the current policy's samples (minirlhf/oracle.py)
-    p.add_argument("--oracle", help="preference oracle: 'builtin' (the task's simulated annotators; built-in "
-                                    "default) or module:function f(prompts, responses_a, responses_b) -> P(a > b); "
-                                    "module:function imports and runs your code")
-    p.add_argument("--labels-per-iteration", type=int, help="K: prompts per iteration whose pair the oracle labels; "
-                                                            "the BT reward model is refit on all labels so far "
-                                                            "(0: the paper's fixed proxy; built-in: 200)")
-    p.add_argument("--label-pair", choices=list(LABEL_PAIRS), help="which two responses the oracle sees: the "
-                   "reward model's best vs worst (default), best vs random, or two random samples (built-in)")
+    p.add_argument("--oracle", help="'builtin' (the task's annotators) or module:function f(prompts, responses_a, "
+                                    "responses_b) -> P(a > b) (imports and runs that code)")
+    p.add_argument("--labels-per-iteration", type=int, help="K pairs labelled by the oracle per iteration, the "
+                   "reward model refit on all labels (0: fixed proxy; built-in: 600)")
+    p.add_argument("--label-pair", choices=list(LABEL_PAIRS), help="the pair shown: the reward model's best vs worst "
+                                                                   "(default), best vs random, two samples (built-in)")
     p.add_argument("--labels-train", default="both", choices=["both", "reward_model"],
-                   help="what online labels train: the reward model and DPO (the label orders its own pair), or "
-                        "the reward model only")
+                   help="labels train the reward model and order their own DPO pair, or the reward model only")
     p.add_argument("--labels", help="preference file the --reward model was trained on; refits include it")
     p.add_argument("--rm-lr", type=float, help="learning rate of each reward-model refit (paper: 2e-6)")
     p.add_argument("--rm-epochs", type=int, default=2, help="epochs of each reward-model refit (warm-started)")
@@ -120,12 +115,11 @@ def build_parser():
     p.add_argument("--loss", default="dpo", choices=list(PREFERENCE_LOSSES), help="preference loss of losses.py")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (KL strength)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed label-flip rate")
-    p.add_argument("--nll-coef", type=float, help="RPO: weight of an NLL term on the chosen response (paper: 0; "
-                                                 "built-in: 1)")
+    p.add_argument("--nll-coef", type=float, help="RPO: weight of the chosen response's NLL (paper: 0; built-in: 1)")
     p.add_argument("--lr", type=float, help="DPO learning rate (paper: 5e-7; built-in: 2e-4)")
     p.add_argument("--epochs", type=int, help="DPO epochs per iteration (paper: 2; built-in: 6 online, 2 with K = 0)")
-    p.add_argument("--batch-size", type=int, help="pairs per micro-batch per rank")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--batch-size", type=rundir.positive_int, help="pairs per micro-batch per rank")
+    p.add_argument("--grad-accum", type=rundir.positive_int, help="micro-batches per optimizer step")
     p.add_argument("--max-length", type=int, help="prompt + response token limit for DPO")
     p.add_argument("--save-steps", type=int, default=500, help="DPO checkpoint interval (for --resume)")
     # sizes of the built-in task (used only without --sft-model)
@@ -174,12 +168,11 @@ def mark_done(path, info):
 
 def dpo_flags(args, model, ref_model, data, out, loss=None, epochs=None, lr=None):
     """train_dpo.py's command line for one DPO stage."""
-    return ["--model", model, "--ref-model", ref_model, "--train-data", data, "--output-dir", out,
-            "--loss", loss or args.loss, "--beta", str(args.beta), "--label-smoothing", str(args.label_smoothing),
-            "--nll-coef", str(args.nll_coef),
-            "--lr", str(lr or args.lr), "--epochs", str(epochs or args.epochs), "--batch-size", str(args.batch_size),
-            "--grad-accum", str(args.grad_accum), "--max-length", str(args.max_length), "--seed", str(args.seed),
-            "--save-steps", str(args.save_steps), "--skip-bad-rows"] + (["--resume"] if args.resume else [])
+    return ["--model", model, "--ref-model", ref_model, "--train-data", data, "--output-dir", out, "--loss",
+            loss or args.loss, "--beta", str(args.beta), "--label-smoothing", str(args.label_smoothing), "--nll-coef",
+            str(args.nll_coef), "--lr", str(lr or args.lr), "--epochs", str(epochs or args.epochs), "--batch-size",
+            str(args.batch_size), "--grad-accum", str(args.grad_accum), "--max-length", str(args.max_length), "--seed",
+            str(args.seed), "--save-steps", str(args.save_steps), "--skip-bad-rows"] + ["--resume"] * args.resume
 
 
 def sample(policy_dir, tokenizer, prompts, n, args, seed, device):
@@ -222,7 +215,6 @@ def builtin_task(args, device):
         dist.barrier()
         train_dpo.main(dpo_flags(args, init_dir, init_dir, f"{data_dir}/sft.jsonl", sft_dir, loss="sft",
                                  epochs=SFT_EPOCHS, lr=SFT_LR))
-        mark_done(sft_dir, {})
     labels_path = f"{data_dir}/preferences.jsonl"
     if not done(data_dir):  # 2. two SFT samples per prompt, labelled by simulated annotators
         rows = gather_rows(sample(sft_dir, tokenizer, label_prompts, 2, args, seed, device))
@@ -244,11 +236,9 @@ def builtin_task(args, device):
             write_jsonl(rm_labels, offline[:len(offline) - args.iterations * args.labels_per_iteration])
         dist.barrier()
         train_rm.main(rm_flags(args, sft_dir, rm_labels, rm_dir, RM_LR, RM_EPOCHS))
-        mark_done(rm_dir, {})
     offline_dir = f"{root}/offline_dpo"
     if not done(offline_dir):  # 4. the offline DPO baseline: all the human labels, no online samples
         train_dpo.main(dpo_flags(args, sft_dir, sft_dir, labels_path, offline_dir, epochs=OFFLINE_DPO_EPOCHS))
-        mark_done(offline_dir, {})
     return sft_dir, rm_dir, rm_labels, iter_prompts, eval_prompts, offline_dir
 
 
@@ -256,7 +246,8 @@ def rm_flags(args, model, data, out, lr, epochs):
     """train_rm.py's command line for a Bradley-Terry reward model on every label in `data`."""
     return ["--kind", "bt", "--model", model, "--train-data", data, "--output-dir", out, "--lr", str(lr),
             "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
-            "--max-length", str(args.max_length), "--seed", str(args.seed), "--eval-fraction", "0"]
+            "--max-length", str(args.max_length), "--seed", str(args.seed), "--eval-fraction", "0"] + (
+                ["--resume"] if args.resume else [])
 
 
 def refit_reward_model(args, label_files, rm_dir, out):
@@ -267,7 +258,6 @@ def refit_reward_model(args, label_files, rm_dir, out):
                                                 for f in label_files for r in load_dataset_any(f)])
         dist.barrier()
         train_rm.main(rm_flags(args, rm_dir, f"{out}.labels.jsonl", out, args.rm_lr, args.rm_epochs))
-        mark_done(out, {})
     return out
 
 
@@ -276,10 +266,17 @@ def main(argv=None):
     if args.sft_model is None and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # a 126k-parameter model: a second thread costs more than it gives (README)
     rank, world_size, device = dist.init_distributed()
+    # the folder locked, foreign files refused, a rerun with other arguments refused (its finished stages would be
+    # skipped and mixed with new ones): minirlhf/rundir.py
+    names = ["init", "sft", "data", "reward_model", "reward_model_labels.jsonl", "offline_dpo", "summary.json",
+             "summary.png"] + [f"iter{t}" for t in range(1, args.iterations + 1)]
+    with rundir.start(args.output_dir, vars(args), names, overwrite=args.overwrite,
+                      ignore=("resume", "save_steps", "overwrite"), staged=False):
+        run_workflow(args, device)
+
+
+def run_workflow(args, device):
     start = time.time()
-    os.makedirs(args.output_dir, exist_ok=True)
-    if dist.is_main():
-        atomic_write_json(f"{args.output_dir}/args.json", vars(args))
     offline_dir = eval_prompts = None
     if args.sft_model is None:
         sft_dir, reward_spec, initial_labels, prompts, eval_prompts, offline_dir = builtin_task(args, device)
@@ -289,12 +286,14 @@ def main(argv=None):
         eval_prompts = load_prompts(args.eval_prompts, args.prompt_column) if args.eval_prompts else None
     oracle = load_oracle(args.oracle) if args.labels_per_iteration else None
     label_files = [initial_labels] if initial_labels else []
-    human_labels = sum(len(load_dataset_any(f)) for f in label_files)
     tokenizer = load_tokenizer(sft_dir)
+    if args.sft_model is not None:  # user prompts: what would fail after sampling fails now, naming the row
+        check_prompts(prompts, tokenizer, args.max_length // 4, args.prompts, args.prompt_column)
+        check_prompts(eval_prompts or [], tokenizer, None, args.eval_prompts, args.prompt_column)
     per_iter = args.prompts_per_iteration or len(prompts) // args.iterations
     if per_iter < 1 or per_iter * args.iterations > len(prompts):
-        raise ValueError(f"{args.iterations} iterations of {per_iter} fresh prompts need {args.iterations * per_iter}"
-                         f" prompts; there are {len(prompts)}")
+        raise UserError(f"{args.iterations} iterations of {per_iter} fresh prompts need {args.iterations * per_iter}"
+                        f" prompts; there are {len(prompts)}")
     policy_dir = sft_dir
     for t in range(1, args.iterations + 1):
         it_dir = f"{args.output_dir}/iter{t}"
@@ -308,7 +307,7 @@ def main(argv=None):
         # 1-3. fresh prompts, n responses each from the current policy, scored by the reward source
         iter_prompts = prompts[(t - 1) * per_iter:t * per_iter]
         rows = sample(policy_dir, tokenizer, iter_prompts, args.n, args, args.seed + t, device)
-        score(rows, load_reward_source(reward_spec, device=device))
+        score(rows, reward_spec, (t - 1) * per_iter, device)
         info = {}
         if oracle:  # online labels: the oracle judges K of these samples, then the reward model is refit on all
             path, labelled, info["reward_model_accuracy_on_new_labels"] = ask_oracle(
@@ -316,7 +315,7 @@ def main(argv=None):
                 seed=args.seed * 1000 + 500 + t)
             label_files.append(path)
             reward_spec = refit_reward_model(args, label_files, reward_spec, f"{it_dir}/reward_model")
-            score(rows, load_reward_source(reward_spec, device=device))
+            score(rows, reward_spec, (t - 1) * per_iter, device)
         human_labels = sum(len(load_dataset_any(f)) for f in label_files)
         # 4. one pair per prompt from the shaped scores (--pair-rule; the paper's best vs worst by default)
         generator = torch.Generator().manual_seed(args.seed * 1000 + t)
@@ -326,20 +325,13 @@ def main(argv=None):
             pair = make_pair(scores, args.pair_rule, args.min_gap, generator, args.length_penalty)
             r.update(chosen=None if pair is None else r["responses"][pair[0]],
                      rejected=None if pair is None else r["responses"][pair[1]])
-        rows, extra = gather_rows(rows), []
-        if oracle and args.labels_train == "both":  # the oracle's answer orders its pair, not the proxy's guess
-            by_index = {r["index"]: r for r in rows}
-            for label in labelled:  # a label file written outside the run may name no index: its pairs are added
-                r = by_index.get(label.get("index"))
-                if r is not None and r["prompt"] == label["prompt"]:
-                    r.update(chosen=label["chosen"], rejected=label["rejected"])
-                else:
-                    extra.append(dict(prompt=label["prompt"], chosen=label["chosen"], rejected=label["rejected"]))
+        rows = gather_rows(rows)
+        extra = apply_labels(rows, labelled) if oracle and args.labels_train == "both" else []
         pairs = [dict(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"]) for r in rows
                  if r["chosen"] is not None] + extra
         if not pairs:
-            raise ValueError(f"iteration {t}: the best and worst responses of every prompt tie (or differ by less "
-                             "than --min-gap): no pair to train on; raise --temperature or --n, or lower --min-gap")
+            raise UserError(f"iteration {t}: the best and worst responses of every prompt tie (or differ by less "
+                            "than --min-gap): no pair to train on; raise --temperature or --n, or lower --min-gap")
         if dist.is_main():
             write_jsonl(f"{it_dir}/samples.jsonl", rows)
             write_jsonl(f"{it_dir}/pairs.jsonl", pairs)
@@ -349,13 +341,14 @@ def main(argv=None):
         dpo = train_dpo.main(dpo_flags(args, policy_dir, ref_dir, f"{it_dir}/pairs.jsonl", f"{it_dir}/policy"))
         # 6. the iteration's metrics; the policy folder is already saved by train_dpo
         all_rewards = [x for r in rows for x in r["rewards"]]
-        metrics = dict(iteration=t, prompts=len(rows), pairs=len(pairs), no_pair=len(rows) - len(pairs),
+        metrics = dict(iteration=t, prompts=len(rows), pairs=dpo["train_examples"], no_pair=len(rows) - len(pairs),
                        human_labels=human_labels, reward_model=reward_spec, **info,
+                       dropped_by_dpo=len(pairs) - dpo["train_examples"],  # e.g. identical once cut to --max-length
                        mean_reward=sum(all_rewards) / len(all_rewards), reference=ref_dir,
                        mean_best_reward=sum(max(r["rewards"]) for r in rows) / len(rows),
                        truncated=sum(x for r in rows for x in r["truncated"]) / len(all_rewards),
                        dpo={k: v for k, v in dpo.items() if isinstance(v, (int, float))}, seconds=time.time() - t0)
-        dist.print0(f"iteration {t}: {len(pairs)} pairs ({metrics['no_pair']} prompts tied or within --min-gap), "
+        dist.print0(f"iteration {t}: {metrics['pairs']} pairs ({metrics['no_pair']} prompts tied or within --min-gap), "
                     f"mean reward {metrics['mean_reward']:.3f}, best-of-{args.n} {metrics['mean_best_reward']:.3f}, "
                     f"{human_labels} human labels so far")
         if dist.is_main():
@@ -368,42 +361,34 @@ def main(argv=None):
     dist.print0(f"total time {time.time() - start:.0f} s; outputs in {args.output_dir}")
 
 
-def score(rows, reward_fn):
-    """rows[i]["rewards"]: the reward source's score of each of the row's responses."""
-    for r, rewards in zip(rows, reward_fn([r["prompt"] for r in rows], [r["responses"] for r in rows])):
-        r["rewards"] = list(map(float, rewards))
+def score(rows, reward_spec, first_row, device):
+    """rows[i]["rewards"]: the reward source's score of each of the row's responses; a non-finite one stops the
+    run naming the prompt's row (first_row + index) and the source."""
+    reward_fn = load_reward_source(reward_spec, device=device)
+    rewards = reward_fn([r["prompt"] for r in rows], [r["responses"] for r in rows])
+    check_finite(rewards, [first_row + r["index"] for r in rows], reward_spec)
+    for r, rs in zip(rows, rewards):
+        r["rewards"] = list(map(float, rs))
 
 
 def evaluate_all(args, sft_dir, offline_dir, reward_fn, prompts, device, builtin, start):
-    """Every policy on held-out prompts -> table on stdout, summary.json and (with matplotlib) summary.png. The
-    proxy reward is the last reward model (with online labels, the one that has seen the most)."""
-    if not dist.is_main():
-        return dist.barrier()
-    tokenizer, gold_fn = load_tokenizer(sft_dir), task.gold_reward if builtin else None
-    iters = {f"iter{t}": f"{args.output_dir}/iter{t}/policy" for t in range(1, args.iterations + 1)}
-    policies = {"sft": sft_dir, **({"offline_dpo": offline_dir} if offline_dir else {}), **iters}
-    rows = evaluate_policies(policies, tokenizer, prompts, reward_fn, args.max_new_tokens, args.seed, gold_fn, device)
-    labels = {"sft": 0, "offline_dpo": len(load_dataset_any(f"{args.output_dir}/data/preferences.jsonl"))
-              if offline_dir else 0}
-    for t in range(1, args.iterations + 1):
-        with open(f"{args.output_dir}/iter{t}/metrics.json") as f:
-            labels[f"iter{t}"] = json.load(f)["human_labels"]
-    for name in rows:
-        rows[name]["human_labels"] = labels[name]
-    summary = {"policies": rows}
-    if builtin:  # how well the proxy ranks fresh samples of the SFT policy and of the last one, against gold
-        for name in ("sft", f"iter{args.iterations}"):
-            acc, n = sampled_pairs_accuracy(policies[name], tokenizer, prompts, reward_fn, args.max_new_tokens,
-                                            task.gold_reward, args.seed, device)
-            summary[f"reward_model_gold_accuracy_{name}"] = acc
-            print(f"reward model accuracy against gold labels on held-out {name} pairs: {acc:.3f} ({n} pairs)")
-    print(format_table(rows))
-    summary["seconds"] = time.time() - start
-    atomic_write_json(f"{args.output_dir}/summary.json", summary)
-    plot(rows, f"{args.output_dir}/summary.png", task.TAU if builtin else 1.0)
+    """Every policy on held-out prompts, with the human labels each one cost (evaluate.evaluate_run). The proxy
+    reward is the last reward model (with online labels, the one that has seen the most)."""
+    if dist.is_main():
+        iters = {f"iter{t}": f"{args.output_dir}/iter{t}/policy" for t in range(1, args.iterations + 1)}
+        policies = {"sft": sft_dir, **({"offline_dpo": offline_dir} if offline_dir else {}), **iters}
+        labels = {"sft": 0, "offline_dpo": len(load_dataset_any(f"{args.output_dir}/data/preferences.jsonl"))
+                  if offline_dir else 0}
+        for t in range(1, args.iterations + 1):
+            with open(f"{args.output_dir}/iter{t}/metrics.json") as f:
+                labels[f"iter{t}"] = json.load(f)["human_labels"]
+        evaluate_run(args.output_dir, policies, labels, load_tokenizer(sft_dir), prompts, reward_fn,
+                     args.max_new_tokens, args.seed, task.gold_reward if builtin else None, device,
+                     task.TAU if builtin else 1.0, start)
     dist.barrier()
 
 
 if __name__ == "__main__":
-    main()
+    with rundir.user_errors():
+        main()
     dist.cleanup()

@@ -2,8 +2,8 @@
 
 DPO (Rafailov et al. 2023, eq. 7) fits the policy pi to pairs (x, y_c, y_r) without a reward model:
     L = -log sigmoid(beta [(log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))])
-The reference terms are constants, so they are computed once, in one pass, before training (and saved to
-OUTPUT/ref_logps.safetensors); the reference model is then freed and training holds one model, under FSDP too.
+The reference terms are constants, so they are computed once, in one pass, before training (and saved as
+ref_logps.safetensors); the reference model is then freed and training holds one model, under FSDP too.
 --loss ipo|hinge picks another loss of losses.PREFERENCE_LOSSES, --nll-coef adds RPO's chosen NLL, and
 --loss sft trains the NLL of the response tokens only (the SFT model the workflow starts from).
 
@@ -18,7 +18,8 @@ be short, and its loss is the mean over its own pairs.
     torchrun --nproc_per_node=8 train_dpo.py --model MODEL --train-data DATA --grad-accum 2 --output-dir out/dpo
 
 OUTPUT is a Hugging Face folder (config.json, model.safetensors, tokenizer) with args.json, metrics.jsonl,
-eval.json, ref_logps.safetensors and checkpoint/ (model, one optimizer shard and RNG state per rank, and
+eval.json, ref_logps.safetensors and done.json (published together from OUTPUT/staging/ at the end:
+minirlhf/rundir.py), and checkpoint/ (model, one optimizer shard and RNG state per rank, and
 trainer_state.json; safetensors and JSON, no pickle). --resume continues from checkpoint/ and needs the same
 world size, since each rank saved its own FSDP optimizer shard. OUTPUT must be on a filesystem every node sees.
 Test hook: MINIRLHF_FAIL_AFTER_STEP=k raises after step k (a simulated kill).
@@ -37,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from minirlhf import checkpoint, data, dist, losses
+from minirlhf import checkpoint, data, dist, losses, rundir
 from minirlhf.logprobs import length_normalize, sequence_logps
 from minirlhf.tokenizer import load_tokenizer, pad_token_id
 
@@ -51,7 +52,7 @@ def build_parser():
     p.add_argument("--model", required=True, help="policy checkpoint folder (Hugging Face layout, with tokenizer)")
     p.add_argument("--ref-model", default=None, help="reference policy checkpoint folder (default: --model)")
     p.add_argument("--train-data", required=True, help="training data: .json/.jsonl/.parquet, save_to_disk folder "
-                                                       "or hub name (formats: see minirlhf/data.py)")
+                                                       "or hub:NAME (formats: see minirlhf/data.py)")
     p.add_argument("--train-split", default="train", help="split of --train-data (hub datasets / DatasetDicts)")
     p.add_argument("--eval-data", default=None, help="held-out data in the same format")
     p.add_argument("--eval-split", default="test", help="split of --eval-data")
@@ -70,7 +71,8 @@ def build_parser():
     # objective
     p.add_argument("--loss", default="dpo", choices=[*losses.PREFERENCE_LOSSES, "sft"], help="training objective")
     p.add_argument("--beta", type=float, default=0.1, help="KL strength beta of DPO / IPO / hinge")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO: probability that a label is flipped")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO (--loss dpo only): probability in "
+                                                                        "[0, 0.5) that a label is flipped")
     p.add_argument("--nll-coef", type=float, default=0.0, help="RPO: weight of the chosen response's per-token NLL")
     p.add_argument("--length-normalize", action="store_true", help="log-probs averaged over response tokens "
                                                                      "(as TRL does for IPO)")
@@ -78,8 +80,8 @@ def build_parser():
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-7, SFT 2e-5)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the training data (default 2, SFT 1)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: epochs; sizes the schedule)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs (SFT: sequences) per micro-batch per rank")
-    p.add_argument("--grad-accum", type=int, default=16, help="micro-batches per optimizer step")
+    p.add_argument("--batch-size", type=rundir.positive_int, default=8, help="pairs (SFT: sequences) per micro-batch per rank")
+    p.add_argument("--grad-accum", type=rundir.positive_int, default=16, help="micro-batches per optimizer step")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
@@ -90,6 +92,10 @@ def build_parser():
     # checkpoints
     p.add_argument("--save-steps", type=int, default=500, help="save OUTPUT/checkpoint every N steps (0: at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if there is one")
+    p.add_argument("--allow-changed-args", action="store_true", help="with --resume: continue although arguments "
+                   "that change results differ from the recorded ones (e.g. a lower --lr after a non-finite loss)")
+    p.add_argument("--overwrite", action="store_true", help="run into a folder holding files this program did not "
+                   "write (same-named ones are replaced), or restart an unfinished run without --resume")
     return p
 
 
@@ -123,11 +129,13 @@ def compute_logps(model, examples, batch_size, device, pad_id):
     return logps.float().cpu(), n_tokens.cpu()
 
 
-def reference_logps(ref_model_path, examples, eval_examples, path, batch_size, device, pad_id, reuse=False):
+def reference_logps(ref_model_path, examples, eval_examples, path, batch_size, device, pad_id, reuse=False,
+                    strict=False):
     """{chosen,rejected}_{logps,tokens} (N,) per example of `examples` (rows of --train-data) and eval_* per
     example of `eval_examples`: read from `path` (a safetensors file) if `reuse` and its fingerprint (reference
     path + every token id) matches, else from one pass of the reference model, which is then freed; saved to
-    `path` with metadata {"ref_model": absolute path, "fingerprint"}."""
+    `path` with metadata {"ref_model": absolute path, "fingerprint"}. `strict`: a fingerprint that does not match
+    (the data changed under the same path since the run began) is an error."""
     key = hashlib.sha256(os.path.abspath(ref_model_path).encode())
     for e in examples + eval_examples:
         key.update(repr((e.prompt_ids, e.chosen_ids, e.rejected_ids)).encode())
@@ -136,6 +144,9 @@ def reference_logps(ref_model_path, examples, eval_examples, path, batch_size, d
         with safe_open(path, "pt") as f:
             if f.metadata().get("fingerprint") == key:
                 return load_file(path)
+        if strict:
+            raise rundir.UserError(f"{path}: the data or the reference model differ from those the run began with "
+                                   "(their token ids): resume with the same data, or pass --allow-changed-args")
     ref_model = checkpoint.load_model(ref_model_path, device="cpu" if dist.world_size() > 1 else device)
     ref_model = dist.apply_fsdp(ref_model, bf16=device.type == "cuda").to(device)
     out = {}
@@ -149,9 +160,11 @@ def reference_logps(ref_model_path, examples, eval_examples, path, batch_size, d
         gc.collect()
         torch.cuda.empty_cache()
     if dist.is_main():
-        save_file({k: v.contiguous() for k, v in out.items()}, f"{path}.tmp",
-                  metadata={"ref_model": os.path.abspath(ref_model_path), "fingerprint": key})
-        os.replace(f"{path}.tmp", path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with rundir.writing(path):
+            save_file({k: v.contiguous() for k, v in out.items()}, tmp,
+                      metadata={"ref_model": os.path.abspath(ref_model_path), "fingerprint": key})
+        rundir.durable_replace(tmp, path)
     return out
 
 
@@ -200,13 +213,6 @@ def micro_batches(window, batch_size, rank, world_size):
             for s in range(0, len(window), batch_size * world_size)]
 
 
-def lr_at(step, total_steps, warmup_steps, peak, schedule):
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak * {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1}[schedule]
-
-
 def load_examples(args, tokenizer, path, split, chat_template):
     kw = dict(prompt_column=args.prompt_column, chosen_column=args.chosen_column, max_length=args.max_length,
               max_prompt_length=args.max_prompt_length, chat_template=chat_template, skip_bad=args.skip_bad_rows)
@@ -216,6 +222,10 @@ def load_examples(args, tokenizer, path, split, chat_template):
     return data.load_preferences(path, tokenizer, split, rejected_column=args.rejected_column, **kw)[0]
 
 
+# arguments that cannot change the trained weights: they may differ on --resume
+NOT_RESULTS = ("resume", "allow_changed_args", "overwrite", "save_steps", "gradient_checkpointing")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     sft = args.loss == "sft"
@@ -223,21 +233,33 @@ def main(argv=None):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.ref_model = args.ref_model or args.model
     args.max_prompt_length = args.max_prompt_length or args.max_length // 4
+    if args.label_smoothing and (args.loss != "dpo" or not 0 <= args.label_smoothing < 0.5):
+        raise rundir.UserError(f"--label-smoothing {args.label_smoothing}: conservative DPO needs --loss dpo (got "
+                               f"{args.loss}) and a flip rate in [0, 0.5) (0.5 or more inverts the preference)")
     rank, world_size, device = dist.init_distributed()
-    os.makedirs(args.output_dir, exist_ok=True)
+    if args.loss == "ipo" and not args.length_normalize:
+        dist.print0("note: IPO on summed log-probs (the paper's form); TRL averages them per token "
+                    "(--length-normalize), so a beta tuned in TRL does not carry over")
+    names = ["ref_logps.safetensors", "metrics.jsonl", "eval.json", "args.json"]  # what this script writes
+    run = rundir.start(args.output_dir, vars(args), names, resume=args.resume, overwrite=args.overwrite,
+                       allow_changed_args=args.allow_changed_args, ignore=NOT_RESULTS)
+    try:
+        return train(args, run, rank, world_size, device)
+    finally:
+        run.close()
+
+
+def train(args, run, rank, world_size, device):
+    sft, resume = args.loss == "sft", run.resume
     ckpt = os.path.join(args.output_dir, "checkpoint")
-    if args.resume and dist.is_main():
-        checkpoint.recover_dir(ckpt)  # a kill between the two renames of the last checkpoint save
-    dist.barrier()
-    resume = args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.json"))
-    if dist.is_main():
-        checkpoint.atomic_write_json(os.path.join(args.output_dir, "args.json"), vars(args))
 
     # data: every rank tokenises everything (deterministic) and takes its slice of each window
     tokenizer = load_tokenizer(args.model)
     pad_id = pad_token_id(tokenizer)
     chat_template = None
     if args.chat_template:
+        if not os.path.isfile(args.chat_template):
+            raise rundir.UserError(f"{args.chat_template}: no such file (--chat-template: a Jinja template file)")
         with open(args.chat_template) as f:
             chat_template = f.read()
     examples = load_examples(args, tokenizer, args.train_data, args.train_split, chat_template)
@@ -257,8 +279,8 @@ def main(argv=None):
     ref_train = ref_eval = None
     if not sft:
         ref = reference_logps(args.ref_model, examples, eval_examples if args.eval_data else [],
-                              os.path.join(args.output_dir, "ref_logps.safetensors"), args.batch_size, device, pad_id,
-                              reuse=resume)
+                              os.path.join(run.staging, "ref_logps.safetensors"), args.batch_size, device, pad_id,
+                              reuse=resume, strict=not args.allow_changed_args)
         ref_train = ref_table(ref, "", args.length_normalize).to(device)  # (N, 2), indexed by row of --train-data
         ref_eval = ref_table(ref, "eval_", args.length_normalize) if args.eval_data else ref_train[eval_rows].cpu()
 
@@ -267,16 +289,12 @@ def main(argv=None):
     policy.model.gradient_checkpointing = args.gradient_checkpointing
     policy = dist.apply_fsdp(policy, bf16=device.type == "cuda").to(device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, eps=args.adam_eps)
-    step, metrics_path = 0, os.path.join(args.output_dir, "metrics.jsonl")
+    step = 0
     if resume:
         step = checkpoint.load_training_state(policy, optimizer, ckpt, device)["step"]
         dist.print0(f"resuming from {ckpt} at step {step}")
-    if dist.is_main():  # keep the log of the steps before the checkpoint, drop those that will be redone
-        old = []
-        if resume and os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                old = [l for l in f if l.endswith("\n")]  # a kill mid-append leaves a partial last line
-        checkpoint.atomic_write_text(metrics_path, "".join(l for l in old if json.loads(l)["step"] <= step))
+    run.start_metrics(step)  # keep the log of the steps before the checkpoint, drop those that will be redone
+    saved, save_due = (step if resume else None), False
 
     # training loop: one optimizer step per window of batch_size x grad_accum x world_size pairs
     bar = tqdm(total=total_steps, initial=step, disable=None if dist.is_main() else True, desc=args.loss)
@@ -290,7 +308,7 @@ def main(argv=None):
         window = [train_rows[i] for i in epoch_windows[1][w]]
         # every rank knows the window's size in pairs (SFT: target tokens): the global count of window_mean
         n_window = sum(len(examples[i].response_ids) for i in window) if sft else len(window)
-        lr = lr_at(step, total_steps, warmup_steps, args.lr, args.lr_schedule)
+        lr = losses.lr_at(step, total_steps, warmup_steps, args.lr, args.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         policy.train()
@@ -315,9 +333,11 @@ def main(argv=None):
         sums = sums.tolist()
         loss = sums[0] / n_window
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            saved = f"the last good checkpoint is {ckpt}" if os.path.exists(ckpt) else "no checkpoint was saved yet"
-            raise FloatingPointError(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite; stopped "
-                                     f"before updating the weights ({saved}). Lower --lr or check the data.")
+            raise FloatingPointError(rundir.nonfinite_message(step + 1, loss, grad_norm, ckpt, saved))
+        if save_due:  # the weights of step `step` just gave a finite loss and gradient: only now a good checkpoint
+            checkpoint.save_training_state(policy, optimizer, tokenizer, args.output_dir,
+                                           {"step": step, "world_size": world_size})
+            saved, save_due = step, False
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -328,31 +348,28 @@ def main(argv=None):
             n = len(window)
             last |= {"chosen_reward": sums[1] / n, "rejected_reward": sums[2] / n, "margin": (sums[1] - sums[2]) / n,
                      "accuracy": sums[3] / n}
-        if dist.is_main():
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
+        run.log(last)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", **({} if sft else {"acc": f"{last['accuracy']:.2f}"}))
-        if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-            checkpoint.save_training_state(policy, optimizer, tokenizer, args.output_dir, {"step": step, "world_size": world_size})
+        save_due = bool(args.save_steps) and step % args.save_steps == 0 and step < total_steps
         if step == fail_after:
             raise RuntimeError(f"MINIRLHF_FAIL_AFTER_STEP={fail_after}: simulated kill")
     bar.close()
 
     # held-out evaluation, then OUTPUT/checkpoint (resumable) and OUTPUT itself (the final HF model)
     summary = {"step": step, "train_loss": last.get("loss"), "output_dir": os.path.abspath(args.output_dir),
+               "train_examples": len(train_rows),  # after --skip-bad-rows: what was trained on
                "tokens_per_sec": sum(tokens_per_sec) / max(1, len(tokens_per_sec))}
     if eval_examples:
         summary |= evaluate(args, policy, eval_examples, ref_eval, device, pad_id)
         dist.print0(json.dumps({k: v for k, v in summary.items() if k.startswith("eval")}))
     checkpoint.save_training_state(policy, optimizer, tokenizer, args.output_dir, {"step": step, "world_size": world_size})
-    if dist.is_main():
-        checkpoint.publish(ckpt, args.output_dir)
-        checkpoint.atomic_write_json(os.path.join(args.output_dir, "eval.json"), summary)
+    run.publish(ckpt, {"eval.json": summary})  # args, metrics, eval and model together, then done.json
     dist.barrier()
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    with rundir.user_errors():
+        main()
     dist.cleanup()

@@ -9,7 +9,7 @@
                  -1/2 [log p("A" | x, y_c, y_r) + log p("B" | x, y_r, y_c)]. Saved as a causal LM.
 
 Defaults follow RLHFlow's recipe: AdamW, lr 2e-6 (bt) / 5e-6 (pairwise), 1 epoch, cosine schedule to 0 with 3%
-linear warmup (as transformers' get_cosine_schedule_with_warmup), weight decay 0.001 (not on norms/biases),
+linear warmup (losses.lr_at, train_dpo.py's schedule), weight decay 0.001 (not on norms/biases),
 gradient clipping 1.0, max length 4096. Their global batch is 512 pairs: --batch-size 1 --grad-accum 64 on
 8 GPUs. Global batch = batch size x grad accum x world size; a final partial batch of an epoch is dropped
 (data.shuffled_batches). Unlike RLHFlow (DeepSpeed, transformers Trainer) this is FSDP2 and one plain loop.
@@ -19,24 +19,28 @@ gradient clipping 1.0, max length 4096. Their global batch is 512 pairs: --batch
         --output-dir out/rm --batch-size 1 --grad-accum 64 --gradient-checkpointing
 
 OUTPUT/ becomes a Hugging Face folder (config.json, model.safetensors, tokenizer; pairwise.json for --kind
-pairwise) next to args.json, metrics.jsonl (one line per optimizer step) and eval.json (held-out accuracy,
-loss, mean margin, number of pairs). `rewards.load_reward_source(OUTPUT)` scores with it.
+pairwise) next to args.json, metrics.jsonl (one line per optimizer step), eval.json (held-out accuracy, loss,
+mean margin, number of pairs) and done.json, published together from OUTPUT/staging/ at the end
+(minirlhf/rundir.py); checkpoint/ holds what --resume needs, as in train_dpo.py (same world size).
+`rewards.load_reward_source(OUTPUT)` scores with it. Test hook: MINIRLHF_FAIL_AFTER_STEP=k raises after step k.
 """
 import argparse
 import json
 import math
 import os
-import shutil
 from collections import Counter
 
 import torch
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from minirlhf import checkpoint, data, dist, losses, rewards
+from minirlhf import checkpoint, data, dist, losses, rewards, rundir
 from minirlhf.tokenizer import check_chat_template, encode_prompt, load_tokenizer, pad_token_id
 
 DEFAULT_LR = {"bt": 2e-6, "pairwise": 5e-6}
+# arguments that cannot change the trained weights: they may differ on --resume
+NOT_RESULTS = ("resume", "allow_changed_args", "overwrite", "save_steps", "gradient_checkpointing", "eval_every",
+               "eval_batch_size")
 
 
 def build_parser():
@@ -48,7 +52,7 @@ def build_parser():
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
     p.add_argument("--kind", default="bt", choices=["bt", "pairwise"], help="Bradley-Terry or pairwise model")
     p.add_argument("--train-data", required=True, help="preference data: .json/.jsonl/.parquet, save_to_disk "
-                                                       "folder or hub name (formats: see minirlhf/data.py)")
+                                                       "folder or hub:NAME (formats: see minirlhf/data.py)")
     p.add_argument("--train-split", default="train", help="split of --train-data (hub datasets / DatasetDicts)")
     p.add_argument("--eval-data", default=None, help="held-out preference data in the same format")
     p.add_argument("--eval-split", default="test", help="split of --eval-data")
@@ -70,9 +74,9 @@ def build_parser():
     p.add_argument("--epochs", type=int, default=1, help="passes over the training pairs")
     p.add_argument("--max-steps", type=int, default=None,
                    help="train exactly this many optimizer steps instead of --epochs (sizes the schedule)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch per rank")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--eval-batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=rundir.positive_int, default=8, help="pairs per micro-batch per rank")
+    p.add_argument("--grad-accum", type=rundir.positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--eval-batch-size", type=rundir.positive_int, default=None,
                    help="pairs per eval batch per rank (default --batch-size)")
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
     p.add_argument("--weight-decay", type=float, default=0.001, help="AdamW weight decay (matrices only)")
@@ -80,6 +84,13 @@ def build_parser():
     p.add_argument("--seed", type=int, default=42, help="score-head init, data order and eval split")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
+    # checkpoints and the output folder (minirlhf/rundir.py)
+    p.add_argument("--save-steps", type=int, default=500, help="save OUTPUT/checkpoint every N steps (0: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if there is one")
+    p.add_argument("--allow-changed-args", action="store_true", help="with --resume: continue although arguments "
+                   "that change results differ from the recorded ones (e.g. a lower --lr after a non-finite loss)")
+    p.add_argument("--overwrite", action="store_true", help="run into a folder holding files this program did not "
+                   "write (same-named ones are replaced), or restart an unfinished run without --resume")
     return p
 
 
@@ -99,9 +110,11 @@ def load_examples(args, tokenizer, path, split):
             for pair in pairs:
                 try:
                     margins.append(float(column[pair.row]))
+                    if not math.isfinite(margins[-1]):
+                        raise ValueError
                 except (TypeError, ValueError):
-                    raise data.DataError(f"{path}: row {pair.row}: field {args.margin_column!r}: expected a number, "
-                                         f"got {column[pair.row]!r}") from None
+                    raise data.DataError(f"{path}: row {pair.row}: field {args.margin_column!r}: expected a finite "
+                                         f"number, got {column[pair.row]!r}") from None
         return list(zip(pairs, margins))
     # pairwise: the row formats of data.py (its row splitter and errors), then the judge template
     check_chat_template(tokenizer)  # a tokenizer problem, not a row problem: fail before row 0
@@ -181,28 +194,12 @@ def evaluate(model, examples, args, label_ids, pad_id, device):
     return {"accuracy": sums[1].item() / n, "loss": sums[0].item() / n, "margin": sums[2].item() / n, "pairs": int(n)}
 
 
-def lr_at(step, total_steps, warmup_steps, peak):
-    """Linear warmup from 0, then cosine decay to 0 (transformers' get_cosine_schedule_with_warmup)."""
-    if step < warmup_steps:
-        return peak * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def save(model, tokenizer, args, out):
-    """Gather the full state dict (a collective on every rank); rank 0 writes the HF folder into a temporary
-    folder and moves each file into OUTPUT (atomic per file, logs in OUTPUT are kept)."""
-    state = dist.full_state_dict(model)
-    if dist.is_main():
-        extra = None
-        if args.kind == "pairwise":  # what rewards.load_reward_source needs to ask the judge the same way
-            extra = {rewards.PAIRWISE_CONFIG: {"template": rewards.PAIRWISE_TEMPLATE, "max_length": args.max_length,
-                                               "label_tokens": args.label_tokens.split(",")}}
-        tmp = checkpoint.save_model(model, os.path.join(out, ".model.tmp"), tokenizer, state_dict=state,
-                                    extra_files=extra)
-        checkpoint.publish(tmp, out)  # per-file atomic; drops weights of an earlier run (another shard count)
-        shutil.rmtree(tmp)
-    dist.barrier()
+def pairwise_config(args):
+    """What rewards.load_reward_source needs to ask a pairwise judge the same way (saved beside its weights)."""
+    if args.kind != "pairwise":
+        return None
+    return {rewards.PAIRWISE_CONFIG: {"template": rewards.PAIRWISE_TEMPLATE, "max_length": args.max_length,
+                                      "label_tokens": args.label_tokens.split(",")}}
 
 
 def main(argv=None):
@@ -211,10 +208,16 @@ def main(argv=None):
     if args.eval_fraction is None:
         args.eval_fraction = 0.0 if args.eval_data else 0.05
     rank, world_size, device = dist.init_distributed()
-    out = args.output_dir
-    os.makedirs(out, exist_ok=True)
-    if dist.is_main():
-        checkpoint.atomic_write_json(os.path.join(out, "args.json"), vars(args))
+    run = rundir.start(args.output_dir, vars(args), ["metrics.jsonl", "eval.json", "args.json"], resume=args.resume,
+                       overwrite=args.overwrite, allow_changed_args=args.allow_changed_args, ignore=NOT_RESULTS)
+    try:
+        return train(args, run, rank, world_size, device)
+    finally:
+        run.close()
+
+
+def train(args, run, rank, world_size, device):
+    out, ckpt = args.output_dir, os.path.join(args.output_dir, "checkpoint")
 
     # data: every rank tokenises everything (deterministic), then takes its share of each batch
     tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -231,14 +234,14 @@ def main(argv=None):
     window = args.batch_size * args.grad_accum * world_size  # pairs per optimizer step, all ranks
     steps_per_epoch = len(train) // window
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train)} training pairs are fewer than one global batch of {window} "
-                         "(batch size x grad accum x world size)")
+        raise rundir.UserError(f"{len(train)} training pairs are fewer than one global batch of {window} "
+                               "(batch size x grad accum x world size)")
     total_steps = args.epochs * steps_per_epoch if args.max_steps is None else args.max_steps
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     dist.print0(f"{len(train)} training pairs, {len(held_out)} held out; {total_steps} steps of {window} pairs")
 
     # model: sharded over ranks by FSDP2 (bf16 compute, fp32 master weights and reductions on GPU)
-    model = checkpoint.load_model(args.model, kind="reward" if args.kind == "bt" else "causal",
+    model = checkpoint.load_model(ckpt if run.resume else args.model, kind="reward" if args.kind == "bt" else "causal",
                                   device="cpu" if world_size > 1 else device, seed=args.seed)
     model.model.gradient_checkpointing = args.gradient_checkpointing
     model = dist.apply_fsdp(model, bf16=device.type == "cuda").to(device)
@@ -246,19 +249,22 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    if dist.is_main():
-        checkpoint.atomic_write_text(metrics_path, "")
+    step = 0
+    if run.resume:
+        step = checkpoint.load_training_state(model, optimizer, ckpt, device)["step"]
+        dist.print0(f"resuming from {ckpt} at step {step}")
+    run.start_metrics(step)
+    saved, save_due = (step if run.resume else None), False
 
     # training loop: one optimizer step per window of batch_size x grad_accum x world_size pairs
     model.train()
-    bar = tqdm(total=total_steps, disable=None if dist.is_main() else True, desc=f"rm {args.kind}")
-    step = 0
+    bar = tqdm(total=total_steps, initial=step, disable=None if dist.is_main() else True, desc=f"rm {args.kind}")
+    fail_after = int(os.environ.get("MINIRLHF_FAIL_AFTER_STEP", -1))  # test hook, as in train_dpo.py
     while step < total_steps:
         epoch, w = divmod(step, steps_per_epoch)
         batches = data.shuffled_batches(len(train), args.batch_size, args.seed, epoch, rank, world_size)
         for w in range(w, steps_per_epoch):
-            lr = lr_at(step, total_steps, warmup_steps, args.lr)
+            lr = losses.lr_at(step, total_steps, warmup_steps, args.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, margin
@@ -276,8 +282,11 @@ def main(argv=None):
             grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
             loss = sums[0].item() / window
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise FloatingPointError(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite; "
-                                         "lower --lr or check the data")
+                raise FloatingPointError(rundir.nonfinite_message(step + 1, loss, grad_norm, ckpt, saved))
+            if save_due:  # step `step`'s weights just gave a finite loss and gradient (rundir.nonfinite_message)
+                checkpoint.save_training_state(model, optimizer, tokenizer, out,
+                                               {"step": step, "world_size": world_size}, pairwise_config(args))
+                saved, save_due = step, False
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -286,11 +295,12 @@ def main(argv=None):
             if args.eval_every and step % args.eval_every == 0 and step < total_steps and held_out:
                 evaluation = evaluate(model, held_out, args, label_ids, pad_id, device)
                 metrics |= {f"eval_{k}": v for k, v in evaluation.items()}
-            if dist.is_main():
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+            run.log(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", acc=f"{metrics['accuracy']:.2f}", margin=f"{metrics['margin']:.2f}")
+            save_due = bool(args.save_steps) and step % args.save_steps == 0 and step < total_steps
+            if step == fail_after:
+                raise RuntimeError(f"MINIRLHF_FAIL_AFTER_STEP={fail_after}: simulated kill")
             if step >= total_steps:
                 break
     bar.close()
@@ -301,13 +311,14 @@ def main(argv=None):
         result = evaluate(model, held_out, args, label_ids, pad_id, device)
     result |= {"step": step, "kind": args.kind, "output_dir": os.path.abspath(out)}
     dist.print0(f"eval: {json.dumps(result)}")
-    save(model, tokenizer, args, out)
-    if dist.is_main():
-        checkpoint.atomic_write_json(os.path.join(out, "eval.json"), result)
+    checkpoint.save_training_state(model, optimizer, tokenizer, out, {"step": step, "world_size": world_size},
+                                   pairwise_config(args))
+    run.publish(ckpt, {"eval.json": result})  # args, metrics, eval and model together, then done.json
     dist.barrier()
     return result
 
 
 if __name__ == "__main__":
-    main()
+    with rundir.user_errors():
+        main()
     dist.cleanup()

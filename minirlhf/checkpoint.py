@@ -5,22 +5,22 @@
 init, no `transformers` model in between) and the tensors are assigned in the dtype and on the device asked for.
 `save_model` writes the same layout back (sharded above `max_shard_bytes`), with the tokenizer, so
 `transformers.AutoModelForCausalLM` / `AutoModelForSequenceClassification` load what we save. Every write goes
-to a temporary path first and is renamed into place, so a killed run never leaves a half-written output.
+to a temporary path first, is fsynced and renamed into place, so a killed run never leaves a half-written output.
 `save_training_state` / `load_training_state` keep what `--resume` needs beside the model: each rank's optimizer
 shard and RNG state (safetensors) and the step (JSON).
 """
-import contextlib
 import json
 import os
 import shutil
 import uuid
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from minirlhf import dist
+from minirlhf.rundir import UserError, atomic_write_json, durable_replace, writing
 from minirlhf.model import CausalLM, RewardModel, config_from_hf
 
 ARCHITECTURES = {  # model_type -> (causal LM class, reward model class) names in transformers
@@ -36,24 +36,12 @@ ARCHITECTURES = {  # model_type -> (causal LM class, reward model class) names i
 OTHER_HEADS = ("lm_head.weight", "score.weight", "score.bias")
 
 
-def atomic_write_text(path, text):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
 def read_config(path) -> dict:
     config_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such folder (expected a Hugging Face checkpoint folder)")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
+        raise UserError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
     with open(config_path) as f:
         return json.load(f)
 
@@ -65,12 +53,18 @@ def weight_files(path) -> list[str]:
         return [single]
     if os.path.isfile(index):
         with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: no \"weight_map\" {{tensor name: shard file}}")
+        shards = sorted(set(weight_map.values()))
+        outside = [s for s in shards if os.path.isabs(s) or os.path.normpath(s).startswith("..")]
+        if outside:  # a shard path is a name inside the folder, never a way to read other files
+            raise UserError(f"{index}: shard path(s) outside the checkpoint folder: {outside}")
         missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
         if missing:
-            raise FileNotFoundError(f"{index}: lists shard(s) that do not exist: {missing}")
+            raise UserError(f"{index}: lists shard(s) that do not exist: {missing}")
         return [os.path.join(path, s) for s in shards]
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+    raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json "
                             "(minirlhf reads safetensors only, never pickled .bin weights)")
 
 
@@ -87,17 +81,17 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0):
     expected = model.state_dict()
     state = {}
     for file in weight_files(path):
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with _open_safetensors(file, device) as f:
             for name in f.keys():
                 if name not in expected:
                     if name in OTHER_HEADS or name.endswith("rotary_emb.inv_freq"):
                         continue  # the head of the other kind (a reward model read as a causal LM), buffers
-                    raise ValueError(f"{file}: unexpected tensor {name}: config.json describes a model without "
-                                     "it (check attention_bias, mlp_bias, tie_word_embeddings, model_type)")
+                    raise UserError(f"{file}: unexpected tensor {name}: config.json describes a model without "
+                                    "it (check attention_bias, mlp_bias, tie_word_embeddings, model_type)")
                 tensor = f.get_tensor(name)
                 if tensor.shape != expected[name].shape:
-                    raise ValueError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
-                                     f"{tuple(expected[name].shape)}")
+                    raise UserError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
+                                    f"{tuple(expected[name].shape)}")
                 state[name] = tensor.to(dtype)
     if kind == "reward" and "score.weight" not in state:
         std = hf.get("initializer_range", 0.02)
@@ -105,14 +99,22 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0):
         state["score.weight"] = (torch.randn(1, cfg.hidden_size, generator=generator) * std).to(dtype).to(device)
     missing = [name for name in expected if name not in state]
     if missing:
-        raise ValueError(f"{path}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise UserError(f"{path}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(state, assign=True, strict=True)
     return model
+
+
+def _open_safetensors(file, device):
+    try:
+        return safe_open(file, framework="pt", device=str(device))
+    except (SafetensorError, OSError) as e:  # its own message names no file
+        raise UserError(f"{file}: not a readable safetensors file (truncated or empty?): {e}") from None
 
 
 def hf_config_for(model, tokenizer=None, dtype=None) -> dict:
     cfg = model.config
     hf = dict(cfg.hf)
+    hf.pop("auto_map", None)  # remote-code classes of the input checkpoint: what we save is plain transformers
     is_reward = isinstance(model, RewardModel)
     hf["architectures"] = [ARCHITECTURES[cfg.model_type][1 if is_reward else 0]]
     if dtype is not None:
@@ -137,33 +139,38 @@ def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
-    shards, current, size = [], {}, 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
+    try:
+        with writing(out_dir):  # disk full: an error naming the folder, and no temporary left
+            shards, current, size = [], {}, 0
+            for name, tensor in state.items():
+                nbytes = tensor.numel() * tensor.element_size()
+                if current and size + nbytes > max_shard_bytes:
+                    shards.append(current)
+                    current, size = {}, 0
+                current[name] = tensor
+                size += nbytes
             shards.append(current)
-            current, size = {}, 0
-        current[name] = tensor
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-            weight_map.update({name: fname for name in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf_config_for(model, tokenizer, dtype), f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for fname, obj in (extra_files or {}).items():
-        with open(os.path.join(tmp, fname), "w") as f:
-            json.dump(obj, f, indent=2)
+            if len(shards) == 1:
+                save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            else:
+                weight_map = {}
+                for i, shard in enumerate(shards):
+                    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                    save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+                    weight_map.update({name: fname for name in shard})
+                total = sum(t.numel() * t.element_size() for t in state.values())
+                with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(hf_config_for(model, tokenizer, dtype), f, indent=2)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for fname, obj in (extra_files or {}).items():
+                with open(os.path.join(tmp, fname), "w") as f:
+                    json.dump(obj, f, indent=2)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_dir(tmp, out_dir)
     return out_dir
 
@@ -176,7 +183,7 @@ def replace_dir(tmp, out_dir):
         shutil.rmtree(old)
     if os.path.exists(out_dir):
         os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
+    durable_replace(tmp, out_dir)
     if os.path.exists(old):
         shutil.rmtree(old)
 
@@ -195,13 +202,15 @@ def _old_name(out_dir):
 
 # Training state beside the model, for --resume: safetensors and JSON only, never pickle.
 
-def save_training_state(policy, optimizer, tokenizer, output_dir, train_state):
-    """OUTPUT/checkpoint: HF model (rank 0), optimizer shard and RNG state per rank, trainer_state.json. Written
-    in a temporary folder renamed into place, so a kill at any moment leaves the previous checkpoint whole."""
+def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, extra_files=None):
+    """OUTPUT/checkpoint: HF model (rank 0; with `extra_files`, see save_model), optimizer shard and RNG state per
+    rank, trainer_state.json. Written in a temporary folder (a name unique to this save, the same on every rank)
+    renamed into place, so a kill at any moment leaves the previous checkpoint whole."""
     full = dist.full_state_dict(policy)  # collective: every rank gathers
-    tmp, rank = os.path.join(output_dir, ".checkpoint.next"), dist.get_rank()
+    name = dist.all_gather_objects(uuid.uuid4().hex[:8])[0]
+    tmp, rank = os.path.join(output_dir, f".checkpoint.tmp-{name}"), dist.get_rank()
     if dist.is_main():
-        save_model(policy, tmp, tokenizer, state_dict=full)
+        save_model(policy, tmp, tokenizer, state_dict=full, extra_files=extra_files)
     dist.barrier()
     state = {f"{name}/{k}": (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
              for name, p in policy.named_parameters() for k, v in optimizer.state.get(p, {}).items()}
@@ -221,8 +230,8 @@ def load_training_state(policy, optimizer, ckpt, device):
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         train_state = json.load(f)
     if train_state["world_size"] != dist.world_size():
-        raise ValueError(f"{ckpt} was saved by {train_state['world_size']} ranks, each with its own optimizer "
-                         f"shard: resume with the same world size (got {dist.world_size()})")
+        raise UserError(f"{ckpt} was saved by {train_state['world_size']} ranks, each with its own optimizer "
+                        f"shard: resume with the same world size (got {dist.world_size()})")
     saved = load_file(os.path.join(ckpt, f"optimizer.rank{rank}.safetensors"))
     for name, p in policy.named_parameters():
         state = {k.rsplit("/", 1)[1]: v for k, v in saved.items() if k.rsplit("/", 1)[0] == name}
@@ -238,25 +247,3 @@ def load_training_state(policy, optimizer, ckpt, device):
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return train_state
-
-
-def publish(ckpt, output_dir):
-    """Make OUTPUT itself a loadable HF folder: hard-link (else copy) the checkpoint's model and tokenizer files
-    to temporary names, then rename each into place; weights of an earlier run (another shard count) go.
-    config.json goes first and comes back last, so a folder killed halfway holds no loadable mix of two runs."""
-    names = sorted((n for n in os.listdir(ckpt) if not n.startswith(("optimizer.", "rng.", "trainer_state"))),
-                   key=lambda n: n == "config.json")
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(output_dir, "config.json"))
-    for name in os.listdir(output_dir):
-        if name.startswith("model") and name.endswith((".safetensors", ".index.json")) and name not in names:
-            os.remove(os.path.join(output_dir, name))
-    for name in names:
-        tmp = os.path.join(output_dir, f".{name}.tmp")
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        try:
-            os.link(os.path.join(ckpt, name), tmp)  # no second copy of the weights on disk
-        except OSError:
-            shutil.copy2(os.path.join(ckpt, name), tmp)
-        os.replace(tmp, os.path.join(output_dir, name))

@@ -1,7 +1,8 @@
 """Preference and SFT data: loading, row formats, tokenisation, truncation, collation and sharded shuffling.
 
-Row formats (TRL's conventions; column names are arguments that scripts expose as flags):
-  standard        prompt, chosen, rejected are strings
+Row formats (TRL's column layouts; column names are arguments that scripts expose as flags):
+  standard        prompt, chosen, rejected are strings. Unlike TRL, which tokenises such rows as raw text, we
+                  template them: the prompt is one user message and each response one assistant message
   conversational  prompt is a list of {"role", "content"} messages (or a string); chosen / rejected are lists
                   of assistant messages
   implicit prompt chosen and rejected are whole conversations (RLHFlow, UltraFeedback-binarized): the prompt is
@@ -27,12 +28,12 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 
-from minirlhf.checkpoint import atomic_write_text
 from minirlhf.dist import print0
-from minirlhf.tokenizer import check_chat_template, encode_pair
+from minirlhf.rundir import UserError, atomic_write_text
+from minirlhf.tokenizer import as_messages, check_chat_template, encode_pair, encode_prompt
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A bad data row: the message names the file, the row index and the field."""
 
 
@@ -51,19 +52,62 @@ class Sequence:  # one SFT / scoring example
 
 
 def load_dataset_any(path, split="train") -> datasets.Dataset:
-    """A .json / .jsonl / .parquet file, a Dataset.save_to_disk folder, or else anything `datasets.load_dataset`
-    takes with `split` (a hub name, a folder of data files)."""
+    """A .json / .jsonl / .parquet file, a Dataset.save_to_disk folder, a folder of data files, or "hub:NAME" for
+    `datasets.load_dataset(NAME, split=split)`: the Hub is reached only when asked for by that prefix.
+    A file that does not load is read again to say which line is bad (JSON) or that it is not parquet."""
     path = str(path)
     datasets.disable_progress_bars()  # one bar per small file would drown the training logs
+    if path.startswith("hub:"):
+        return datasets.load_dataset(path[4:], split=split)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: not found locally (for a dataset on the Hugging Face Hub, write hub:{path})")
     if any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(path)
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     ext = os.path.splitext(path)[1]
-    if ext in (".json", ".jsonl", ".parquet"):
-        if not os.path.exists(path):
-            raise FileNotFoundError(path)
-        return datasets.load_dataset("parquet" if ext == ".parquet" else "json", data_files=path, split="train")
-    return datasets.load_dataset(path, split=split)
+    if ext not in (".json", ".jsonl", ".parquet"):
+        return datasets.load_dataset(path, split=split)  # a local folder of data files
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: is a folder, not a {ext} file")
+    if ext != ".parquet":
+        _check_json(path, ext)  # cheap next to tokenisation, and it names the bad line
+    try:
+        ds = datasets.load_dataset("parquet" if ext == ".parquet" else "json", data_files=path, split="train")
+    except Exception as e:  # pyarrow and datasets name neither the file nor the row
+        raise DataError(f"{path}: could not be read as {ext[1:]}: {type(e).__name__}: {str(e)[:200]}") from None
+    if not len(ds):
+        raise DataError(f"{path}: no rows")
+    return ds
+
+
+def _check_json(path, ext):
+    """Every line of a .jsonl (or the whole .json) is UTF-8 JSON holding objects, and there is at least one."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    where = "file"
+    try:
+        if ext == ".json":
+            items = json.loads(raw.decode("utf-8"))
+            items = items if isinstance(items, list) else [items]
+            for i, item in enumerate(items):
+                where = f"item {i}"
+                if not isinstance(item, dict):
+                    raise ValueError(f"a JSON {type(item).__name__}, expected an object {{column: value}}")
+        else:
+            items = []
+            for i, line in enumerate(raw.split(b"\n")):
+                where = f"line {i + 1}"
+                if line.strip():
+                    items.append(json.loads(line.decode("utf-8")))
+                    if not isinstance(items[-1], dict):
+                        raise ValueError(f"a JSON {type(items[-1]).__name__}, expected an object {{column: value}}")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {where}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") \
+            from None
+    except ValueError as e:
+        raise DataError(f"{path}: {where}: {e}") from None
+    if not items:
+        raise DataError(f"{path}: no rows (the file is empty or blank)")
 
 
 def load_prompts(path, column):
@@ -81,8 +125,9 @@ def load_prompts(path, column):
 
 
 def write_jsonl(path, rows):
-    """Write rows as JSON lines atomically (temporary file + rename), so readers never see half a file."""
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    """Write rows as JSON lines atomically (temporary file + rename), so readers never see half a file; NaN and
+    Infinity are refused (they are not JSON)."""
+    atomic_write_text(path, "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
 
 
 class BadRow(Exception):
@@ -141,7 +186,7 @@ def _tokenize_rows(rows, tokenizer, prompt_column, response_columns, max_length,
                    skip_bad, source):
     """[(row index, prompt_ids, [response_ids per column])] with the truncation rule applied, and skip counts."""
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
-        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
+        raise UserError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
     check_chat_template(tokenizer, chat_template)  # a tokenizer problem, not a row problem: fail before row 0
     out, skipped, i, n_empty = [], Counter(), -1, 0  # i: the last row index (-1: no rows at all)
     for i, row in enumerate(rows):
@@ -176,6 +221,19 @@ def _tokenize_rows(rows, tokenizer, prompt_column, response_columns, max_length,
         print0(f"{source}: {n_empty} empty responses (the stop token alone)")
     report_skipped(source, skipped, i + 1, len(out))
     return out, dict(skipped)
+
+
+def check_prompts(prompts, tokenizer, max_prompt_length, source, column="prompt"):
+    """Online prompts, checked before any sampling: each has a user message (what a reward function reads), and
+    at most max_prompt_length tokens (None: no limit), the limit beyond which DPO would drop its pair."""
+    for i, prompt in enumerate(prompts):
+        roles = [m["role"] for m in as_messages(prompt)]
+        if "user" not in roles:
+            raise DataError(f"{source}: row {i}: field {column!r}: no user message (roles {roles})")
+        n = len(encode_prompt(tokenizer, prompt)) if max_prompt_length else 0
+        if max_prompt_length and n > max_prompt_length:
+            raise DataError(f"{source}: row {i}: field {column!r}: prompt is {n} tokens > {max_prompt_length}, the "
+                            "DPO prompt limit (--max-length / 4): raise --max-length or drop the row")
 
 
 def report_skipped(source, skipped, n_rows, n_kept):

@@ -10,10 +10,11 @@ KL(pi || pi_ref) is estimated from the same samples y ~ pi(. | x) at temperature
 with log pi from the sampler and log pi_ref from one forward pass of the reference (`sequence_logps`).
 """
 import os
+import time
 
 import torch
 
-from minirlhf.checkpoint import load_model
+from minirlhf.checkpoint import atomic_write_json, load_model
 from minirlhf.data import Sequence, collate_sequences
 from minirlhf.logprobs import sequence_logps
 from minirlhf.sampler import generate
@@ -113,6 +114,28 @@ def sampled_pairs_accuracy(policy_dir, tokenizer, prompts, reward_fn, max_new_to
     a, b = (evaluate_policy(policy, policy, tokenizer, prompts, reward_fn, max_new_tokens, seed=seed + k)[1]
             for k in (1, 2))
     return reward_model_accuracy(reward_fn, prompts, a, b, gold_fn)
+
+
+def evaluate_run(out, policies, human_labels, tokenizer, prompts, reward_fn, max_new_tokens, seed=0, gold_fn=None,
+                 device="cpu", proxy_scale=1.0, start=None):
+    """Every policy of a run on held-out prompts -> the table on stdout, OUT/summary.json and (with matplotlib)
+    OUT/summary.png. policies: name -> folder, the first one the reference; human_labels: name -> the labels that
+    policy cost. With gold_fn, also the proxy's accuracy against gold on fresh pairs of the first and last policy."""
+    rows = evaluate_policies(policies, tokenizer, prompts, reward_fn, max_new_tokens, seed, gold_fn, device)
+    for name in rows:
+        rows[name]["human_labels"] = human_labels[name]
+    summary = {"policies": rows}
+    if gold_fn is not None:
+        for name in (list(policies)[0], list(policies)[-1]):
+            acc, n = sampled_pairs_accuracy(policies[name], tokenizer, prompts, reward_fn, max_new_tokens, gold_fn,
+                                            seed, device)
+            summary[f"reward_model_gold_accuracy_{name}"] = acc
+            print(f"reward model accuracy against gold labels on held-out {name} pairs: {acc:.3f} ({n} pairs)")
+    print(format_table(rows))
+    summary["seconds"] = time.time() - start if start else None
+    atomic_write_json(f"{out}/summary.json", summary)
+    plot(rows, f"{out}/summary.png", proxy_scale)
+    return summary
 
 
 def plot(rows: dict, path, proxy_scale=1.0):

@@ -14,6 +14,8 @@ default, or length-normalised with `average=True`).
   with the same signature and outputs, chosen by name from `PREFERENCE_LOSSES`; `add_nll` adds the
   chosen-response NLL of RPO (Pang et al. 2024; the Llama 3.1 report) to any of them.
 """
+import math
+
 import torch.nn.functional as F
 
 
@@ -114,3 +116,13 @@ def window_mean(losses, n_in_window, world_size=1):
     ranks then gives the gradient of the global mean. For SFT pass the token losses -token_logps and the
     number of target tokens in the window."""
     return losses.sum() * world_size / n_in_window
+
+
+def lr_at(step, total_steps, warmup_steps, peak, schedule="cosine"):
+    """The learning rate of optimizer step `step` (0-based), one schedule for every script: linear warmup
+    peak * (step + 1) / warmup_steps, so the first step already learns (transformers' step / warmup_steps spends
+    it at lr 0), then cosine to 0, linear to 0, or constant."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1}[schedule]

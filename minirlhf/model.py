@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minirlhf.logprobs import fused_token_logps
+from minirlhf.rundir import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
@@ -55,11 +56,11 @@ class ModelConfig:
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     """Read a Hugging Face config dict (old `rope_theta`/`rope_scaling` or new `rope_parameters` form)."""
     def fail(what):
-        raise ValueError(f"{source}: unsupported {what}; minirlhf supports model_type in {SUPPORTED_MODEL_TYPES}")
+        raise UserError(f"{source}: unsupported {what}; minirlhf supports model_type in {SUPPORTED_MODEL_TYPES}")
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     missing = [k for k in required if k not in d]
     if missing:
-        raise ValueError(f"{source}: missing required field(s) {missing}")
+        raise UserError(f"{source}: missing required field(s) {missing}")
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         fail(f"model_type {model_type!r}")

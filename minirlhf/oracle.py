@@ -110,3 +110,17 @@ def ask_oracle(oracle, rows, k, rule, path, seed):
     labels = list(load_dataset_any(path))
     agreed = [r["reward_model_agreed"] for r in labels if r.get("reward_model_agreed") is not None]
     return path, labels, sum(agreed) / len(agreed) if agreed else None
+
+
+def apply_labels(rows, labels) -> list[dict]:
+    """The oracle's answer orders the pair it labelled, not the proxy's guess: each label's row (same index and
+    prompt) gets its chosen and rejected. A label file written outside the run may name no index: those pairs are
+    returned, to be trained on as well."""
+    by_index, extra = {r["index"]: r for r in rows}, []
+    for label in labels:
+        r = by_index.get(label.get("index"))
+        if r is not None and r["prompt"] == label["prompt"]:
+            r.update(chosen=label["chosen"], rejected=label["rejected"])
+        else:
+            extra.append(dict(prompt=label["prompt"], chosen=label["chosen"], rejected=label["rejected"]))
+    return extra

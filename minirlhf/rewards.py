@@ -24,7 +24,9 @@ FSDP in train_rm.py.
 """
 import importlib
 import json
+import math
 import os
+import sys
 
 import torch
 
@@ -32,6 +34,7 @@ from minirlhf.checkpoint import load_model, read_config
 from minirlhf.data import Sequence, collate_sequences
 from minirlhf.logprobs import IGNORE_INDEX
 from minirlhf.losses import preference_probability
+from minirlhf.rundir import UserError
 from minirlhf.tokenizer import as_messages, encode_pair, encode_prompt, load_tokenizer, pad_token_id
 
 # The judge's user turn, RLHFlow's layout; the answer (the assistant's first token) is a label token.
@@ -97,8 +100,8 @@ def label_token_ids(tokenizer, label_tokens=LABEL_TOKENS) -> list[int]:
     """The ids of the label tokens ("A", "B"); each must be exactly one token and they must differ."""
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in label_tokens]
     if any(len(i) != 1 for i in ids) or ids[0] == ids[1]:
-        raise ValueError(f"label tokens {list(label_tokens)} must be two different single tokens for this tokenizer, "
-                         f"got ids {ids}; pick others with --label-tokens")
+        raise UserError(f"label tokens {list(label_tokens)} must be two different single tokens for this tokenizer, "
+                        f"got ids {ids}; pick others with --label-tokens")
     return [i[0] for i in ids]
 
 
@@ -197,7 +200,18 @@ def _unflatten(flat, responses) -> list[list[float]]:
 
 
 def _last_user_content(prompt) -> str:
-    return prompt if isinstance(prompt, str) else [m for m in prompt if m["role"] == "user"][-1]["content"]
+    users = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt if m["role"] == "user"]
+    if not users:
+        raise UserError(f"prompt {str(prompt)[:80]!r} has no user message for the reward function to read")
+    return users[-1]
+
+
+def check_finite(scores, indices, source):
+    """Stop on a NaN or infinite reward (it would make a tie or a meaningless pair, and is not JSON): scores one
+    list per prompt, indices the prompts' numbers to name."""
+    for i, row in zip(indices, scores):
+        if not all(math.isfinite(x) for x in row):
+            raise UserError(f"reward source {source}: non-finite reward {row} for prompt {i}: fix the reward source")
 
 
 def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pairs_max=ALL_PAIRS_MAX, seed=0):
@@ -212,15 +226,17 @@ def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pa
     if not os.path.isdir(spec):
         module, sep, name = spec.partition(":")
         if not sep or not module or not name:
-            raise ValueError(f"reward source {spec!r}: not a checkpoint folder and not 'module:function'")
+            raise UserError(f"reward source {spec!r}: not a checkpoint folder and not 'module:function'")
+        if os.getcwd() not in sys.path:  # `python /elsewhere/iterate.py` puts the script's folder there, not this one
+            sys.path.append(os.getcwd())
         user_fn = getattr(importlib.import_module(module), name)
 
         def score_with_function(prompts, responses):
             flat_prompts = [_last_user_content(p) for p, rs in zip(prompts, responses) for _ in rs]
             flat = [float(x) for x in user_fn(flat_prompts, [r for rs in responses for r in rs])]
             if len(flat) != len(flat_prompts):
-                raise ValueError(f"reward function {spec} returned {len(flat)} values for {len(flat_prompts)} "
-                                 "responses")
+                raise UserError(f"reward function {spec} returned {len(flat)} values for {len(flat_prompts)} "
+                                "responses")
             return _unflatten(flat, responses)
         return score_with_function
 

@@ -7,11 +7,19 @@ A (prompt, response) pair is tokenised by templating the whole conversation, che
 after its last EOS (the end-of-turn token; templates such as ChatML add "\\n" after it) or, if the template
 wrote none, gets EOS appended, so every response ends with the token generation stops on.
 """
+import os
+
+import jinja2
 import transformers
+
+from minirlhf.rundir import UserError
 
 
 def load_tokenizer(path):
-    """AutoTokenizer with the checkpoint's chat template; remote code is never run."""
+    """AutoTokenizer with the checkpoint's chat template; remote code is never run. `path` is a local folder (a
+    missing one is said to be missing, not taken for a Hub repo id)."""
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such folder (expected a checkpoint folder with config.json and the tokenizer)")
     return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
@@ -28,15 +36,18 @@ def as_messages(prompt) -> list[dict]:
 def check_chat_template(tokenizer, chat_template=None):
     """Raise a clear error when there is no template to apply (`chat_template` overrides the tokenizer's)."""
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: pass "
-                         "chat_template= (a Jinja string) or use a checkpoint whose tokenizer has one")
+        raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: pass "
+                        "chat_template= (a Jinja string) or use a checkpoint whose tokenizer has one")
 
 
 def apply_template(tokenizer, messages, add_generation_prompt, chat_template=None) -> list[int]:
     """Render `messages` with the chat template (`chat_template` overrides the tokenizer's) and tokenise."""
     check_chat_template(tokenizer, chat_template)
-    text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as e:  # e.g. a role the template does not know: a row problem (ValueError)
+        raise ValueError(f"chat template: {e} (roles {[m.get('role') for m in messages]})") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -61,7 +72,7 @@ def encode_pair(tokenizer, prompt, response, chat_template=None) -> tuple[list[i
                          f"{tokenizer.decode(prompt_ids[i:i + 8])!r} vs {tokenizer.decode(full_ids[i:i + 8])!r}")
     response_ids, eos = full_ids[len(prompt_ids):], tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("tokenizer has no eos_token: responses could not end with an end-of-turn token")
+        raise UserError("tokenizer has no eos_token: responses could not end with an end-of-turn token")
     if eos in response_ids:
         return prompt_ids, response_ids[:len(response_ids) - response_ids[::-1].index(eos)]
     return prompt_ids, response_ids + [eos]

@@ -104,7 +104,7 @@ def test_unsupported_rope_type(tmp_path):
 def test_missing_weight_file(tmp_path):
     save_tiny(tmp_path, "llama3")
     os.remove(tmp_path / "model.safetensors")
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(ValueError, match="no model.safetensors"):
         load_model(tmp_path)
 
 
@@ -112,7 +112,7 @@ def test_missing_shard(tmp_path):
     save_tiny(tmp_path / "src", "llama3")
     save_model(load_model(tmp_path / "src"), tmp_path / "out", max_shard_bytes=20_000)
     os.remove(weight_files(tmp_path / "out")[1])
-    with pytest.raises(FileNotFoundError, match=r"index.json: lists shard\(s\) that do not exist.*model-00002"):
+    with pytest.raises(ValueError, match=r"index.json: lists shard\(s\) that do not exist.*model-00002"):
         load_model(tmp_path / "out")
 
 
@@ -159,19 +159,6 @@ def test_kill_between_the_two_renames_is_recovered(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out", "src"]
 
 
-def test_publish_writes_config_last(tmp_path, monkeypatch):
-    """A publish killed halfway leaves no config.json, so the folder cannot load as a mix of two runs."""
-    save_tiny(tmp_path / "ckpt", "llama3")
-    (tmp_path / "out").mkdir()
-    checkpoint.publish(tmp_path / "ckpt", tmp_path / "out")
-    assert load_model(tmp_path / "out") is not None
-    order = []
-    real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda a, b: order.append(os.path.basename(b)) or real_replace(a, b))
-    checkpoint.publish(tmp_path / "ckpt", tmp_path / "out")
-    assert order[-1] == "config.json" and "model.safetensors" in order[:-1]
-
-
 def test_missing_tensor(tmp_path):
     save_tiny(tmp_path, "llama3")
     state = load_file(tmp_path / "model.safetensors")
@@ -201,3 +188,27 @@ def test_init_model_is_seeded_and_loads_in_transformers(tmp_path):
     ids, _ = ragged_batch([5], "right")
     with torch.no_grad():
         torch.testing.assert_close(a.eval()(ids), hf(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_auto_map_is_not_copied_into_saved_configs(tmp_path):
+    """A config's auto_map names remote-code classes: what we save is a plain transformers model without it."""
+    save_tiny(tmp_path / "src", "llama3")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModel": "x.Y"}}))
+    save_model(load_model(tmp_path / "src"), tmp_path / "out")
+    assert "auto_map" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_checkpoint_saves_use_unique_temporary_names(tmp_path, monkeypatch):
+    """Two saves into one folder never share a temporary name (two runs once did: .checkpoint.next), and none is
+    left behind."""
+    save_tiny(tmp_path / "src", "llama3")
+    model = load_model(tmp_path / "src")
+    optimizer = torch.optim.AdamW(model.parameters())
+    names, real_save = [], checkpoint.save_model
+    monkeypatch.setattr(checkpoint, "save_model",
+                        lambda m, out, *a, **k: names.append(os.path.basename(out)) or real_save(m, out, *a, **k))
+    for step in (1, 2):
+        checkpoint.save_training_state(model, optimizer, None, tmp_path / "out", {"step": step, "world_size": 1})
+    assert len(set(names)) == 2 and all(n.startswith(".checkpoint.tmp-") for n in names)
+    assert os.listdir(tmp_path / "out") == ["checkpoint"]

@@ -33,10 +33,12 @@ def base_run(tmp_path_factory):
 
 
 def copy_until(base_run, dst, iterations):
-    """A copy of the run's offline stages and its first `iterations` iterations."""
+    """A copy of the run's offline stages and its first `iterations` iterations, with the manifest that says they
+    are iterate.py's (not its args.json: a copy may run with other values)."""
     for name in ["init", "sft", "data", "reward_model", "offline_dpo"] + [f"iter{t}" for t in range(1, iterations + 1)]:
         shutil.copytree(os.path.join(base_run, name), os.path.join(dst, name))
-    shutil.copy(os.path.join(base_run, "reward_model_labels.jsonl"), dst)
+    for name in ["reward_model_labels.jsonl", "manifest.json"]:
+        shutil.copy(os.path.join(base_run, name), dst)
     return str(dst)
 
 
@@ -60,7 +62,8 @@ def test_shortened_builtin_run_rises_every_iteration(base_run):
             assert s["rewards"][s["responses"].index(s["chosen"])] == max(s["rewards"])
             assert s["rewards"][s["responses"].index(s["rejected"])] == min(s["rewards"])
     metrics = json.load(open(os.path.join(base_run, "iter1", "metrics.json")))
-    assert metrics["no_pair"] == sum(s["chosen"] is None for s in samples) == len(samples) - metrics["pairs"]
+    assert metrics["no_pair"] == sum(s["chosen"] is None for s in samples)
+    assert metrics["no_pair"] + metrics["pairs"] + metrics["dropped_by_dpo"] == len(samples)
     for name in ["sft", "offline_dpo", "iter1/policy", "iter2/policy", "reward_model", "iter2/reward_model"]:
         assert os.path.exists(os.path.join(base_run, name, "config.json")), name
     # matplotlib is optional: with it the run also draws the summary

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minirlhf.losses import (PREFERENCE_LOSSES, add_nll, bradley_terry_loss, dpo_loss, hinge_loss, ipo_loss,
+from minirlhf.losses import (PREFERENCE_LOSSES, add_nll, lr_at, bradley_terry_loss, dpo_loss, hinge_loss, ipo_loss,
                              pairwise_preference_loss, preference_probability, window_mean)
 
 t = torch.tensor
@@ -127,3 +127,11 @@ def test_window_mean_over_uneven_micro_batches():
         logps = feats[rows] @ w
         (dpo_loss(logps[:, 0], logps[:, 1], ref[rows, 0], ref[rows, 1], beta=0.5)[0].mean() / 4).backward()
     assert not torch.allclose(w.grad, full)
+
+
+def test_one_lr_schedule_warms_up_from_the_first_step():
+    """Warmup 4 of 10 steps: 1/4, 2/4, 3/4, 4/4 of the peak, then cosine to 0 (train_rm.py used to start at 0)."""
+    lrs = [lr_at(k, 10, 4, 2.0) for k in range(10)]
+    assert lrs[:4] == [0.5, 1.0, 1.5, 2.0] and lrs[4] == 2.0
+    assert lrs[7] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 3 / 6)))
+    assert lr_at(9, 10, 4, 2.0, "linear") == pytest.approx(2.0 / 6) and lr_at(9, 10, 4, 2.0, "constant") == 2.0

@@ -3,12 +3,15 @@ position-biased judge, truncation of the judge prompt, and load_reward_source fo
 model folder and a pairwise model folder."""
 import math
 import re
+import sys
 
 import pytest
 import torch
 
+import iterate
 from minirlhf import rewards
 from minirlhf.checkpoint import load_model, save_model
+from minirlhf.rewards import load_reward_source
 from minirlhf.tokenizer import encode_pair
 from tiny import save_tiny
 
@@ -144,3 +147,13 @@ def test_score_sequences_matches_one_by_one(tmp_path):
     with torch.no_grad():
         ref = [reward_model(torch.tensor([s]))[0].item() for s in sequences]
     assert scores == pytest.approx(ref, abs=1e-5)
+
+
+def test_module_function_is_imported_from_the_working_directory(tmp_path, monkeypatch):
+    """`python /elsewhere/iterate.py --reward mod:fn` from the folder holding mod.py: sys.path then has the
+    script's folder, not the working directory, yet the documented lookup finds the module; --help says it runs."""
+    (tmp_path / "reward_in_cwd.py").write_text("def f(prompts, responses):\n    return [1.0 for _ in responses]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    assert load_reward_source("reward_in_cwd:f")(["p"], [["a", "b"]]) == [[1.0, 1.0]]
+    assert "imports and runs that Python code" in " ".join(iterate.build_parser().format_help().split())

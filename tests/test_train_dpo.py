@@ -15,6 +15,7 @@ import transformers
 from safetensors.torch import load_file
 
 import train_dpo
+from minirlhf import rundir
 from minirlhf.data import tokenize_preferences, write_jsonl
 from tiny import save_tiny
 
@@ -187,25 +188,114 @@ def test_resume_after_kill_equals_uninterrupted_run(setup, tmp_path, monkeypatch
         run(d, tmp_path / "killed", *args)
     monkeypatch.delenv("MINIRLHF_FAIL_AFTER_STEP")
     assert json.loads((tmp_path / "killed/checkpoint/trainer_state.json").read_text())["step"] == 2
-    ref_file = tmp_path / "killed/ref_logps.safetensors"
+    ref_file = tmp_path / "killed/staging/ref_logps.safetensors"  # the run in progress, published at its end
     mtime = ref_file.stat().st_mtime_ns
     resumed = run(d, tmp_path / "killed", *args, "--resume")
-    assert ref_file.stat().st_mtime_ns == mtime
+    assert (tmp_path / "killed/ref_logps.safetensors").stat().st_mtime_ns == mtime  # moved in, not recomputed
     assert resumed["step"] == full["step"] == 14
     assert_same_weights(tmp_path / "full", tmp_path / "killed", atol=1e-6)
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 15))
 
 
-def test_nonfinite_loss_stops_and_keeps_last_checkpoint(setup, tmp_path):
-    """An absurd learning rate blows the weights up after step 1: step 2's loss is not finite, the run stops
-    with a clear error before touching the weights, and the step-1 checkpoint stays; no final model is written."""
+def test_nonfinite_step_leaves_a_good_checkpoint_to_resume_with_a_lower_lr(setup, tmp_path, monkeypatch):
+    """A run killed after step 3 (checkpoint at step 2) resumes with an absurd lr: step 3 is finite but blows the
+    weights up, step 4 is not finite. The run stops before updating, the kept checkpoint is still step 2's (saved
+    only once the next step came out finite; before, step 3's blown-up weights were kept), the message says
+    which step and how to resume, and resuming from it with a sane lr finishes."""
     d, out = setup, tmp_path / "nan"
-    with pytest.raises(FloatingPointError, match="not finite.*last good checkpoint"):
-        run(d, out, "--train-data", d / "eight.jsonl", "--batch-size", 4, "--grad-accum", 1, "--save-steps", 1,
-            "--lr", 1e30)
-    assert json.loads((out / "checkpoint/trainer_state.json").read_text())["step"] == 1
-    assert not (out / "model.safetensors").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    common = ["--train-data", d / "eight.jsonl", "--batch-size", 4, "--grad-accum", 1, "--epochs", 3, "--save-steps", 1]
+    monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", "3")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(d, out, *common)
+    monkeypatch.delenv("MINIRLHF_FAIL_AFTER_STEP")
+    with pytest.raises(FloatingPointError, match=r"step 4: .*not finite.*checkpoint, .*checkpoint \(step 2\), "
+                                                 r"with --resume --lr LOWER --allow-changed-args"):
+        run(d, out, *common, "--resume", "--lr", 1e30, "--allow-changed-args")
+    assert json.loads((out / "checkpoint/trainer_state.json").read_text())["step"] == 2
+    assert max(w.abs().max().item() for w in weights(out / "checkpoint").values()) < 10
+    assert not (out / "model.safetensors").exists()
+    result = run(d, out, *common, "--resume", "--allow-changed-args")
+    assert result["step"] == 6 and math.isfinite(result["train_loss"])
+
+
+def test_foreign_files_are_refused_and_kept(setup, tmp_path):
+    """A folder holding files this program did not write is refused before any work, naming them and --overwrite;
+    with --overwrite the run goes ahead and the user's files that do not share a name with ours stay."""
+    d, out = setup, tmp_path / "out"
+    out.mkdir()
+    mine = ["model_backup.safetensors", "model-v1.safetensors", "model_old.index.json"]
+    for name in mine:
+        (out / name).write_text("user data")
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "notes.txt").write_text("user data")
+    args = ["--train-data", d / "eight.jsonl", "--batch-size", 8, "--grad-accum", 1, "--max-steps", 1]
+    with pytest.raises(ValueError, match=r"did not write: \['checkpoint', 'model-v1.safetensors', 'model_backup."
+                                         r"safetensors', 'model_old.index.json'\].*--overwrite"):
+        run(d, out, *args)
+    assert (out / "checkpoint" / "notes.txt").exists() and not (out / "args.json").exists()
+    (out / "checkpoint" / "notes.txt").unlink()
+    (out / "checkpoint").rmdir()
+    run(d, out, *args, "--overwrite")
+    assert all((out / name).read_text() == "user data" for name in mine) and (out / "done.json").exists()
+
+
+def test_a_folder_describes_one_run_until_the_next_one_publishes(setup, tmp_path, monkeypatch):
+    """A finished folder rerun with other values: an input error and a kill leave its args, metrics, eval,
+    weights and done.json those of the first run; a finished rerun replaces them all together."""
+    d, out = setup, tmp_path / "out"
+    args = ["--train-data", d / "eight.jsonl", "--batch-size", 4, "--grad-accum", 1, "--epochs", 2]
+    run(d, out, *args)
+    files = ["args.json", "metrics.jsonl", "eval.json", "model.safetensors", "done.json", "config.json"]
+    before = {name: (out / name).read_bytes() for name in files}
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "hi", "chosen": "a"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl: row 0: field 'rejected'"):
+        run(d, out, *args, "--lr", 1e-2, "--train-data", tmp_path / "bad.jsonl")
+    monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", "1")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(d, out, *args, "--lr", 1e-2, "--overwrite")
+    monkeypatch.delenv("MINIRLHF_FAIL_AFTER_STEP")
+    assert {name: (out / name).read_bytes() for name in files} == before
+    run(d, out, *args, "--lr", 1e-2, "--overwrite")  # --overwrite: drop the killed run's checkpoint
+    assert json.loads((out / "args.json").read_text())["lr"] == 1e-2 and not (out / "staging").exists()
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lrs) == 4 and lrs[0] == 1e-2
+    assert json.loads((out / "done.json").read_text())["step"] == 4
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+
+
+def test_resume_refuses_changed_arguments_and_a_held_folder(setup, tmp_path, monkeypatch, capsys):
+    """--resume with another lr or batch size is refused with the list, and so is other data under the same path
+    (the reference log-probs' fingerprint); --save-steps may differ. A second run into a folder that a live run
+    holds is refused with the holder's pid."""
+    d, out = setup, tmp_path / "out"
+    args = ["--train-data", d / "eight.jsonl", "--batch-size", 4, "--grad-accum", 1, "--epochs", 2, "--save-steps", 1]
+    monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", "2")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(d, out, *args)
+    monkeypatch.delenv("MINIRLHF_FAIL_AFTER_STEP")
+    with pytest.raises(ValueError, match=r"--batch-size: recorded 4, now 2\n  --lr: recorded 0.001, now 0.002"):
+        run(d, out, *args, "--resume", "--lr", 2e-3, "--batch-size", 2)
+    held = rundir.lock(out)
+    with pytest.raises(ValueError, match=rf"in use by pid {os.getpid()}"):
+        run(d, out, *args, "--resume")
+    rundir.unlock(held)
+    write_jsonl(tmp_path / "edited.jsonl", synthetic_rows(8, seed=5))  # other rows under the recorded path
+    os.replace(d / "eight.jsonl", tmp_path / "eight.jsonl")
+    os.replace(tmp_path / "edited.jsonl", d / "eight.jsonl")
+    try:
+        with pytest.raises(ValueError, match="differ from those the run began with"):
+            run(d, out, *args, "--resume")
+    finally:
+        os.replace(tmp_path / "eight.jsonl", d / "eight.jsonl")
+    assert run(d, out, *args, "--resume", "--save-steps", 3)["step"] == 4
+    assert "resuming from" in capsys.readouterr().out
+
+
+def test_ipo_without_length_normalize_says_how_it_differs_from_trl(setup, tmp_path, capsys):
+    with pytest.raises(ValueError):  # the note comes first, before any input is read
+        run(setup, tmp_path / "o", "--train-data", tmp_path / "missing.jsonl", "--loss", "ipo")
+    assert "note: IPO on summed log-probs" in capsys.readouterr().out
 
 
 def free_port():

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors.torch import load_file
 
 import train_rm
 from minirlhf import rewards
@@ -124,6 +125,30 @@ def test_margins_follow_their_rows_when_bad_rows_are_skipped(tmp_path, tokenizer
         examples[kind] = train_rm.load_examples(args, tokenizer, args.train_data, "train")
     assert len(examples["pairwise"]) == 3
     assert [(pair.row, margin) for pair, margin in examples["bt"]] == [(0, 0.0), (1, 1.0), (3, 3.0)]
+
+@pytest.mark.parametrize("kind", ["bt", "pairwise"])
+def test_resume_after_kill_equals_uninterrupted_run(setup, kind, monkeypatch):
+    """Killed after step 3 (checkpoint at step 2, saved once step 3's forward came out finite) and resumed: the
+    weights equal the uninterrupted run's exactly (optimizer moments, both param groups, schedule and data
+    position come back), the metrics are one line per step, and pairwise.json is published with the model."""
+    common = ["--lr", "3e-3", "--batch-size", "16", "--max-steps", "5", "--warmup-ratio", "0.4", "--save-steps", "2",
+              "--train-data", str(setup / "eval.jsonl"), "--eval-fraction", "0.2"]
+    full = train_rm.main(flags(setup, kind, "full", *common))
+    monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", "3")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train_rm.main(flags(setup, kind, "killed", *common))
+    monkeypatch.delenv("MINIRLHF_FAIL_AFTER_STEP")
+    assert json.load(open(setup / "killed/checkpoint/trainer_state.json"))["step"] == 2
+    resumed = train_rm.main(flags(setup, kind, "killed", *common, "--resume"))
+    assert resumed["step"] == full["step"] == 5 and resumed["accuracy"] == full["accuracy"]
+    a, b = (load_file(setup / name / "model.safetensors") for name in ("full", "killed"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) == 0
+    metrics = [json.loads(line) for line in open(setup / "killed/metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert metrics[0]["lr"] == 3e-3 / 2  # losses.lr_at: 2 warmup steps, the first already at half the peak
+    assert os.path.exists(setup / "killed/done.json")
+    assert os.path.exists(setup / "killed/pairwise.json") == (kind == "pairwise")
+
 
 @pytest.mark.parametrize("script", ["train_rm", "train_dpo", "iterate"])
 def test_every_flag_documented_unknown_and_abbreviated_flags_rejected(script):

@@ -1,0 +1,325 @@
+"""Output folders that say what they hold: a lock, a manifest, a staging folder, one publish step, done.json.
+
+A run owns its --output-dir through:
+- OUTPUT/.lock, held with flock while the run lives and holding "pid P on host H". A second run into the folder
+  is refused with that line. The kernel drops the lock when its process dies, so a killed run never blocks the
+  next one; the pid it left in the file is reported when the next run takes the lock over.
+- OUTPUT/manifest.json, every top-level name this program wrote there. A run replaces or deletes only those;
+  a folder holding anything else is refused before any work unless --overwrite.
+- OUTPUT/staging/ (train_rm.py, train_dpo.py): the run in progress writes its args.json and metrics.jsonl there,
+  then the model, eval.json and done.json; `publish` moves them into OUTPUT together. Until then OUTPUT still
+  describes the previous run, all of it; done.json is removed first and written last, so a folder with a
+  done.json holds the args, metrics, eval and weights of one run. checkpoint/ (for --resume) sits beside it.
+- Recorded arguments: --resume (and iterate.py's reruns) compare the new arguments with the recorded ones and
+  refuse with the list of differences, except those that cannot change results (--save-steps and the like).
+Every write is atomic (a uniquely named temporary, renamed into place) and durable: the file, or every file of a
+folder, and then the folder are fsynced around the rename that publishes it.
+"""
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import uuid
+from dataclasses import dataclass
+
+from safetensors import SafetensorError
+
+from minirlhf import dist
+
+LOCK, MANIFEST, STAGING, DONE = ".lock", "manifest.json", "staging", "done.json"
+
+
+class UserError(ValueError):
+    """A mistake in the command line, the data or a folder: the message names the file, row, field or path and
+    what to do. Scripts print it without a traceback (`user_errors`)."""
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Around a script's main(): a UserError ends the process with its message and status 1, no traceback."""
+    try:
+        yield
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def positive_int(text):
+    """argparse type of counts that must be >= 1 (a batch size of 0 would divide by zero later)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_replace(src, dst):
+    """os.replace(src, dst) after src's data is on disk (a file, or every file and folder of a tree), and the
+    rename itself made durable by an fsync of dst's folder: after a power cut dst is old or new, never empty."""
+    if os.path.isdir(src):
+        for root, _, files in os.walk(src, topdown=False):
+            for name in files:
+                _fsync(os.path.join(root, name))
+            _fsync(root)
+    else:
+        _fsync(src)
+    os.replace(src, dst)
+    _fsync(os.path.dirname(os.path.abspath(dst)))
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn a failed write (disk full, no permission) into a UserError naming the path."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:  # safetensors reports its own write errors with its own type
+        reason = getattr(e, "strerror", None) or e
+        raise UserError(f"{path}: could not write: {reason}; free space or choose another --output-dir") from None
+
+
+def atomic_write_text(path, text):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with writing(path), open(tmp, "w") as f:
+            f.write(text)
+        durable_replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def atomic_write_json(path, obj):
+    # allow_nan=False: NaN and Infinity are not JSON; a non-finite value is a bug to stop on, not to write
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path, default=None):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def lock(out):
+    """Hold OUTPUT/.lock (flock) -> the open file; refuse a folder that another live process holds."""
+    path = os.path.join(out, LOCK)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{out} is in use by {holder} (lock file {path}): wait for that run to end, or choose "
+                        "another --output-dir") from None
+    f.seek(0)
+    stale = f.read().strip()
+    if stale:
+        print(f"note: {path} was left by {stale}, which ended without releasing it (killed?); taking it over",
+              flush=True)
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def unlock(f):
+    """Empty the lock file (so the next run sees no stale holder) and release it. The file itself stays: deleting
+    it would let a process that opened it just before lock an inode that no longer has a name."""
+    f.seek(0)
+    f.truncate()
+    f.flush()
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
+
+
+def manifest(out):
+    return read_json(os.path.join(out, MANIFEST), {"files": [], "published": []})
+
+
+def claim(out, names, published=None):
+    """Add `names` to the manifest (before writing them, so a kill never leaves a file of ours unlisted)."""
+    m = manifest(out)
+    m["files"] = sorted(set(m["files"]) | set(names) | set(published or []))
+    if published is not None:
+        m["published"] = sorted(published)
+    atomic_write_json(os.path.join(out, MANIFEST), m)
+
+
+def foreign_files(out):
+    """Top-level names in `out` that this program did not write: not in the manifest, and not a temporary of a
+    name in it (NAME.tmp-xxxx, .NAME.tmp, .NAME.old: what a killed write leaves)."""
+    ours = set(manifest(out)["files"]) | {LOCK, MANIFEST}
+    temp = re.compile(r"\.?(.+?)(\.tmp-[0-9a-f]+|\.tmp|\.old)")
+    return [n for n in sorted(os.listdir(out)) if n not in ours and not
+            ((m := temp.fullmatch(n)) and (m.group(1) in ours or m.group(1).lstrip(".") in ours))]
+
+
+def changed_args(recorded, new, ignore=()):
+    """['--flag: recorded R, now N', ...] for every argument that differs, except those in `ignore`."""
+    new = json.loads(json.dumps(new))  # tuples -> lists, as recorded
+    return [f"--{k.replace('_', '-')}: recorded {recorded.get(k)!r}, now {new.get(k)!r}"
+            for k in sorted(set(recorded) | set(new)) if k not in ignore and recorded.get(k) != new.get(k)]
+
+
+def check_args(recorded_path, args, ignore, allow_flag):
+    differences = changed_args(read_json(recorded_path, {}), args, ignore) if os.path.exists(recorded_path) else []
+    if differences:
+        raise UserError(f"{recorded_path} records other values of arguments that change results:\n  " +
+                        "\n  ".join(differences) + "\nrerun with the recorded values or choose another --output-dir" +
+                        (f", or pass {allow_flag} to continue with the new ones" if allow_flag else ""))
+
+
+def nonfinite_message(step, loss, grad_norm, ckpt, saved_step):
+    """What to say when step `step` gives a non-finite loss or gradient: the weights were not updated, and the
+    last checkpoint is good (it is saved only once the next step's forward and backward came out finite)."""
+    where = (f"resume from the last good checkpoint, {ckpt} (step {saved_step}), with --resume --lr LOWER "
+             "--allow-changed-args" if saved_step else "no checkpoint was saved yet: rerun with a lower --lr")
+    return (f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; stopped before updating the weights. "
+            f"To go on, {where}, or check the data.")
+
+
+@dataclass
+class Run:
+    """An output folder held by this run. `resume`: continue from OUTPUT/checkpoint (it exists and was asked for)."""
+    out: str
+    resume: bool
+    lock_file: object = None  # rank 0 only
+
+    @property
+    def staging(self):
+        return os.path.join(self.out, STAGING)
+
+    @property
+    def metrics_path(self):
+        return os.path.join(self.staging, "metrics.jsonl")
+
+    def start_metrics(self, step):
+        """The run's metrics.jsonl: on resume the lines up to `step` of the interrupted run (a kill mid-append
+        leaves a partial last line, dropped), else empty."""
+        if not dist.is_main():
+            return
+        old = []
+        for path in (self.metrics_path, os.path.join(self.out, "metrics.jsonl")) if self.resume else ():
+            if os.path.exists(path):
+                with open(path) as f:
+                    old = [line for line in f if line.endswith("\n")]
+                break
+        atomic_write_text(self.metrics_path, "".join(line for line in old if json.loads(line)["step"] <= step))
+
+    def log(self, metrics):
+        if dist.is_main():
+            with writing(self.metrics_path), open(self.metrics_path, "a") as f:
+                f.write(json.dumps(metrics, allow_nan=False) + "\n")
+
+    def publish(self, ckpt, files):
+        """Rank 0: OUTPUT becomes the finished run. The checkpoint's model files (hard links, else copies) and
+        `files` ({name: JSON object}) join args.json and metrics.jsonl in staging/ with done.json; then done.json
+        and config.json leave OUTPUT, everything moves in, config.json and done.json last, and the files an
+        earlier publish left that this one did not write (weights of another shard count) go."""
+        if not dist.is_main():
+            return
+        staging = self.staging
+        for name in os.listdir(ckpt):
+            if not name.startswith(("optimizer.", "rng.", "trainer_state")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(staging, name))
+                try:
+                    os.link(os.path.join(ckpt, name), os.path.join(staging, name))  # no second copy of the weights
+                except OSError:
+                    shutil.copy2(os.path.join(ckpt, name), os.path.join(staging, name))
+        for name, obj in files.items():
+            atomic_write_json(os.path.join(staging, name), obj)
+        names = sorted(set(os.listdir(staging)) | {DONE})
+        atomic_write_json(os.path.join(staging, DONE), {"files": names, **files.get("eval.json", {})})
+        earlier = manifest(self.out)["published"]
+        claim(self.out, names, published=set(earlier) | set(names))  # a kill from here on: all of them are ours
+        for name in (DONE, "config.json"):  # not finished, not loadable, until the end
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.out, name))
+        for name in sorted(names, key=lambda n: (n == DONE, n == "config.json")):
+            durable_replace(os.path.join(staging, name), os.path.join(self.out, name))
+        for name in set(earlier) - set(names):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.out, name))
+        claim(self.out, [], published=names)
+        shutil.rmtree(staging)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self.lock_file is not None:
+            unlock(self.lock_file)
+            self.lock_file = None
+
+
+def start(out, args, names, *, resume=False, overwrite=False, allow_changed_args=False, ignore=(), staged=True):
+    """Take OUTPUT for this run, before any work: lock it, refuse foreign files (unless `overwrite`) and
+    arguments that differ from the recorded ones, claim `names` in the manifest and record `args`.
+
+    staged (train scripts): `resume` continues OUTPUT/checkpoint if it exists (a kill inside its last save is
+    undone first), against staging/args.json or, after a finished run, args.json. Without it an unfinished run's
+    checkpoint is refused unless `overwrite` (so no kill is lost by forgetting --resume); a finished run's
+    checkpoint and staging are cleared. The new args go to staging/args.json.
+    not staged (iterate.py): a rerun is compared with OUTPUT/args.json, which is then rewritten."""
+    from minirlhf.checkpoint import recover_dir  # checkpoint imports this module for its atomic writes
+    out = str(out)
+    error, run = None, Run(out, False)
+    if dist.is_main():
+        try:
+            os.makedirs(out, exist_ok=True)
+            run.lock_file = lock(out)
+            foreign = foreign_files(out)
+            if foreign and not overwrite:
+                raise UserError(f"{out} holds files this program did not write: {foreign}. A run replaces only what "
+                                f"it wrote itself ({MANIFEST}): choose a new or empty --output-dir, or pass "
+                                "--overwrite to run here anyway (files of the same names are then replaced)")
+            ckpt = os.path.join(out, "checkpoint")
+            if staged:
+                recover_dir(ckpt)
+                state = read_json(os.path.join(ckpt, "trainer_state.json"))
+                finished = os.path.exists(os.path.join(out, DONE))
+                run.resume = resume and state is not None
+                if run.resume and not allow_changed_args:
+                    staged_args = os.path.join(out, STAGING, "args.json")
+                    check_args(staged_args if os.path.exists(staged_args) else os.path.join(out, "args.json"),
+                               args, ignore, "--allow-changed-args")
+                if not run.resume:
+                    if state is not None and not finished and not overwrite:
+                        raise UserError(f"{ckpt} holds an unfinished run (step {state['step']}): pass --resume to "
+                                        "continue it, or --overwrite to start over (its checkpoint is deleted)")
+                    shutil.rmtree(ckpt, ignore_errors=True)
+                    shutil.rmtree(os.path.join(out, STAGING), ignore_errors=True)
+                claim(out, [*names, STAGING, "checkpoint", DONE])
+                atomic_write_json(os.path.join(out, STAGING, "args.json"), args)
+            else:
+                check_args(os.path.join(out, "args.json"), args, ignore, None)
+                claim(out, [*names, "args.json"])
+                atomic_write_json(os.path.join(out, "args.json"), args)
+        except UserError as e:
+            error = str(e)
+            run.close()
+        except BaseException:
+            run.close()
+            raise
+    error, resume = dist.all_gather_objects((error, run.resume))[0]  # every rank stops, or resumes, together
+    if error:
+        raise UserError(error)
+    run.resume = resume
+    return run
