@@ -98,10 +98,15 @@ def test_ref_initial_and_previous_use_the_reference_they_name(base_run, tmp_path
 
 
 def test_resume_after_a_kill_in_iteration_2_equals_uninterrupted(base_run, tmp_path, monkeypatch, capsys):
-    """Iterations 1 done, iteration 2 killed at DPO step 6 (its checkpoint holds step 4): the rerun keeps
+    """Iteration 1 done, iteration 2 killed at DPO step 6 (its checkpoint holds step 4): the rerun keeps
     iteration 1, resamples iteration 2 identically, continues its DPO from step 4 and ends where the
     uninterrupted run ended."""
     run = copy_until(base_run, tmp_path / "resumed", 1)
+    # iteration 2's labels and reward-model refit finished before the kill (the hook would stop train_rm too)
+    os.makedirs(os.path.join(run, "iter2"))
+    for name in ["labels.jsonl", "reward_model.labels.jsonl", "reward_model"]:
+        copy = shutil.copytree if os.path.isdir(os.path.join(base_run, "iter2", name)) else shutil.copy
+        copy(os.path.join(base_run, "iter2", name), os.path.join(run, "iter2", name))
     monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", "6")
     with pytest.raises(RuntimeError, match="simulated kill"):
         iterate.main(["--output-dir", run] + SHORT)
