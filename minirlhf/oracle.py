@@ -30,6 +30,7 @@ import torch
 
 from minirlhf import dist, task
 from minirlhf.data import load_dataset_any, write_jsonl
+from minirlhf.pairs import pair_record
 
 LABEL_PAIRS = ("max_min", "max_random", "random")
 
@@ -88,9 +89,10 @@ def pick_label_pair(scores, responses, rule, generator):
 def ask_oracle(oracle, rows, k, rule, path, seed):
     """K of an iteration's rows (each: index, prompt, responses, rewards), in order and skipping those whose
     responses are all the same text, one pair each, labelled by the oracle (on rank 0) and written to `path` as a
-    preference file -> (path, its rows, how often the current reward model agreed with the oracle: its accuracy
-    on fresh labels of the current policy). The file is the record: a rerun after a kill reads it and asks the
-    oracle nothing twice, and a user may label outside the run and put the file there."""
+    preference file with the sampled ids (pairs.pair_record) -> (path, its rows, how often the current reward
+    model agreed with the oracle: its accuracy on fresh labels of the current policy). The file is the record: a
+    rerun after a kill reads it and asks the oracle nothing twice, and a user may label outside the run and put the
+    file there."""
     if not os.path.exists(path) and dist.is_main():
         generator = torch.Generator().manual_seed(seed)
         shown = []
@@ -102,8 +104,7 @@ def ask_oracle(oracle, rows, k, rule, path, seed):
                 break
         a_wins = label_pairs(oracle, [r["prompt"] for r, _, _ in shown], [r["responses"][a] for r, a, _ in shown],
                              [r["responses"][b] for r, _, b in shown], generator)
-        write_jsonl(path, [dict(prompt=r["prompt"], chosen=r["responses"][a if w else b],
-                                rejected=r["responses"][b if w else a], index=r["index"],
+        write_jsonl(path, [dict(pair_record(r, a, b) if w else pair_record(r, b, a), index=r["index"],
                                 reward_model_agreed=(r["rewards"][a] > r["rewards"][b]) == w)
                            for (r, a, b), w in zip(shown, a_wins)])
     dist.barrier()
