@@ -1,4 +1,5 @@
-"""Pair construction on hand-made rewards: each rule, ties skipped, length and truncation penalties applied."""
+"""Pair construction on hand-made rewards: each rule, ties skipped, length and truncation penalties applied; the
+pairs file keeps the sampled ids and truncation flags, and labels order their own pair."""
 import pytest
 import torch
 
