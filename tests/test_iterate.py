@@ -187,7 +187,8 @@ def test_builtin_online_labels_refit_the_reward_model(base_run):
         # every pair, labelled or the proxy's, trains on the token ids the sampler returned for its prompt
         sampled = {(s["prompt"], tuple(ids)) for s in samples.values() for ids in s["response_ids"]}
         pairs = [json.loads(line) for line in open(os.path.join(it, "pairs.jsonl"))]
-        assert all((p["prompt"], tuple(p[f"{c}_ids"])) in sampled for p in pairs + labels for c in ("chosen", "rejected"))
+        assert all((p["prompt"], tuple(p[f"{c}_ids"])) in sampled for p in pairs + labels
+                   for c in ("chosen", "rejected"))
         assert sum(1 for _ in open(os.path.join(it, "reward_model.labels.jsonl"))) == initial + t * k
         metrics = json.load(open(os.path.join(it, "metrics.json")))
         assert metrics["human_labels"] == initial + t * k
