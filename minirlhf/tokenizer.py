@@ -74,9 +74,11 @@ def _encode_content_as_text(tokenizer, messages, render, specials) -> list[int]:
                      for m in messages])
     def unhide(text):
         return re.sub("\ue000(\\d+)\ue001", lambda m: found[int(m.group(1))], text)
+    where = next(f"{m.get('role')!r} message content" for m in messages
+                 if isinstance(m.get("content"), str) and pattern.search(m["content"]))
     if unhide(masked) != render(messages):
-        raise ValueError(f"the chat template changes message content holding the special token {found[0]!r}; "
-                         "it cannot be kept as text: remove it from the data")
+        raise ValueError(f"the chat template changes {where} holding the special token {found[0]!r}; it cannot be "
+                         "kept as text: remove it from the data")
     pieces = pattern.split(masked)  # text, special, text, ..., text: the specials are the template's
     template_specials = tokenizer.convert_tokens_to_ids(pattern.findall(masked))
     def encode(unhide_content):
@@ -88,8 +90,8 @@ def _encode_content_as_text(tokenizer, messages, render, specials) -> list[int]:
         return ids
     if encode(lambda piece: piece) != tokenizer(masked, add_special_tokens=False)["input_ids"]:
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} does not tokenise text cut at its "
-                         f"special tokens as a whole; content holding the special token {found[0]!r} cannot be "
-                         "kept as text: remove it from the data")
+                         f"special tokens as it tokenises it whole (e.g. a SentencePiece prefix space); {where} "
+                         f"holding the special token {found[0]!r} cannot be kept as text: remove it from the data")
     return encode(unhide)
 
 

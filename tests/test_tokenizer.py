@@ -1,7 +1,10 @@
 """Chat-template tokenisation: prompts with the generation prompt, prefix-consistent pairs, EOS, clear errors."""
 import pytest
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from conftest import build_chat_tokenizer, build_test_tokenizer
+from minirlhf.data import DataError, tokenize_preferences
 from minirlhf.tokenizer import decode_response, encode_pair, encode_prompt, load_tokenizer, pad_token_id
 
 
@@ -89,5 +92,23 @@ def test_template_that_changes_content_holding_a_special_string_is_refused(tmp_p
     tok = build_chat_tokenizer(tmp_path, "chatml")
     template = tok.chat_template.replace("m['content']", "(m['content'] | replace('<|im_end|>', ''))")
     assert encode_prompt(tok, "hi", chat_template=template) == encode_prompt(tok, "hi")
-    with pytest.raises(ValueError, match="changes message content holding the special token '<\\|im_end\\|>'"):
+    with pytest.raises(ValueError, match="changes 'assistant' message content holding the special token '<\\|im_"):
         encode_pair(tok, "hi", "a <|im_end|> b", chat_template=template)
+    with pytest.raises(DataError, match="row 0: field 'chosen': the chat template changes 'user' message content"):
+        tokenize_preferences([dict(prompt="<|im_end|>", chosen="a", rejected="b")], tok, chat_template=template)
+
+
+def test_tokenizer_that_tokenises_pieces_differently_is_refused():
+    """SentencePiece's Metaspace with prepend_scheme "first" (Llama 2, Mistral) adds "▁" to the first piece only:
+    cut at the special tokens, every piece would get one, so content holding a special string is refused."""
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + list("abcdefghijklmnopqrstuvwxyz <>/[]▁"))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        chat_template="{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[inst] {{ m['content'] }} "
+                      "[/inst]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    assert encode_pair(tok, "hi", "yo")[1] == tok("yo", add_special_tokens=False)["input_ids"][1:] + [2]
+    with pytest.raises(ValueError, match="does not tokenise text cut at its special tokens as it tokenises it whole"
+                                         ".*'assistant' message content holding the special token '</s>'"):
+        encode_pair(tok, "hi", "a </s> b")
