@@ -40,7 +40,8 @@ def check_chat_template(tokenizer, chat_template=None):
 
 
 def apply_template(tokenizer, messages, add_generation_prompt, chat_template=None) -> list[int]:
-    """Render `messages` with the chat template (`chat_template` overrides the tokenizer's) and tokenise."""
+    """Render `messages` with the chat template (`chat_template` overrides the tokenizer's) and tokenise; special-
+    token strings inside message content stay text (see the module docstring)."""
     check_chat_template(tokenizer, chat_template)
     def render(msgs):
         return tokenizer.apply_chat_template(msgs, chat_template=chat_template, tokenize=False,
