@@ -42,8 +42,8 @@ from minirlhf.data import check_prompts, load_dataset_any, load_prompts, write_j
 from minirlhf.evaluate import evaluate_run
 from minirlhf.losses import PREFERENCE_LOSSES
 from minirlhf.model import init_model
-from minirlhf.oracle import LABEL_PAIRS, apply_labels, ask_oracle, load_oracle
-from minirlhf.pairs import make_pair, shaped_scores
+from minirlhf.oracle import LABEL_PAIRS, ask_oracle, load_oracle
+from minirlhf.pairs import choose_pairs, training_pairs
 from minirlhf.rewards import check_finite, load_reward_source
 from minirlhf.rundir import UserError
 from minirlhf.sampler import generate
@@ -176,16 +176,16 @@ def dpo_flags(args, model, ref_model, data, out, loss=None, epochs=None, lr=None
 
 
 def sample(policy_dir, tokenizer, prompts, n, args, seed, device):
-    """This rank's share of `prompts` -> rows with n responses each (text, token counts, truncation flags)."""
+    """This rank's share of `prompts` -> rows with n responses each (text, sampled ids, lengths, truncation flags)."""
     rank, world = dist.get_rank(), dist.world_size()
     mine = list(range(rank, len(prompts), world))
     policy = load_model(policy_dir, device=device).eval()  # a plain copy: see the module docstring
-    gen = generate(policy, [encode_prompt(tokenizer, prompts[i]) for i in mine], args.max_new_tokens, n=n,
-                   temperature=args.temperature, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id,
-                   seed=seed * 1000 + rank, batch_size=args.gen_batch_size)
+    prompt_ids = [encode_prompt(tokenizer, prompts[i]) for i in mine]
+    gen = generate(policy, prompt_ids, args.max_new_tokens, n=n, temperature=args.temperature, top_p=args.top_p,
+                   eos_token_id=tokenizer.eos_token_id, seed=seed * 1000 + rank, batch_size=args.gen_batch_size)
     return [dict(index=i, prompt=prompts[i], responses=[decode_response(tokenizer, r) for r in gen.responses[j]],
-                 n_tokens=[len(r) for r in gen.responses[j]], truncated=[f == "length" for f in gen.finish_reasons[j]])
-            for j, i in enumerate(mine)]
+                 prompt_ids=prompt_ids[j], response_ids=gen.responses[j], n_tokens=[len(r) for r in gen.responses[j]],
+                 truncated=[f == "length" for f in gen.finish_reasons[j]]) for j, i in enumerate(mine)]
 
 
 def gather_rows(rows):
@@ -317,18 +317,15 @@ def run_workflow(args, device):
             reward_spec = refit_reward_model(args, label_files, reward_spec, f"{it_dir}/reward_model")
             score(rows, reward_spec, (t - 1) * per_iter, device)
         human_labels = sum(len(load_dataset_any(f)) for f in label_files)
-        # 4. one pair per prompt from the shaped scores (--pair-rule; the paper's best vs worst by default)
+        # 4. one pair per prompt from the shaped scores (--pair-rule; the paper's best vs worst by default), the
+        # oracle's own answer where it labelled one; with the sampled ids, so DPO trains on what the policy produced
         generator = torch.Generator().manual_seed(args.seed * 1000 + t)
-        for r in rows:
-            scores = shaped_scores(r["rewards"], r["n_tokens"], r["truncated"], args.length_penalty,
-                                   args.truncation_penalty)
-            pair = make_pair(scores, args.pair_rule, args.min_gap, generator, args.length_penalty)
-            r.update(chosen=None if pair is None else r["responses"][pair[0]],
-                     rejected=None if pair is None else r["responses"][pair[1]])
-        rows = gather_rows(rows)
-        extra = apply_labels(rows, labelled) if oracle and args.labels_train == "both" else []
-        pairs = [dict(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"]) for r in rows
-                 if r["chosen"] is not None] + extra
+        rows = gather_rows(choose_pairs(rows, args.pair_rule, args.min_gap, args.length_penalty,
+                                        args.truncation_penalty, generator))
+        pairs = training_pairs(rows, labelled if oracle and args.labels_train == "both" else [])
+        cut_off = sum(x for r in rows for x in r["truncated"]) / sum(len(r["truncated"]) for r in rows)
+        if cut_off > 0.25:  # trained as cut off (no stop token), but a sign of a limit too low for the task
+            dist.print0(f"warning: iteration {t}: {cut_off:.0%} of the samples were cut off at --max-new-tokens")
         if not pairs:
             raise UserError(f"iteration {t}: the best and worst responses of every prompt tie (or differ by less "
                             "than --min-gap): no pair to train on; raise --temperature or --n, or lower --min-gap")
@@ -345,12 +342,11 @@ def run_workflow(args, device):
                        human_labels=human_labels, reward_model=reward_spec, **info,
                        dropped_by_dpo=len(pairs) - dpo["train_examples"],  # e.g. identical once cut to --max-length
                        mean_reward=sum(all_rewards) / len(all_rewards), reference=ref_dir,
-                       mean_best_reward=sum(max(r["rewards"]) for r in rows) / len(rows),
-                       truncated=sum(x for r in rows for x in r["truncated"]) / len(all_rewards),
+                       mean_best_reward=sum(max(r["rewards"]) for r in rows) / len(rows), truncated=cut_off,
                        dpo={k: v for k, v in dpo.items() if isinstance(v, (int, float))}, seconds=time.time() - t0)
         dist.print0(f"iteration {t}: {metrics['pairs']} pairs ({metrics['no_pair']} prompts tied or within --min-gap), "
                     f"mean reward {metrics['mean_reward']:.3f}, best-of-{args.n} {metrics['mean_best_reward']:.3f}, "
-                    f"{human_labels} human labels so far")
+                    f"{cut_off:.0%} of samples cut off, {human_labels} human labels so far")
         if dist.is_main():
             atomic_write_json(f"{it_dir}/metrics.json", metrics)
         mark_done(it_dir, metrics)

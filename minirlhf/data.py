@@ -13,6 +13,13 @@ or a preference row (train on chosen).
 Everything goes through the chat template (minirlhf.tokenizer): a string prompt is one user message, so the same
 content gives the same token ids in every format.
 
+Sampled rows (iterate.py's pairs and labels) carry token ids beside the text: `<prompt column>_ids`, the prompt
+exactly as the sampler saw it, and `<response column>_ids`, the response exactly as the policy produced it (its
+stop token included, or none when it hit the length limit). A row with all of them trains on those ids, not on
+re-encoded text (decoding and re-encoding can change tokens; a cut-off answer would gain a stop token); its
+response text must be what its ids decode to. `<response column>_truncated` true on a text row: the response was
+cut off, so it is trained without the stop token the template writes.
+
 Truncation rule: a row whose prompt is longer than max_prompt_length tokens, or leaves no room for a response
 token under max_length, is a bad row (never cut: cutting a prompt changes the task); then each response is cut
 from the right so prompt + response <= max_length (a cut response loses its EOS). Bad rows (missing field, empty
@@ -30,7 +37,7 @@ import torch
 
 from minirlhf.dist import print0
 from minirlhf.rundir import UserError, atomic_write_text
-from minirlhf.tokenizer import as_messages, check_chat_template, encode_pair, encode_prompt
+from minirlhf.tokenizer import as_messages, check_chat_template, decode_response, encode_pair, encode_prompt
 
 
 class DataError(UserError):
@@ -182,6 +189,24 @@ def split_row(row, prompt_column, response_columns):
     return prompts[0], responses
 
 
+def _sampled_ids(row, tokenizer, prompt_column, response_columns, responses):
+    """[(prompt_ids, response_ids) per response column] from the row's id columns, or None for a text row (one
+    without all of them). BadRow when the ids are not a list of token ids or a response's do not decode to its
+    text (text edited after sampling, or ids of another tokenizer)."""
+    columns = [prompt_column, *response_columns]
+    ids = [row.get(f"{c}_ids") for c in columns]
+    if any(x is None for x in ids):
+        return None
+    for c, x in zip(columns, ids):
+        if not isinstance(x, list) or not x or not all(isinstance(i, int) and i >= 0 for i in x):
+            raise BadRow("wrong_type", f"{c}_ids", f"expected a non-empty list of token ids, got {str(x)[:80]}")
+    for c, x, text in zip(response_columns, ids[1:], responses):
+        if not isinstance(text, str) or decode_response(tokenizer, x) != text:
+            raise BadRow("ids_mismatch", f"{c}_ids", f"the ids do not decode to the {c!r} text "
+                                                     f"({decode_response(tokenizer, x)[:40]!r} vs {str(text)[:40]!r})")
+    return [(ids[0], x) for x in ids[1:]]
+
+
 def _tokenize_rows(rows, tokenizer, prompt_column, response_columns, max_length, max_prompt_length, chat_template,
                    skip_bad, source):
     """[(row index, prompt_ids, [response_ids per column])] with the truncation rule applied, and skip counts."""
@@ -193,12 +218,14 @@ def _tokenize_rows(rows, tokenizer, prompt_column, response_columns, max_length,
         try:
             prompt, responses = split_row(row, prompt_column, response_columns)
             n_empty += sum(r == "" or (isinstance(r, list) and not "".join(m["content"] for m in r)) for r in responses)
-            encoded = []
-            for column, response in zip(response_columns, responses):
+            encoded = _sampled_ids(row, tokenizer, prompt_column, response_columns, responses) or []
+            for column, response in zip(response_columns, [] if encoded else responses):
                 try:
-                    encoded.append(encode_pair(tokenizer, prompt, response, chat_template))
+                    prompt_ids, response_ids = encode_pair(tokenizer, prompt, response, chat_template)
                 except ValueError as e:
                     raise BadRow("template", column, str(e))
+                cut = row.get(f"{column}_truncated") is True  # the policy did not stop: no stop token
+                encoded.append((prompt_ids, response_ids[:-1] if cut else response_ids))
             prompt_ids = encoded[0][0]
             if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
                 raise BadRow("prompt_too_long", prompt_column,

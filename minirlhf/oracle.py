@@ -30,6 +30,7 @@ import torch
 
 from minirlhf import dist, task
 from minirlhf.data import load_dataset_any, write_jsonl
+from minirlhf.pairs import pair_record
 
 LABEL_PAIRS = ("max_min", "max_random", "random")
 
@@ -88,9 +89,10 @@ def pick_label_pair(scores, responses, rule, generator):
 def ask_oracle(oracle, rows, k, rule, path, seed):
     """K of an iteration's rows (each: index, prompt, responses, rewards), in order and skipping those whose
     responses are all the same text, one pair each, labelled by the oracle (on rank 0) and written to `path` as a
-    preference file -> (path, its rows, how often the current reward model agreed with the oracle: its accuracy
-    on fresh labels of the current policy). The file is the record: a rerun after a kill reads it and asks the
-    oracle nothing twice, and a user may label outside the run and put the file there."""
+    preference file with the sampled ids (pairs.pair_record) -> (path, its rows, how often the current reward
+    model agreed with the oracle: its accuracy on fresh labels of the current policy). The file is the record: a
+    rerun after a kill reads it and asks the oracle nothing twice, and a user may label outside the run and put the
+    file there."""
     if not os.path.exists(path) and dist.is_main():
         generator = torch.Generator().manual_seed(seed)
         shown = []
@@ -102,25 +104,10 @@ def ask_oracle(oracle, rows, k, rule, path, seed):
                 break
         a_wins = label_pairs(oracle, [r["prompt"] for r, _, _ in shown], [r["responses"][a] for r, a, _ in shown],
                              [r["responses"][b] for r, _, b in shown], generator)
-        write_jsonl(path, [dict(prompt=r["prompt"], chosen=r["responses"][a if w else b],
-                                rejected=r["responses"][b if w else a], index=r["index"],
+        write_jsonl(path, [dict(pair_record(r, a, b) if w else pair_record(r, b, a), index=r["index"],
                                 reward_model_agreed=(r["rewards"][a] > r["rewards"][b]) == w)
                            for (r, a, b), w in zip(shown, a_wins)])
     dist.barrier()
     labels = list(load_dataset_any(path))
     agreed = [r["reward_model_agreed"] for r in labels if r.get("reward_model_agreed") is not None]
     return path, labels, sum(agreed) / len(agreed) if agreed else None
-
-
-def apply_labels(rows, labels) -> list[dict]:
-    """The oracle's answer orders the pair it labelled, not the proxy's guess: each label's row (same index and
-    prompt) gets its chosen and rejected. A label file written outside the run may name no index: those pairs are
-    returned, to be trained on as well."""
-    by_index, extra = {r["index"]: r for r in rows}, []
-    for label in labels:
-        r = by_index.get(label.get("index"))
-        if r is not None and r["prompt"] == label["prompt"]:
-            r.update(chosen=label["chosen"], rejected=label["rejected"])
-        else:
-            extra.append(dict(prompt=label["prompt"], chosen=label["chosen"], rejected=label["rejected"]))
-    return extra

@@ -7,7 +7,8 @@ n samples, which gives the largest reward gap per prompt. The rules follow RLHFl
 - `max_min_p`: best vs worst after the length penalty, `max_min` that insists on `length_penalty > 0`.
 Every rule ranks the shaped score  r - length_penalty * tokens - truncation_penalty * [hit the length limit].
 A prompt whose chosen and rejected shaped scores differ by `min_gap` or less gives no pair (ties carry no
-preference).
+preference). `choose_pairs` applies the rule to an iteration's sample rows, and `training_pairs` writes the pairs
+DPO trains on, with the sampled token ids beside the text (`pair_record`).
 """
 import torch
 
@@ -38,3 +39,47 @@ def make_pair(scores, rule="max_min", min_gap=0.0, generator=None, length_penalt
     if scores[best] - scores[other] <= min_gap:
         return None
     return best, other
+
+
+# A pairs file row: the text, and beside it what the policy produced (data.py trains on the ids when present)
+PAIR_COLUMNS = ("prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_truncated",
+                "rejected_truncated")
+
+
+def pair_record(row, a, b) -> dict:
+    """The preference row of responses a (chosen) and b (rejected) of a sample row (prompt, responses and, from
+    the sampler, prompt_ids, response_ids, truncated): the sampled ids go with the text, so DPO trains on exactly
+    the tokens the policy produced, and a cut-off response (no stop token) stays cut off."""
+    ids, cut = row.get("response_ids"), row.get("truncated")
+    return dict(prompt=row["prompt"], chosen=row["responses"][a], rejected=row["responses"][b],
+                prompt_ids=row.get("prompt_ids"), chosen_ids=ids and ids[a], rejected_ids=ids and ids[b],
+                chosen_truncated=cut and cut[a], rejected_truncated=cut and cut[b])
+
+
+def choose_pairs(rows, rule, min_gap, length_penalty, truncation_penalty, generator):
+    """Step 4 for each sample row (rewards, n_tokens, truncated, responses): row["proxy_pair"] = [chosen, rejected]
+    indices from the shaped scores (or None), row["chosen"] / row["rejected"] their text."""
+    for r in rows:
+        scores = shaped_scores(r["rewards"], r["n_tokens"], r["truncated"], length_penalty, truncation_penalty)
+        pair = make_pair(scores, rule, min_gap, generator, length_penalty)
+        r.update(proxy_pair=pair and list(pair), chosen=pair and r["responses"][pair[0]],
+                 rejected=pair and r["responses"][pair[1]])
+    return rows
+
+
+def training_pairs(rows, labels=()) -> list[dict]:
+    """The iteration's pairs file (every row has every PAIR_COLUMNS column, None where unknown): each sample
+    row's proxy pair, except that a label (a preference row, `index` naming its sample row) orders the pair it
+    labelled and sets the row's chosen / rejected; a label that names no row of `rows` (written outside the run)
+    is added as its own pair."""
+    by_index, labelled, extra = {r["index"]: r for r in rows}, {}, []
+    for label in labels:
+        record = {c: label.get(c) for c in PAIR_COLUMNS}
+        r = by_index.get(label.get("index"))
+        if r is not None and r["prompt"] == label["prompt"]:
+            labelled[r["index"]] = record
+            r.update(chosen=label["chosen"], rejected=label["rejected"])
+        else:
+            extra.append(record)
+    return [labelled.get(r["index"]) or pair_record(r, *r["proxy_pair"]) for r in rows
+            if r["index"] in labelled or r["proxy_pair"]] + extra

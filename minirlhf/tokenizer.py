@@ -6,8 +6,14 @@ A (prompt, response) pair is tokenised by templating the whole conversation, che
 (with the generation prompt) are a prefix of it, and keeping the rest as the response. The response is cut just
 after its last EOS (the end-of-turn token; templates such as ChatML add "\\n" after it) or, if the template
 wrote none, gets EOS appended, so every response ends with the token generation stops on.
+
+Special-token strings inside message content stay text: "<|im_end|>" written in a response is the characters
+"<", "|", ... and never the end-of-turn token (which would end the turn early and train on what follows). Only the
+template's own special tokens are special. Content without such a string takes the plain path, one tokenizer
+call on the rendered text; content with one takes `_encode_content_as_text`.
 """
 import os
+import re
 
 import jinja2
 import transformers
@@ -41,14 +47,63 @@ def check_chat_template(tokenizer, chat_template=None):
 
 
 def apply_template(tokenizer, messages, add_generation_prompt, chat_template=None) -> list[int]:
-    """Render `messages` with the chat template (`chat_template` overrides the tokenizer's) and tokenise."""
+    """Render `messages` with the chat template (`chat_template` overrides the tokenizer's) and tokenise; special-
+    token strings inside message content stay text (see the module docstring)."""
     check_chat_template(tokenizer, chat_template)
-    try:
-        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
-    except jinja2.TemplateError as e:  # e.g. a role the template does not know: a row problem (ValueError)
-        raise ValueError(f"chat template: {e} (roles {[m.get('role') for m in messages]})") from None
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    def render(msgs):
+        try:
+            return tokenizer.apply_chat_template(msgs, chat_template=chat_template, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as e:  # e.g. a role the template does not know: a row problem (ValueError)
+            raise ValueError(f"chat template: {e} (roles {[m.get('role') for m in msgs]})") from None
+    specials = special_strings(tokenizer)
+    if any(s in m["content"] for m in messages if isinstance(m.get("content"), str) for s in specials):
+        return _encode_content_as_text(tokenizer, messages, render, specials)
+    return tokenizer(render(messages), add_special_tokens=False)["input_ids"]
+
+
+def special_strings(tokenizer) -> list[str]:
+    """The strings of the tokenizer's special tokens (role markers, BOS, end of turn...), longest first."""
+    return sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+
+
+def _encode_content_as_text(tokenizer, messages, render, specials) -> list[int]:
+    """Token ids of the rendered conversation in which special-token strings inside message content are text.
+
+    Each such string in the content is swapped for a placeholder ("\\ue000k\\ue001", private-use characters), so
+    every special string of the rendered text is the template's own; the text is cut at them (the tokenizer cuts
+    there too: added tokens split the input before the model), each piece between them gets its strings back and
+    is tokenised with split_special_tokens=True, and the template's tokens keep their ids. Refused (ValueError)
+    when the template changes content that holds such a string, or when this tokenizer does not tokenise a text
+    cut at its special tokens piece by piece as it tokenises it whole."""
+    pattern = re.compile("|".join(map(re.escape, specials)))
+    found = []  # found[k]: the special string placeholder k stands for
+    def hide(match):
+        found.append(match.group())
+        return f"\ue000{len(found) - 1}\ue001"
+    masked = render([{**m, "content": pattern.sub(hide, m["content"])} if isinstance(m.get("content"), str) else m
+                     for m in messages])
+    def unhide(text):
+        return re.sub("\ue000(\\d+)\ue001", lambda m: found[int(m.group(1))], text)
+    where = next(f"{m.get('role')!r} message content" for m in messages
+                 if isinstance(m.get("content"), str) and pattern.search(m["content"]))
+    if unhide(masked) != render(messages):
+        raise ValueError(f"the chat template changes {where} holding the special token {found[0]!r}; it cannot be "
+                         "kept as text: remove it from the data")
+    pieces = pattern.split(masked)  # text, special, text, ..., text: the specials are the template's
+    template_specials = tokenizer.convert_tokens_to_ids(pattern.findall(masked))
+    def encode(unhide_content):
+        ids = []
+        for i, piece in enumerate(pieces):
+            ids += tokenizer(unhide_content(piece), add_special_tokens=False,
+                             split_special_tokens=True)["input_ids"] if piece else []
+            ids += template_specials[i:i + 1]
+        return ids
+    if encode(lambda piece: piece) != tokenizer(masked, add_special_tokens=False)["input_ids"]:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} does not tokenise text cut at its "
+                         f"special tokens as it tokenises it whole (e.g. a SentencePiece prefix space); {where} "
+                         f"holding the special token {found[0]!r} cannot be kept as text: remove it from the data")
+    return encode(unhide)
 
 
 def encode_prompt(tokenizer, prompt, chat_template=None) -> list[int]:

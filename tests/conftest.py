@@ -35,6 +35,39 @@ def build_test_tokenizer(path, chat_template=CHAT_TEMPLATE):
     return tok
 
 
+# Two real-world template families for special-token tests: ChatML (Qwen) and Llama 3 (its content | trim).
+# Their tokenizers add the characters of the special strings, so a literal "<|im_end|>" can be tokenised as text.
+CHAT_STYLES = {
+    "chatml": dict(special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>",
+                   pad="<|endoftext|>", template=(
+                       "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                       "'<|im_end|>' + '\\n' }}{% endfor %}"
+                       "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")),
+    "llama3": dict(special=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                            "<|eot_id|>"], bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|end_of_text|>", template=(
+                       "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+                       "'<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+                       "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+                       "{% endif %}")),
+}
+
+
+def build_chat_tokenizer(path, style):
+    """A character-level BPE like build_test_tokenizer's (plus the characters "<|>_") with the special tokens and
+    chat template of CHAT_STYLES[style], saved to `path` -> the `PreTrainedTokenizerFast`."""
+    s = CHAT_STYLES[style]
+    vocab = {t: i for i, t in enumerate(s["special"] + ["<unk>"] + CHARS + list("<|>_") + ["".join(m) for m in MERGES])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=MERGES, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.decoder = decoders.Fuse()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=s["bos"], eos_token=s["eos"], pad_token=s["pad"], unk_token="<unk>",
+        additional_special_tokens=[t for t in s["special"] if t not in (s["bos"], s["eos"], s["pad"])],
+        chat_template=s["template"])
+    tok.save_pretrained(path)
+    return tok
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tokenizer")

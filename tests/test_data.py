@@ -126,6 +126,41 @@ def test_empty_responses_are_preferences_and_are_counted(tmp_path, tokenizer, ca
         tokenize_preferences([dict(prompt="a", chosen="", rejected="")], tokenizer)
 
 
+
+def test_rows_with_sampled_ids_train_on_those_ids(tmp_path, tokenizer):
+    """A row with prompt_ids / chosen_ids / rejected_ids (iterate.py's pairs) trains on them, even where text
+    re-encodes differently ("t", "h" sampled apart; BPE merges them into "th") or a cut-off answer has no stop
+    token; a text row is tokenised as before, and a text row marked truncated loses its stop token."""
+    eos, t, h = tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["t", "h"])
+    prompt_ids = encode_prompt(tokenizer, "say the")
+    chosen_ids, rejected_ids = [t, h, eos], [h, t]  # "th" stopped; "ht" cut off by the length limit
+    assert encode_pair(tokenizer, "say the", "th")[1] != chosen_ids  # the re-encoding merges them
+    rows = [dict(prompt="say the", chosen="th", rejected="ht", prompt_ids=prompt_ids, chosen_ids=chosen_ids,
+                 rejected_ids=rejected_ids, chosen_truncated=False, rejected_truncated=True),
+            dict(prompt="say the", chosen="the", rejected="th", prompt_ids=None, chosen_ids=None, rejected_ids=None,
+                 chosen_truncated=None, rejected_truncated=True)]  # a text row (a label written by hand)
+    pairs, skipped = load_preferences(write(rows, tmp_path / "pairs.jsonl"), tokenizer)
+    assert skipped == {} and pairs[0] == Pair(prompt_ids, chosen_ids, rejected_ids)
+    assert pairs[1] == Pair(prompt_ids, encode_pair(tokenizer, "say the", "the")[1],
+                            encode_pair(tokenizer, "say the", "th")[1][:-1])
+    cut, _ = tokenize_preferences(rows[:1], tokenizer, max_length=len(prompt_ids) + 2)  # the truncation rule holds
+    assert (cut[0].chosen_ids, cut[0].rejected_ids) == ([t, h], [h, t])
+    stale = dict(rows[0], chosen="the")  # text edited after sampling: its ids no longer say it
+    with pytest.raises(DataError, match="row 0: field 'chosen_ids': the ids do not decode to the 'chosen' text"):
+        tokenize_preferences([stale], tokenizer)
+    with pytest.raises(DataError, match="row 0: field 'rejected_ids': expected a non-empty list of token ids"):
+        tokenize_preferences([dict(rows[0], rejected_ids=[])], tokenizer)
+
+
+def test_special_token_strings_in_data_stay_text(tokenizer):
+    """"<|eos|>" written inside a response is text (here unknown characters), not a stop token that would end the
+    response early and leave what follows it as the template's trailing text."""
+    pairs, _ = tokenize_preferences([dict(prompt="hi <|eos|>", chosen="a<|eos|>b", rejected="c")], tokenizer)
+    eos = tokenizer.eos_token_id
+    assert pairs[0].chosen_ids.count(eos) == 1 and pairs[0].chosen_ids[-1] == eos
+    assert pairs[0].prompt_ids.count(eos) == 1  # the template's end of the user turn
+    assert tokenizer.decode(pairs[0].chosen_ids[:-1], skip_special_tokens=True).startswith("a")
+
 def test_skip_counts_every_reason_and_all_bad_is_an_error(tokenizer):
     pairs, skipped = tokenize_preferences(GOOD + [row for row, _ in BAD.values()], tokenizer, max_prompt_length=30,
                                           skip_bad=True)

@@ -192,6 +192,11 @@ def test_builtin_online_labels_refit_the_reward_model(base_run):
             s = samples[label["index"]]
             assert s["prompt"] == label["prompt"] and {label["chosen"], label["rejected"]} <= set(s["responses"])
             assert (s["chosen"], s["rejected"]) == (label["chosen"], label["rejected"])
+        # every pair, labelled or the proxy's, trains on the token ids the sampler returned for its prompt
+        sampled = {(s["prompt"], tuple(ids)) for s in samples.values() for ids in s["response_ids"]}
+        pairs = [json.loads(line) for line in open(os.path.join(it, "pairs.jsonl"))]
+        assert all((p["prompt"], tuple(p[f"{c}_ids"])) in sampled for p in pairs + labels
+                   for c in ("chosen", "rejected"))
         assert sum(1 for _ in open(os.path.join(it, "reward_model.labels.jsonl"))) == initial + t * k
         metrics = json.load(open(os.path.join(it, "metrics.json")))
         assert metrics["human_labels"] == initial + t * k
@@ -279,3 +284,57 @@ def test_one_iteration_under_torchrun_writes_the_same_files(base_run, tmp_path):
     one, two = ([json.loads(line) for line in open(tmp_path / n / "iter1" / "samples.jsonl")] for n in ("one", "two"))
     assert [r["prompt"] for r in one] == [r["prompt"] for r in two]
     assert json.load(open(tmp_path / "two" / "summary.json"))["policies"].keys() == {"sft", "iter1"}
+
+
+def test_dpo_trains_on_the_sampled_ids_and_cut_off_answers_stay_cut_off(tmp_path, monkeypatch, capsys):
+    """A --sft-model run of a tiny random Qwen2 with a ChatML BPE tokenizer (8 new tokens: most samples are cut
+    off): every pair DPO trains on holds the prompt and response ids the sampler returned (no re-encoded text, no
+    stop token added to a cut-off answer), its reference log-probs are the sums of the sampler's token log-probs
+    (temperature 1, the reference is the sampling policy), and the truncated share is reported and warned of."""
+    from conftest import build_chat_tokenizer
+    from tiny import save_tiny
+    tok = build_chat_tokenizer(tmp_path / "sft", "chatml")
+    save_tiny(tmp_path / "sft", "qwen2", vocab_size=len(tok), bos_token_id=None)
+    (tmp_path / "shortest.py").write_text("def reward(prompts, responses):\n"
+                                          "    return [-float(len(r)) for r in responses]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data.write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"count to {i}, then the end"} for i in range(24)])
+    sampled, trained = {}, []
+
+    def recording_generate(policy, prompts, *args, **kwargs):
+        gen = iterate_generate(policy, prompts, *args, **kwargs)
+        for p, responses, logps, reasons in zip(prompts, gen.responses, gen.token_logps, gen.finish_reasons):
+            sampled[tuple(p)] = (responses, logps, reasons)
+        return gen
+
+    def recording_load_examples(*args):
+        trained.extend(load_examples(*args))
+        return trained
+    iterate_generate, load_examples = iterate.generate, train_dpo.load_examples
+    monkeypatch.setattr(iterate, "generate", recording_generate)
+    monkeypatch.setattr(train_dpo, "load_examples", recording_load_examples)
+    out = tmp_path / "run"
+    iterate.main(["--output-dir", str(out), "--sft-model", str(tmp_path / "sft"), "--reward", "shortest:reward",
+                  "--prompts", str(tmp_path / "prompts.jsonl"), "--iterations", "1", "--n", "4",
+                  "--max-new-tokens", "8", "--max-length", "128", "--batch-size", "8", "--grad-accum", "1"])
+    samples = [json.loads(line) for line in open(out / "iter1" / "samples.jsonl")]
+    pairs = [json.loads(line) for line in open(out / "iter1" / "pairs.jsonl")]
+    assert len(trained) == len(pairs) == sum(s["proxy_pair"] is not None for s in samples) > 10  # none skipped
+    ref = load_file(out / "iter1" / "policy" / "ref_logps.safetensors")
+    eos, cut_off = tok.eos_token_id, {False: 0, True: 0}
+    for k, (pair, s) in enumerate(zip(trained, (s for s in samples if s["proxy_pair"]))):
+        responses, logps, reasons = sampled[tuple(pair.prompt_ids)]
+        a, b = s["proxy_pair"]
+        assert (pair.chosen_ids, pair.rejected_ids) == (responses[a], responses[b])
+        for ids, i, column in [(pair.chosen_ids, a, "chosen"), (pair.rejected_ids, b, "rejected")]:
+            truncated = reasons[i] == "length"
+            assert (ids[-1] == eos) != truncated and (len(ids) == 8 or not truncated)
+            torch.testing.assert_close(ref[f"{column}_logps"][k], torch.tensor(logps[i]).sum(), atol=1e-4, rtol=0)
+            cut_off[truncated] += 1
+    assert min(cut_off.values()) > 0  # both kinds were trained on
+    metrics = json.load(open(out / "iter1" / "metrics.json"))
+    share = sum(r == "length" for _, _, reasons in sampled.values() for r in reasons) / (4 * 24)
+    assert metrics["truncated"] == share > 0.25
+    printed = capsys.readouterr().out
+    assert f"warning: iteration 1: {share:.0%} of the samples were cut off" in printed
+    assert f"{share:.0%} of samples cut off" in printed

@@ -69,3 +69,15 @@ def test_pick_label_pair_shows_best_vs_worst_distinct_texts():
     for _ in range(50):  # max_random: the best, and any other distinct text
         best, other = oracle.pick_label_pair([0.9, 0.1, -1.0, 0.5], ["a b", "c", "a b", "d"], "max_random", g)
         assert best == 0 and other in (1, 3)
+
+
+def test_ask_oracle_writes_the_sampled_ids_of_the_pair_it_labels(tmp_path):
+    """Label rows carry the ids and truncation flags of the two responses, in the oracle's order, so DPO trains
+    on a labelled pair's sampled tokens too; the reward model's agreement is recorded."""
+    rows = [dict(index=7, prompt="x", prompt_ids=[1, 5], responses=["a", "b"], response_ids=[[20, 2], [21, 22]],
+                 truncated=[False, True], rewards=[0.0, 1.0])]
+    path, labels, agreed = oracle.ask_oracle(lambda p, a, b: [float(x == "a") for x in a], rows, 1, "max_min",
+                                             str(tmp_path / "labels.jsonl"), seed=0)
+    assert labels == [dict(prompt="x", chosen="a", rejected="b", prompt_ids=[1, 5], chosen_ids=[20, 2],
+                           rejected_ids=[21, 22], chosen_truncated=False, rejected_truncated=True, index=7,
+                           reward_model_agreed=False)] and agreed == 0.0
