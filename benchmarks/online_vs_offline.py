@@ -67,8 +67,7 @@ def table(results, arms, seeds):
         cells = []
         for c in COLUMNS:
             values = [results[s][0][arm]["policies"][policy][c] for s in seeds]
-            cells.append("%d" % values[0] if c == "human_labels" and len(set(values)) == 1 else
-                         "%.3f ± %.3f" % mean_std(values))
+            cells.append(("%.0f ± %.0f" if c == "human_labels" else "%.3f ± %.3f") % mean_std(values))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
