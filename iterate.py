@@ -126,6 +126,8 @@ def build_parser():
     p.add_argument("--task-sft-prompts", type=int, default=2000, help="demonstrations for SFT")
     p.add_argument("--task-labels", type=int, default=2000, help="prompts labelled by simulated humans (offline set)")
     p.add_argument("--task-eval-prompts", type=int, default=500, help="held-out prompts for the final evaluation")
+    p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also send "
+                   "metrics.jsonl's scalars and the arguments to TensorBoard or wandb (minirlhf/tracking.py)")
     return p
 
 
@@ -172,7 +174,8 @@ def dpo_flags(args, model, ref_model, data, out, loss=None, epochs=None, lr=None
             loss or args.loss, "--beta", str(args.beta), "--label-smoothing", str(args.label_smoothing), "--nll-coef",
             str(args.nll_coef), "--lr", str(lr or args.lr), "--epochs", str(epochs or args.epochs), "--batch-size",
             str(args.batch_size), "--grad-accum", str(args.grad_accum), "--max-length", str(args.max_length), "--seed",
-            str(args.seed), "--save-steps", str(args.save_steps), "--skip-bad-rows"] + ["--resume"] * args.resume
+            str(args.seed), "--save-steps", str(args.save_steps), "--skip-bad-rows", "--report-to",
+            args.report_to] + ["--resume"] * args.resume
 
 
 def sample(policy_dir, tokenizer, prompts, n, args, seed, device):
@@ -246,8 +249,8 @@ def rm_flags(args, model, data, out, lr, epochs):
     """train_rm.py's command line for a Bradley-Terry reward model on every label in `data`."""
     return ["--kind", "bt", "--model", model, "--train-data", data, "--output-dir", out, "--lr", str(lr),
             "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
-            "--max-length", str(args.max_length), "--seed", str(args.seed), "--eval-fraction", "0"] + (
-                ["--resume"] if args.resume else [])
+            "--max-length", str(args.max_length), "--seed", str(args.seed), "--eval-fraction", "0", "--report-to",
+            args.report_to] + ["--resume"] * args.resume
 
 
 def refit_reward_model(args, label_files, rm_dir, out):

@@ -96,6 +96,8 @@ def build_parser():
                    "that change results differ from the recorded ones (e.g. a lower --lr after a non-finite loss)")
     p.add_argument("--overwrite", action="store_true", help="run into a folder holding files this program did not "
                    "write (same-named ones are replaced), or restart an unfinished run without --resume")
+    p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also send "
+                   "metrics.jsonl's scalars and the arguments to TensorBoard or wandb (minirlhf/tracking.py)")
     return p
 
 

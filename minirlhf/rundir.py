@@ -197,6 +197,7 @@ class Run:
     out: str
     resume: bool
     lock_file: object = None  # rank 0 only
+    tracker: object = None  # rank 0, with --report-to: tracking.Tracker
 
     @property
     def staging(self):
@@ -223,6 +224,8 @@ class Run:
         if dist.is_main():
             with writing(self.metrics_path), open(self.metrics_path, "a") as f:
                 f.write(json.dumps(metrics, allow_nan=False) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(metrics)
 
     def publish(self, ckpt, files):
         """Rank 0: OUTPUT becomes the finished run. The checkpoint's model files (hard links, else copies) and
@@ -264,6 +267,9 @@ class Run:
         self.close()
 
     def close(self):
+        if self.tracker is not None:
+            self.tracker, tracker = None, self.tracker
+            tracker.close()
         if self.lock_file is not None:
             unlock(self.lock_file)
             self.lock_file = None
@@ -277,9 +283,12 @@ def start(out, args, names, *, resume=False, overwrite=False, allow_changed_args
     undone first), against staging/args.json or, after a finished run, args.json. Without it an unfinished run's
     checkpoint is refused unless `overwrite` (so no kill is lost by forgetting --resume); a finished run's
     checkpoint and staging are cleared. The new args go to staging/args.json.
-    not staged (iterate.py): a rerun is compared with OUTPUT/args.json, which is then rewritten."""
-    from minirlhf.checkpoint import recover_dir  # checkpoint imports this module for its atomic writes
-    out = str(out)
+    not staged (iterate.py): a rerun is compared with OUTPUT/args.json, which is then rewritten.
+    args["report_to"] (--report-to), when set, starts a tracking.Tracker that Run.log feeds."""
+    from minirlhf import tracking  # both import this module
+    from minirlhf.checkpoint import recover_dir
+    out, report_to, ignore = str(out), args.get("report_to"), (*ignore, "report_to")
+    names = [*names, report_to] if staged and report_to not in (None, "none") else names  # tensorboard/, wandb/
     error, run = None, Run(out, False)
     if dist.is_main():
         try:
@@ -312,6 +321,7 @@ def start(out, args, names, *, resume=False, overwrite=False, allow_changed_args
                 check_args(os.path.join(out, "args.json"), args, ignore, None)
                 claim(out, [*names, "args.json"])
                 atomic_write_json(os.path.join(out, "args.json"), args)
+            run.tracker = tracking.start(report_to, out, args, run.resume, group=not staged)
         except UserError as e:
             error = str(e)
             run.close()
