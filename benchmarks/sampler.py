@@ -10,6 +10,7 @@ transformers' is repeated). On CPU, "ours unpacked" is our sampler with plain sg
     python benchmarks/sampler.py                     # CPU, a 55M-parameter Llama shape
     python benchmarks/sampler.py --device cuda       # Llama-3.2-1B and Llama-3-8B shapes in bf16, eager and
                                                      # compiled decode, plus the memory-bandwidth fraction at batch 1
+    python benchmarks/sampler.py --models smollm2-135m --n 8   # a real chat model's shape (random weights)
 
 Bandwidth fraction at batch 1 = bytes of weights read per token x tokens/s / --bandwidth (H100 SXM HBM3:
 3.35e12 B/s). The input embedding is not counted unless tied (one row of it is read per token).
@@ -29,10 +30,16 @@ from minirlhf.checkpoint import load_model  # noqa: E402
 from minirlhf.sampler import generate  # noqa: E402
 
 SHAPES = {  # name -> LlamaConfig overrides
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000),  # benchmarks/gpu.sh --tiny: the code path, in seconds
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=2, vocab_size=32000),
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    # HuggingFaceTB/SmolLM2-135M-Instruct's config.json (random weights): deep and narrow, 30 layers of width 576
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
+                         rope_theta=100000.0, rms_norm_eps=1e-5),
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
 }

@@ -12,6 +12,7 @@ models, so `save_tiny(path, family)` models accept its ids. The chat template is
 import string
 
 import pytest
+import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers
 
@@ -66,6 +67,14 @@ def build_chat_tokenizer(path, style):
         chat_template=s["template"])
     tok.save_pretrained(path)
     return tok
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked gpu need CUDA: skipped, saying so, without it (benchmarks/gpu.sh runs them on a GPU)."""
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; benchmarks/gpu.sh runs it on one"))
 
 
 @pytest.fixture(scope="session")

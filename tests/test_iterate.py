@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import iterate
 import train_dpo
-from minirlhf import data, task
+from minirlhf import data, plot, task
 from minirlhf.checkpoint import load_model
 from minirlhf.tokenizer import load_tokenizer, pad_token_id
 
@@ -68,6 +68,21 @@ def test_shortened_builtin_run_rises_every_iteration(base_run):
         assert os.path.exists(os.path.join(base_run, name, "config.json")), name
     # matplotlib is optional: with it the run also draws the summary
     assert os.path.exists(os.path.join(base_run, "summary.png")) == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_plot_draws_every_stage_of_the_run(base_run, tmp_path):
+    """python -m minirlhf.plot on the run: SFT, the reward model and both refits, offline DPO and both iterations,
+    each its whole metrics.jsonl, and the summary."""
+    pytest.importorskip("matplotlib", reason="minirlhf.plot draws with the optional matplotlib")
+    run = shutil.copytree(base_run, tmp_path / "run")
+    assert set(plot.main([str(run)])) == {"sft", "reward_model", "dpo", "summary"}
+    stages = plot.find_stages(run)
+    assert {kind: list(s) for kind, s in stages.items()} == {
+        "sft": ["sft"], "reward_model": ["iter1/reward_model", "iter2/reward_model", "reward_model"],
+        "dpo": ["iter1/policy", "iter2/policy", "offline_dpo"]}
+    for kind in stages.values():
+        for label, rows in kind.items():
+            assert [r["step"] for r in rows] == list(range(1, json.load(open(run / label / "eval.json"))["step"] + 1))
 
 
 def reference_of(policy_dir):

@@ -74,6 +74,25 @@ def test_greedy_matches_transformers(tmp_path, family):
     assert ended_by == {*stops, None}  # and each of the two stop ids ended a response
 
 
+@pytest.mark.gpu
+def test_cuda_greedy_matches_transformers_eager_and_compiled(tmp_path):
+    """fp32 on CUDA, no stop id: eager decode and the compiled decode step (CUDA graphs) give
+    transformers' greedy tokens."""
+    save_tiny(tmp_path, "llama3")
+    model = load_model(tmp_path, device="cuda").eval()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).cuda().eval()
+    hf_model.generation_config.eos_token_id = None
+    prompts, max_new = random_prompts([4, 9, 2, 7, 5]), 12
+    P = max(map(len, prompts))
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device="cuda")
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+    out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                            pad_token_id=0)[:, P:].tolist()
+    for compile in (False, True):
+        gen = generate(model, prompts, max_new, temperature=0, eos_token_id=None, compile=compile)
+        assert [r[0] for r in gen.responses] == out, compile
+
+
 @pytest.mark.parametrize("family", ["llama3", "mistral"])  # mistral: sliding window 4 < sequence length
 def test_cache_matches_recompute_without_cache(tmp_path, family):
     save_tiny(tmp_path, family)
