@@ -14,16 +14,23 @@ from test_train_dpo import synthetic_rows
 from tiny import save_tiny
 
 
-def test_tensorboard_event_files_hold_the_metrics(tmp_path, tokenizer):
+def test_tensorboard_event_files_hold_the_metrics(tmp_path, tokenizer, monkeypatch):
+    """Killed after step 4 and resumed from its step-2 checkpoint: the event files hold each step once, as
+    metrics.jsonl does (the resumed writer purges the killed run's steps 3 and 4)."""
     pytest.importorskip("tensorboard", reason="--report-to tensorboard needs the optional tensorboard package")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     save_tiny(tmp_path / "model", "llama3")
     tokenizer.save_pretrained(tmp_path / "model")
     write_jsonl(tmp_path / "train.jsonl", synthetic_rows(12, seed=0))
     out = tmp_path / "out"
-    train_dpo.main(["--model", str(tmp_path / "model"), "--train-data", str(tmp_path / "train.jsonl"), "--output-dir",
-                    str(out), "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3", "--max-length", "64",
-                    "--max-prompt-length", "32", "--report-to", "tensorboard"])
+    args = ["--model", str(tmp_path / "model"), "--train-data", str(tmp_path / "train.jsonl"), "--output-dir",
+            str(out), "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3", "--max-length", "64",
+            "--max-prompt-length", "32", "--save-steps", "2", "--report-to", "tensorboard"]
+    monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", "4")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train_dpo.main(args)
+    monkeypatch.delenv("MINIRLHF_FAIL_AFTER_STEP")
+    train_dpo.main(args + ["--resume"])
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]  # 12 pairs / 4 per step x 2 epochs
     events = EventAccumulator(str(out / "tensorboard")).Reload()
@@ -33,7 +40,7 @@ def test_tensorboard_event_files_hold_the_metrics(tmp_path, tokenizer):
         points = events.Scalars(tag)
         assert [p.step for p in points] == [m["step"] for m in lines]
         assert [p.value for p in points] == pytest.approx([m[tag] for m in lines], rel=1e-6, abs=1e-9), tag
-    args = events.Tensors("args/text_summary")[0].tensor_proto.string_val[0].decode()
+    args = events.Tensors("args/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert json.loads(args.strip("`\n")) == json.load(open(out / "args.json"))
     assert "tensorboard" in json.load(open(out / "manifest.json"))["files"]  # a rerun does not call it foreign
 
@@ -76,5 +83,7 @@ def test_wandb_runs_are_stages_grouped_under_the_iterate_run(tmp_path, monkeypat
 
 def test_missing_package_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
-    with pytest.raises(UserError, match="--report-to wandb needs the wandb package"):
-        tracking.start("wandb", tmp_path, {})
+    for group in (False, True):  # iterate.py's run too: before its first stage
+        with pytest.raises(UserError, match="--report-to wandb needs the wandb package"):
+            tracking.start("wandb", tmp_path, {}, group=group)
+    assert tracking.GROUPS == []
