@@ -55,6 +55,7 @@ parser.add_argument("--n", type=int, default=1, help="samples per prompt; n > 1 
                     "(transformers: num_return_sequences, which prefills each prompt n times)")
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 parser.add_argument("--no-compile", action="store_true", help="CUDA: skip the compiled decode step")
+parser.add_argument("--no-unpacked", action="store_true", help="CPU: skip the plain-sgemm variant")
 parser.add_argument("--repeats", type=int, default=7, help="timed rounds, each runs every variant once")
 parser.add_argument("--print-rounds", action="store_true", help="also print every round's seconds per variant")
 parser.add_argument("--bandwidth", type=float, default=3.35e12, help="HBM bandwidth in bytes/s (H100 SXM)")
@@ -118,7 +119,7 @@ for name in models:
     print(f"\n{name}: {n_params / 1e6:.0f}M parameters, {read_bytes / 1e9:.2f} GB of weights read per decode step")
     g = torch.Generator().manual_seed(0)
     variants = {"ours": dict()}
-    if device.type == "cpu":  # the same sampler with plain sgemm: what MKL weight packing adds
+    if device.type == "cpu" and not args.no_unpacked:  # the same sampler with plain sgemm: what packing adds
         variants["ours unpacked"] = dict(pack_weights=False)
     elif not args.no_compile:
         variants["ours compiled"] = dict(compile=True)
