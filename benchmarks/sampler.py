@@ -119,8 +119,8 @@ for name in models:
     print(f"\n{name}: {n_params / 1e6:.0f}M parameters, {read_bytes / 1e9:.2f} GB of weights read per decode step")
     g = torch.Generator().manual_seed(0)
     variants = {"ours": dict()}
-    if device.type == "cpu" and not args.no_unpacked:  # the same sampler with plain sgemm: what packing adds
-        variants["ours unpacked"] = dict(pack_weights=False)
+    if device.type == "cpu":  # the same sampler with plain sgemm: what MKL weight packing adds
+        variants |= {} if args.no_unpacked else {"ours unpacked": dict(pack_weights=False)}
     elif not args.no_compile:
         variants["ours compiled"] = dict(compile=True)
     for B in map(int, args.batch_sizes.split(",")):
