@@ -224,11 +224,13 @@ class Run:
             with writing(self.metrics_path), open(self.metrics_path, "a") as f:
                 f.write(json.dumps(metrics, allow_nan=False) + "\n")
 
-    def publish(self, ckpt, files):
+    def publish(self, ckpt, files, keep_checkpoint=True):
         """Rank 0: OUTPUT becomes the finished run. The checkpoint's model files (hard links, else copies) and
         `files` ({name: JSON object}) join args.json and metrics.jsonl in staging/ with done.json; then done.json
         and config.json leave OUTPUT, everything moves in, config.json and done.json last, and the files an
-        earlier publish left that this one did not write (weights of another shard count) go."""
+        earlier publish left that this one did not write (weights of another shard count) go. Without
+        `keep_checkpoint`, `ckpt` goes too: its weights are OUTPUT's (hard links), the rest is optimizer state
+        (twice the weights) that only --resume would read."""
         if not dist.is_main():
             return
         staging = self.staging
@@ -256,6 +258,8 @@ class Run:
                 os.remove(os.path.join(self.out, name))
         claim(self.out, [], published=names)
         shutil.rmtree(staging)
+        if not keep_checkpoint:
+            shutil.rmtree(ckpt)
 
     def __enter__(self):
         return self
