@@ -6,6 +6,7 @@ prefix-matches every option, even those after the script's name: an abbreviation
 is an error before the script starts (tests/test_cli.py runs each flag through torchrun's own parser).
 """
 import argparse
+import os
 import sys
 import time
 
@@ -109,11 +110,10 @@ def load_tokenizer(args):
     tokenizer use the same template."""
     tokenizer = tokenizers.load_tokenizer(args.tokenizer or args.model)
     if args.chat_template:
-        try:
-            with open(args.chat_template) as f:
-                tokenizer.chat_template = f.read()
-        except OSError as e:
-            raise UserError(f"{args.chat_template}: {e.strerror} (--chat-template: a Jinja template file)") from None
+        if not os.path.isfile(args.chat_template):
+            raise UserError(f"{args.chat_template}: no such file (--chat-template: a Jinja template file)")
+        with open(args.chat_template) as f:
+            tokenizer.chat_template = f.read()
     return tokenizer
 
 

@@ -70,6 +70,9 @@ def load_dataset_any(path, split="train") -> datasets.Dataset:
         raise DataError(f"{path}: not found locally (for a dataset on the Hugging Face Hub, write hub:{path})")
     if any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict) and split not in ds:
+            raise DataError(f"{path}: no split {split!r}; its splits are {list(ds)}: name one with --train-split "
+                            "(or --eval-split for --eval-data)")
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     ext = os.path.splitext(path)[1]
     if ext not in (".json", ".jsonl", ".parquet"):

@@ -43,7 +43,8 @@ def check_chat_template(tokenizer, chat_template=None):
     """Raise a clear error when there is no template to apply (`chat_template` overrides the tokenizer's)."""
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: pass "
-                        "chat_template= (a Jinja string) or use a checkpoint whose tokenizer has one")
+                        "--chat-template FILE (a Jinja template; in Python, chat_template=) or use a checkpoint "
+                        "whose tokenizer has one")
 
 
 def apply_template(tokenizer, messages, add_generation_prompt, chat_template=None) -> list[int]:

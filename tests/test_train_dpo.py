@@ -48,7 +48,7 @@ def setup(tmp_path_factory, tokenizer):
 def run(d, out, *extra):
     """In-process main() with test-sized settings (lr large enough to learn in a few steps)."""
     args = ["--model", str(d / "model"), "--output-dir", str(out), "--lr", "1e-3", "--warmup-ratio", "0",
-            "--max-length", "64", "--max-prompt-length", "32", *map(str, extra)]
+            "--max-length", "64", "--max-prompt-length", "32", "--eval-fraction", "0", *map(str, extra)]
     return train_dpo.main(args)
 
 
