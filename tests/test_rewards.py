@@ -101,12 +101,15 @@ def test_judge_prompt_is_cut_to_max_length(tokenizer):
 
 def test_user_function(tmp_path, monkeypatch):
     (tmp_path / "my_reward.py").write_text(
-        "def score(prompts, responses):\n    return [len(p) * 100 + len(r) for p, r in zip(prompts, responses)]\n")
+        "def score(prompts, responses):\n"
+        "    text = [p if isinstance(p, str) else '|'.join(m['content'] for m in p) for p in prompts]\n"
+        "    return [len(t) * 100 + len(r) for t, r in zip(text, responses)]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     fn = rewards.load_reward_source("my_reward:score")
-    chat = [{"role": "user", "content": "hey"}, {"role": "assistant", "content": "yo"},
-            {"role": "user", "content": "ab"}]
-    assert fn(["abc", chat], [["x", "yy"], ["zzz"]]) == [[301.0, 302.0], [203.0]]
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hey"},
+            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "ab"}]
+    # the whole conversation reaches the function: "be brief|hey|yo|ab" is 18 characters
+    assert fn(["abc", chat], [["x", "yy"], ["zzz"]]) == [[301.0, 302.0], [1803.0]]
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         rewards.load_reward_source(str(tmp_path / "missing"))
 
