@@ -63,7 +63,7 @@ def load_examples(args, tokenizer, path, split):
     if args.kind == "bt":
         pairs, _ = data.tokenize_preferences(
             rows, tokenizer, args.prompt_column, args.chosen_column, args.rejected_column, args.max_length,
-            args.max_prompt_length, skip_bad=args.skip_bad_rows, source=str(path))
+            args.max_prompt_length, skip_bad=args.skip_bad_rows, source=str(path), whole=True)  # as scored
         margins = [0.0] * len(pairs)
         if args.margin_column:  # pair.row: the source row of each pair that survived skipped bad rows
             if args.margin_column not in rows.column_names:

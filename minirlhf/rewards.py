@@ -240,7 +240,8 @@ def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pa
         reward_model = load_model(spec, kind="reward", device=device).eval()
 
         def score_with_reward_model(prompts, responses):
-            sequences = [sum(encode_pair(tokenizer, p, r), []) for p, rs in zip(prompts, responses) for r in rs]
+            sequences = [sum(encode_pair(tokenizer, p, r, whole=True), []) for p, rs in zip(prompts, responses)
+                         for r in rs]  # the conversation as its template renders it (tokenizer.encode_pair)
             return _unflatten(score_sequences(reward_model, sequences, batch_size, device), responses)
         return score_with_reward_model
 

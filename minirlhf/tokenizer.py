@@ -5,7 +5,8 @@ Rendered text is tokenised with add_special_tokens=False because chat templates 
 A (prompt, response) pair is tokenised by templating the whole conversation, checking that the prompt's tokens
 (with the generation prompt) are a prefix of it, and keeping the rest as the response. The response is cut just
 after its last EOS (the end-of-turn token; templates such as ChatML add "\\n" after it) or, if the template
-wrote none, gets EOS appended, so every response ends with the token generation stops on.
+wrote none, gets EOS appended, so every response ends with the token generation stops on. A reward model reads
+the conversation whole, as rendered (`encode_pair(..., whole=True)`), in training and in scoring.
 
 Special-token strings inside message content stay text: "<|im_end|>" written in a response is the characters
 "<", "|", ... and never the end-of-turn token (which would end the turn early and train on what follows). Only the
@@ -112,8 +113,11 @@ def encode_prompt(tokenizer, prompt, chat_template=None) -> list[int]:
     return apply_template(tokenizer, as_messages(prompt), True, chat_template)
 
 
-def encode_pair(tokenizer, prompt, response, chat_template=None) -> tuple[list[int], list[int]]:
-    """(prompt_ids, response_ids) such that prompt_ids + response_ids is the templated conversation.
+def encode_pair(tokenizer, prompt, response, chat_template=None, whole=False) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids) such that prompt_ids + response_ids is the templated conversation, the response
+    cut after its last EOS (what the policy generates and DPO trains), or with `whole` exactly what the template
+    renders (what a reward model reads: ChatML's "\n" after <|im_end|> too, as `apply_chat_template` gives it to
+    the hub's reward models and TRL's RewardTrainer, so their scores and ours are read at the same position).
 
     `response` is a string (one assistant message) or a list of assistant messages.
     """
@@ -127,6 +131,8 @@ def encode_pair(tokenizer, prompt, response, chat_template=None) -> tuple[list[i
                          f" are not a prefix of the prompt+response tokens; first difference at token {i}: "
                          f"{tokenizer.decode(prompt_ids[i:i + 8])!r} vs {tokenizer.decode(full_ids[i:i + 8])!r}")
     response_ids, eos = full_ids[len(prompt_ids):], tokenizer.eos_token_id
+    if whole:
+        return prompt_ids, response_ids
     if eos is None:
         raise UserError("tokenizer has no eos_token: responses could not end with an end-of-turn token")
     if eos in response_ids:

@@ -316,7 +316,8 @@ def test_dpo_trains_on_the_sampled_ids_and_cut_off_answers_stay_cut_off(tmp_path
     out = tmp_path / "run"
     iterate.main(["--output-dir", str(out), "--sft-model", str(tmp_path / "sft"), "--reward", "shortest:reward",
                   "--prompts", str(tmp_path / "prompts.jsonl"), "--iterations", "1", "--samples-per-prompt", "4",
-                  "--max-new-tokens", "8", "--max-length", "128", "--batch-size", "8", "--grad-accum", "1"])
+                  "--max-new-tokens", "8", "--max-length", "128", "--batch-size", "8", "--grad-accum", "1",
+                  "--eval-prompts", str(tmp_path / "prompts.jsonl")])
     samples = [json.loads(line) for line in open(out / "iter1" / "samples.jsonl")]
     pairs = [json.loads(line) for line in open(out / "iter1" / "pairs.jsonl")]
     assert len(trained) == len(pairs) == sum(s["proxy_pair"] is not None for s in samples) > 10  # none skipped
@@ -338,3 +339,8 @@ def test_dpo_trains_on_the_sampled_ids_and_cut_off_answers_stay_cut_off(tmp_path
     printed = capsys.readouterr().out
     assert f"warning: iteration 1: {share:.0%} of the samples were cut off" in printed
     assert f"{share:.0%} of samples cut off" in printed
+    # stdout is not a terminal here (a log file): every stage says what it does, with plain progress lines
+    steps = json.load(open(out / "iter1" / "policy" / "eval.json"))["step"]
+    for line in ["iter1 sampling 4 x 24", "iter1 sampling: prompt 24/24", "iter1 scoring 96 responses",
+                 f"iter1 dpo: step {steps}/{steps} loss", "evaluation: policy 2/2 done iter1"]:
+        assert line in printed, line
