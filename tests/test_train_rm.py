@@ -99,7 +99,7 @@ def test_margin_column_enters_the_loss(tmp_path, tokenizer):
     train_rm.main(base + ["--output-dir", str(tmp_path / "m"), "--margin-column", "margin", "--gradient-checkpointing"])
     train_rm.main(base + ["--output-dir", str(tmp_path / "no_m")])
     model = load_model(tmp_path / "model", kind="reward", seed=5).eval()
-    pairs, _ = load_preferences(tmp_path / "train.jsonl", tokenizer, max_length=128)
+    pairs, _ = load_preferences(tmp_path / "train.jsonl", tokenizer, max_length=128, whole=True)  # as train_rm reads
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     with torch.no_grad():
         r = model(batch["input_ids"], batch["attention_mask"])
