@@ -69,3 +69,16 @@ def test_iterate_help_resolves_each_mode_and_names_no_hidden_table():
             args = iterate.resolve_defaults(iterate.build_parser().parse_args(argv))
             resolved = getattr(args, flag[2:].replace("-", "_"))
             assert str(resolved) == value or resolved is None and value in ("-", "all / T"), (flag, mode)
+
+
+def test_the_two_trainers_share_one_vocabulary():
+    """A flag of both trainers has the same default in both, except the recipe values each paper sets."""
+    rm, dpo = ({a.dest: a.default for a in m.build_parser()._actions} for m in (train_rm, train_dpo))
+    shared = rm.keys() & dpo.keys()
+    assert {"eval_fraction", "eval_every", "chat_template", "tokenizer", "max_prompt_length", "seed", "save_dtype",
+            "keep_optimizer", "name"} <= shared
+    assert {k for k in shared if rm[k] != dpo[k]} == {"grad_accum", "epochs", "weight_decay"}
+    for module in (train_rm, train_dpo):  # the same resolved defaults: a prompt limit, a held-out split
+        args = cli.resolve_common(module.build_parser().parse_args(["--model", "m", "--train-data", "d",
+                                                                    "--output-dir", "o", "--max-length", "64"]))
+        assert (args.max_prompt_length, args.eval_fraction, args.seed) == (16, 0.05, 0)
