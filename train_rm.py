@@ -40,7 +40,7 @@ from minirlhf.tokenizer import check_chat_template, encode_prompt, pad_token_id
 DEFAULT_LR = {"bt": 2e-6, "pairwise": 5e-6}
 # arguments that cannot change the trained weights: they may differ on --resume
 NOT_RESULTS = ("resume", "allow_changed_args", "overwrite", "save_steps", "gradient_checkpointing", "eval_every",
-               "eval_batch_size", "keep_optimizer")
+               "eval_batch_size", "keep_optimizer", "name")
 
 
 def build_parser():

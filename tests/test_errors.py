@@ -84,7 +84,8 @@ def no_template():
 
 CASES = {  # kind -> (what triggers it, what the message must say)
     "DatasetDict without the split": (lambda d, m: split_missing(d),
-                                      r"dict: no split 'train'; its splits are \['validation', 'test'\]: .*--train-split"),
+                                      r"dict: no split 'train'; its splits are \['validation', 'test'\]: "
+                                      r".*--train-split"),
     "tokenizer without a chat template": (lambda d, m: no_template(), r"no chat template: pass --chat-template FILE"),
     "malformed JSON line": (lambda d, m: dpo(d, write(d / "a.jsonl", good_row() + "{oops\n")), r"a.jsonl: line 2: "),
     "non-UTF-8 bytes": (lambda d, m: dpo(d, write(d / "b.jsonl", good_row().encode() + b'{"prompt": "\xff"}\n')),

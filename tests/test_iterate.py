@@ -228,7 +228,8 @@ def test_module_function_oracle_and_a_rerun_that_asks_nothing_twice(base_run, tm
     argv = ["--output-dir", str(out), "--sft-model", os.path.join(base_run, "sft"), "--prompts", prompts,
             "--reward", os.path.join(base_run, "reward_model"), "--labels", str(initial), "--oracle",
             "rule_judge:judge", "--labels-per-iteration", "6", "--iterations", "2", "--samples-per-prompt", "4",
-            "--lr", "1e-3", "--rm-lr", "1e-3", "--max-new-tokens", "10", "--max-length", "64", "--batch-size", "8", "--grad-accum", "1"]
+            "--lr", "1e-3", "--rm-lr", "1e-3", "--max-new-tokens", "10", "--max-length", "64", "--batch-size", "8",
+            "--grad-accum", "1"]
     monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", "1")
     with pytest.raises(RuntimeError, match="simulated kill"):
         iterate.main(argv)
