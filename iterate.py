@@ -161,23 +161,12 @@ def resolve_defaults(args):
     return args
 
 
-def done(path):
-    return os.path.exists(os.path.join(path, "done.json"))
-
-
-def mark_done(path, info):
-    if dist.is_main():
-        os.makedirs(path, exist_ok=True)
-        atomic_write_json(os.path.join(path, "done.json"), info)
-    dist.barrier()
-
-
 def common_flags(args, name):
     """Flags iterate.py passes to both trainers (minirlhf/cli.py)."""
-    return ["--name", name, "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
-            "--max-length", str(args.max_length), "--seed", str(args.seed), "--save-steps", str(args.save_steps),
-            "--eval-fraction", "0", "--save-dtype", args.save_dtype] + ["--resume"] * args.resume + [
-            "--keep-optimizer"] * args.keep_optimizer
+    return ["--name", name, "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--max-length",
+            str(args.max_length), "--seed", str(args.seed), "--save-steps", str(args.save_steps), "--eval-fraction",
+            "0", "--save-dtype", args.save_dtype] + ["--resume"] * args.resume + [
+                "--keep-optimizer"] * args.keep_optimizer
 
 
 def dpo_flags(args, name, model, ref_model, data, out, loss=None, epochs=None, lr=None):
@@ -189,8 +178,7 @@ def dpo_flags(args, name, model, ref_model, data, out, loss=None, epochs=None, l
 
 
 def sample(policy_dir, tokenizer, prompts, n, args, seed, device, name):
-    """This rank's share of `prompts` -> rows with n responses each (text, sampled ids, lengths, truncation flags).
-    The seed is per rank: results depend on the world size."""
+    """This rank's share of `prompts` -> rows with n responses each (text, sampled ids, lengths, truncation flags)."""
     rank, world = dist.get_rank(), dist.world_size()
     mine = list(range(rank, len(prompts), world))
     dist.print0(f"{name} sampling {n} x {len(prompts)}")
@@ -198,8 +186,8 @@ def sample(policy_dir, tokenizer, prompts, n, args, seed, device, name):
     policy = load_model(policy_dir, device=device).eval()  # a plain copy: see the module docstring
     prompt_ids = [encode_prompt(tokenizer, prompts[i]) for i in mine]
     gen = generate(policy, prompt_ids, args.max_new_tokens, n=n, temperature=args.temperature, top_p=args.top_p,
-                   eos_token_id=tokenizer.eos_token_id, seed=seed * 1000 + rank, batch_size=args.gen_batch_size,
-                   progress=bar.update)
+                   eos_token_id=tokenizer.eos_token_id, seed=seed * 1000 + rank,  # so results depend on the world size
+                   batch_size=args.gen_batch_size, progress=bar.update)
     bar.close()
     return [dict(index=i, prompt=prompts[i], responses=[decode_response(tokenizer, r) for r in gen.responses[j]],
                  prompt_ids=prompt_ids[j], response_ids=gen.responses[j], n_tokens=[len(r) for r in gen.responses[j]],
@@ -222,11 +210,11 @@ def builtin_task(args, device):
     eval_prompts, iter_prompts = (prompts[n_sft + n_labels:n_sft + n_labels + args.task_eval_prompts],
                                   prompts[n_sft + n_labels + args.task_eval_prompts:])
     init_dir, sft_dir, data_dir = f"{root}/init", f"{root}/sft", f"{root}/data"
-    if not done(init_dir):  # a random-init tiny Llama, saved like any hub checkpoint
+    if not rundir.done(init_dir):  # a random-init tiny Llama, saved like any hub checkpoint
         if dist.is_main():
             save_model(init_model(task.policy_config(tokenizer), seed=seed), init_dir, tokenizer)
-        mark_done(init_dir, {})
-    if not done(sft_dir):  # 1. SFT on demonstrations
+        rundir.mark_done(init_dir, {})
+    if not rundir.done(sft_dir):  # 1. SFT on demonstrations
         if dist.is_main():
             write_jsonl(f"{data_dir}/sft.jsonl", [dict(prompt=p, completion=c) for p, c in
                                                   zip(sft_prompts, task.demonstrations(sft_prompts, seed))])
@@ -234,7 +222,7 @@ def builtin_task(args, device):
         train_dpo.main(dpo_flags(args, "sft", init_dir, init_dir, f"{data_dir}/sft.jsonl", sft_dir, loss="sft",
                                  epochs=SFT_EPOCHS, lr=SFT_LR))
     labels_path = f"{data_dir}/preferences.jsonl"
-    if not done(data_dir):  # 2. two SFT samples per prompt, labelled by simulated annotators
+    if not rundir.done(data_dir):  # 2. two SFT samples per prompt, labelled by simulated annotators
         rows = gather_rows(sample(sft_dir, tokenizer, label_prompts, 2, args, seed, device, "label set"))
         generator = torch.Generator().manual_seed(seed)
         pairs = []
@@ -245,17 +233,17 @@ def builtin_task(args, device):
                 pairs.append(dict(prompt=r["prompt"], chosen=a if a_wins else b, rejected=b if a_wins else a))
         if dist.is_main():
             write_jsonl(labels_path, pairs)
-        mark_done(data_dir, {"human_labels": len(pairs), "prompts": len(rows)})
+        rundir.mark_done(data_dir, {"human_labels": len(pairs), "prompts": len(rows)})
     # 3. the Bradley-Terry reward model on the labels not kept for the online iterations (all with K = 0)
     rm_dir, rm_labels = f"{root}/reward_model", f"{root}/reward_model_labels.jsonl"
-    if not done(rm_dir):
+    if not rundir.done(rm_dir):
         if dist.is_main():
             offline = list(load_dataset_any(labels_path))
             write_jsonl(rm_labels, offline[:len(offline) - args.iterations * args.labels_per_iteration])
         dist.barrier()
         train_rm.main(rm_flags(args, "reward model", sft_dir, rm_labels, rm_dir, RM_LR, RM_EPOCHS))
     offline_dir = f"{root}/offline_dpo"
-    if not done(offline_dir):  # 4. the offline DPO baseline: all the human labels, no online samples
+    if not rundir.done(offline_dir):  # 4. the offline DPO baseline: all the human labels, no online samples
         train_dpo.main(dpo_flags(args, "offline dpo", sft_dir, sft_dir, labels_path, offline_dir,
                                  epochs=OFFLINE_DPO_EPOCHS))
     return sft_dir, rm_dir, rm_labels, iter_prompts, eval_prompts, offline_dir
@@ -269,7 +257,7 @@ def rm_flags(args, name, model, data, out, lr, epochs):
 
 def refit_reward_model(args, label_files, rm_dir, out, name):
     """train_rm.py on every label so far (one file in the usual preference format), warm-started from rm_dir."""
-    if not done(out):
+    if not rundir.done(out):
         if dist.is_main():
             write_jsonl(f"{out}.labels.jsonl", [dict(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"])
                                                 for f in label_files for r in load_dataset_any(f)])
@@ -314,7 +302,7 @@ def run_workflow(args, device):
     policy_dir = sft_dir
     for t in range(1, args.iterations + 1):
         it_dir = f"{args.output_dir}/iter{t}"
-        if done(it_dir):
+        if rundir.done(it_dir):
             policy_dir = f"{it_dir}/policy"
             if oracle:
                 label_files.append(f"{it_dir}/labels.jsonl")
@@ -372,14 +360,13 @@ def run_workflow(args, device):
                     "so far")
         if dist.is_main():
             atomic_write_json(f"{it_dir}/metrics.json", metrics)
-        mark_done(it_dir, metrics)
+        rundir.mark_done(it_dir, metrics)
         policy_dir = f"{it_dir}/policy"
     if eval_prompts and dist.is_main():  # the proxy: the last reward model (with online labels, it has seen most)
         builtin = args.sft_model is None
-        evaluate_iterations(args.output_dir, args.iterations, sft_dir, offline_dir, load_tokenizer(sft_dir),
-                            eval_prompts, load_reward_source(reward_spec, device=device), args.max_new_tokens,
-                            args.seed, task.gold_reward if builtin else None, device, task.TAU if builtin else 1.0,
-                            start)
+        evaluate_iterations(args.output_dir, args.iterations, sft_dir, offline_dir, tokenizer, eval_prompts,
+                            load_reward_source(reward_spec, device=device), args.max_new_tokens, args.seed,
+                            task.gold_reward if builtin else None, device, task.TAU if builtin else 1.0, start)
     dist.barrier()
     dist.print0(f"total time {time.time() - start:.0f} s; outputs in {args.output_dir}")
 

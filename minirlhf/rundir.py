@@ -182,6 +182,19 @@ def check_args(recorded_path, args, ignore, allow_flag):
                         (f", or pass {allow_flag} to continue with the new ones" if allow_flag else ""))
 
 
+def done(path):
+    """A stage folder (iterate.py's) is finished: it holds done.json."""
+    return os.path.exists(os.path.join(path, DONE))
+
+
+def mark_done(path, info):
+    """Finish a stage folder: rank 0 writes done.json (`info`) last, and every rank waits for it."""
+    if dist.is_main():
+        os.makedirs(path, exist_ok=True)
+        atomic_write_json(os.path.join(path, DONE), info)
+    dist.barrier()
+
+
 def nonfinite_message(step, loss, grad_norm, ckpt, saved_step):
     """What to say when step `step` gives a non-finite loss or gradient: the weights were not updated, and the
     last checkpoint is good (it is saved only once the next step's forward and backward came out finite)."""
