@@ -1,47 +1,32 @@
 """RAIN: align a frozen model at inference time by search, self-evaluation and rewind (Li et al., ICLR 2024).
 
-No gradient, no weight change, the memory of plain inference. The tree's nodes are token spans ("token sets")
-with a prior p (normalised span probability), a visit count n (fractional), a value v and an embedding e; the root
-is the committed text. Span length grows with the span's depth counted from the start of the response: 1, 2, 4,
-then 10 tokens (`SPAN_LENGTHS`). One search (the inner loop, up to T = 50 per committed span):
-1. select from the root by PUCT, argmax_child q + c * p * sqrt(n_parent) / (1 + n), c = 2, q the value
-   min-max normalised (0 while unvisited); at each node, first add a child when the children look alike
-   (||Var(e)|| < 0.03 * span length), all score badly (max v < 0) and there are fewer than 20 (the released
-   code's `checkadd`: the next most likely token, or one more sampled span);
-2. simulate from the leaf: sample until a sentence ends (, . ? : ; or newline) or a stop id;
-3. evaluate the text, a score s in [-1, 1] (cached per response);
-4. back up along the path: n += 1, v += (s - v) / n (the running mean of the scores below), e the running
-   mean of the embedding of the text from the node's span to the end of the simulation;
-5. similarity update: each sibling X of a path node Y with cos(e_X, e_Y) > 0.95 gets, with w = gamma * cos,
-   gamma = 0.2: v_X = (v_X n_X + w s) / (n_X + w), n_X += w;
-6. expand the leaf with up to 10 spans: the top-10 tokens for one-token spans, else the greedy span and 9
-   sampled from the top-15 per token; duplicates dropped; prior = product of the token probabilities,
-   normalised (the greedy prior clipped to [max + min, sum] of the sampled ones, as the released code), and
-   mixed 0.75 p + 0.25 uniform at the root;
+No gradient, no weight change, the memory of plain inference. Tree nodes are token spans (1, 2, 4, then 10 tokens
+by their index in the response) with a prior p, a fractional visit count n, a value v and an embedding e; the
+root is the committed text. One search (inner loop, up to T = 50 per committed span):
+1. select by PUCT, argmax q + c p sqrt(n_parent) / (1 + n), c = 2, q = v min-max normalised (0 if unvisited);
+   first add a child where the children look alike, all have v < 0 and are fewer than 20 (`needs_child`);
+2. simulate from the leaf until a sentence ends (, . ? : ; newline) or a stop id;
+3. evaluate the text: s in [-1, 1], cached per response;
+4. back up along the path: n += 1, v += (s - v) / n, e = running mean embedding of span + continuation;
+5. similarity update: sibling X of a path node Y with cos(e_X, e_Y) > 0.95, w = 0.2 cos:
+   v_X = (v_X n_X + w s) / (n_X + w), n_X += w;
+6. expand the leaf with up to 10 spans (`make_children`), priors mixed 0.75 p + 0.25 uniform at the root;
 7. rewind to the root.
-Outer loop: searches stop early once the most-visited child has T_m = 6 real visits and value >= V = 0.8; the
-most-visited child (ties by value) is committed and becomes the root with its subtree (its children's priors
-are mixed with uniform again); repeat until a stop id or the length limit.
+Outer loop: stop searching once the most-visited child has more than T_m = 6 real visits and v > V = 0.8 (the
+released code's strict rule), commit the most-visited child (ties by v), keep its subtree as the new root.
+Evaluators: `self_evaluator` (the paper's, with options (A)/(B) swapped) or `reward_evaluator` (any reward
+source of rewards.py, against the model's greedy response).
 
-Evaluators. `self_evaluator` is the paper's: the same model reads a template ("Determine if the assistant's
-response is harmful...", options (A)/(B)) twice with the options swapped; s = +1 if both orders pick the good
-option, -1 if both pick the bad one, 0 if they disagree (a judge that always answers (A) scores 0). The template
-and option words are flags, for the paper's other attributes. `reward_evaluator` uses any reward source of
-`rewards.py` against the model's own greedy response r_ref to the prompt: s = 2 P(response > reference) - 1,
-with P the pairwise model's probability, or sigmoid((r - r_ref) / scale) for a BT model or a function.
-
-KV cache. The committed text and the current path's spans fill one cache row; the next search keeps the
-columns of the spans it shares with the last path and computes only the rest, so a rewind never recomputes
-the committed prefix (nor the shared part of the path). Expansion copies the row into a k-row cache and
-decodes the k spans together. The self-evaluator computes its template's head once and copies it per call.
-
-Where we differ from the released code (SafeAILab/RAIN @ 8cedfa7): embeddings are our model's final hidden
-states mean-pooled over the span and its continuation, in context, L2-normalised, instead of Sentence-BERT
-(all-MiniLM-L6-v2) of the text alone; the 0.95 and 0.03 thresholds were tuned for Sentence-BERT. Since the root's
-running min/max of v start at -1/+1 and every v is a mean of scores in [-1, 1], the normalised q is (v + 1) / 2.
-No few-shot block is shipped: give one in --eval-template. Cost is counted, not timed: calls of the model
-(`forwards`, a batched call counts once) and the token positions it computed (`tokens`, summed over rows),
-each as a multiple of plain decoding of the same output (len(response) calls, prompt + response - 1 tokens).
+KV cache: one row holds the committed text and the current path's spans; a search keeps the columns of the spans
+it shares with the previous path and computes the rest, so a rewind never recomputes the committed prefix.
+Expansion copies the row into k rows and decodes k spans at once; the self-evaluator's template head is computed
+once and copied. Unlike the released code (SafeAILab/RAIN): embeddings are our model's final hidden states,
+mean-pooled over span and continuation in context, L2-normalised, not Sentence-BERT (all-MiniLM-L6-v2) of the text
+alone, though the 0.95 and 0.03 thresholds were tuned for Sentence-BERT; v stays in [-1, 1], so the root's running
+min/max keep their initial -1/+1 and q = (v + 1) / 2; no few-shot block is shipped (--eval-template takes one); an
+added child's prior is renormalised with its siblings'. Cost is counted, not timed: model calls (`forwards`, a
+batched call counts once) and token positions computed (`tokens`, summed over rows), each as a multiple of plain
+decoding of the same output: len(y) calls and len(x) + len(y) - 1 positions.
 
     python -m minirlhf.rain --model M --prompts prompts.jsonl --evaluator self --output out.jsonl
 """
@@ -50,7 +35,7 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -70,17 +55,18 @@ HARM_TEMPLATE = ("Determine if the assistant's response is harmful. The given co
 
 
 @dataclass
-class RainConfig:
-    searches: int = 50  # T, per committed span (counted from the reused subtree's visits, at least 15 new)
-    min_searches: int = 6  # T_m: real visits of the most-visited child before an early stop
-    value_threshold: float = 0.8  # V
-    c: float = 2.0  # PUCT exploration
-    gamma: float = 0.2  # similarity-update weight
-    similarity: float = 0.95  # cosine threshold of the similarity update
-    children: int = 10  # candidate spans per expansion
-    top_k: int = 15  # per-token top-k of sampled spans (simulations sample the full distribution)
-    max_new_tokens: int = 256
-    max_sim_tokens: int = 64  # simulation budget when no sentence end comes
+class RainConfig:  # each field is also a command-line flag, with this help
+    searches: int = field(default=50, metadata=dict(
+        help="T: searches per committed span, the kept subtree's included (15 new at least, unless stopped early)"))
+    min_searches: int = field(default=6, metadata=dict(help="T_m: an early stop needs more visits of the best child"))
+    value_threshold: float = field(default=0.8, metadata=dict(help="V: an early stop needs a higher best-child value"))
+    c: float = field(default=2.0, metadata=dict(help="PUCT exploration constant"))
+    gamma: float = field(default=0.2, metadata=dict(help="similarity-update weight"))
+    similarity: float = field(default=0.95, metadata=dict(help="cosine threshold of the similarity update"))
+    children: int = field(default=10, metadata=dict(help="candidate spans per expansion"))
+    top_k: int = field(default=15, metadata=dict(help="per-token top-k of sampled spans (simulations: no top-k)"))
+    max_new_tokens: int = field(default=256, metadata=dict(help="response length limit"))
+    max_sim_tokens: int = field(default=64, metadata=dict(help="simulation limit when no sentence ends"))
 
 
 @dataclass
@@ -136,12 +122,12 @@ def similarity_update(path, score, gamma=0.2, threshold=0.95):
 
 
 def needs_child(node, span_length, max_children=20, var_scale=0.03):
-    """The released code's `checkadd`: few children, alike (small embedding variance), all scoring below 0."""
-    if not 2 <= len(node.children) < max_children or any(c.embedding is None for c in node.children):
-        return False  # (every child visited; one child has no variance: NaN in the released code)
-    if max(c.value for c in node.children) >= 0:
+    """The released code's `checkadd`: 2 to 19 children, all visited, all v < 0, and alike: ||Var(e)|| < 0.03 *
+    span length. The added child is the next most likely token, or one more sampled span."""
+    kids = node.children
+    if not 2 <= len(kids) < max_children or any(c.embedding is None for c in kids) or max(c.value for c in kids) >= 0:
         return False
-    return torch.stack([c.embedding for c in node.children]).var(0).norm().item() < var_scale * span_length
+    return torch.stack([c.embedding for c in kids]).var(0).norm().item() < var_scale * span_length
 
 
 def set_priors(node, is_root):
@@ -196,11 +182,8 @@ def sample_spans(model, cache, logits, k, length, cfg, stop_ids, generator):
         if t + 1 == length or done.all():
             break
         logits = model.logits(extend(model, exp, tokens[:, None])[:, -1])
-    out = []
-    for row in torch.stack(spans, 1).tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
-        out.append(row[:cut])
-    return out, logp.tolist()
+    rows, stops = torch.stack(spans, 1).tolist(), set(stop_ids.tolist())
+    return [r[:next((i + 1 for i, t in enumerate(r) if t in stops), len(r))] for r in rows], logp.tolist()
 
 
 @torch.inference_mode()
@@ -215,6 +198,12 @@ def search(model, prompt_ids, evaluate, cfg, generator, stop_ids, sentence_end, 
     h = extend(model, cache, torch.tensor([prompt_ids], device=device))[0]
     cached, ends, logits = [], [cache.pos], [model.logits(h[-1])]  # path nodes in the cache, their ends, logits
     root, committed = Node([], 1.0, -1), []
+
+    def score_of(response):
+        if tuple(response) not in scores:
+            scores[tuple(response)] = float(evaluate(response))
+            cost.evaluations += 1
+        return scores[tuple(response)]
 
     def goto(path):
         """Fill the cache with the spans of `path` (nodes below the root), reusing the shared head."""
@@ -233,7 +222,9 @@ def search(model, prompt_ids, evaluate, cfg, generator, stop_ids, sentence_end, 
             logits.extend(model.logits(hidden[[e - 1 for e in ends[k + 1:]]]))  # (spans, V): at each span's end
 
     def make_children(node, k, response_len):
-        """Up to k new candidate spans after `node` (the cache is at its end) -> child nodes."""
+        """Up to k new spans after `node` (the cache is at its end) -> child nodes: the top-k tokens, or for longer
+        spans the greedy one and distinct ones drawn from the top-15; p = product of the top-k renormalised token
+        probabilities, the greedy one clipped to [max + min, sum] of the others (as the released code)."""
         length = min(SPAN_LENGTHS[min(node.depth + 1, 3)], cfg.max_new_tokens - response_len)
         if length == 1:
             probs = logits[-1].float().softmax(-1)
@@ -246,13 +237,8 @@ def search(model, prompt_ids, evaluate, cfg, generator, stop_ids, sentence_end, 
                 rest = [p for _, p in cands[1:]]
                 cands[0] = (cands[0][0], max(min(cands[0][1], sum(rest)), max(rest) + min(rest)))
         seen = {tuple(c.tokens) for c in node.children}
-        new = []
-        for tokens, p in cands:
-            if tuple(tokens) not in seen and len(new) < k:
-                seen.add(tuple(tokens))
-                terminal = tokens[-1] in stops or response_len + len(tokens) >= cfg.max_new_tokens
-                new.append(Node(tokens, p, node.depth + 1, terminal))
-        return new
+        return [Node(t, p, node.depth + 1, t[-1] in stops or response_len + len(t) >= cfg.max_new_tokens)
+                for t, p in cands if tuple(t) not in seen][:k]
 
     def one_search():
         path, base = [root], len(committed)
@@ -278,11 +264,7 @@ def search(model, prompt_ids, evaluate, cfg, generator, stop_ids, sentence_end, 
                 col = cache.pos
                 hidden[col] = extend(model, cache, torch.tensor([[token]], device=device))[0, -1]
                 step_logits = model.logits(hidden[col])
-        response = committed + [t for n in path[1:] for t in n.tokens] + sim
-        if tuple(response) not in scores:  # 3. evaluation
-            scores[tuple(response)] = float(evaluate(response))
-            cost.evaluations += 1
-        score = scores[tuple(response)]
+        score = score_of(committed + [t for n in path[1:] for t in n.tokens] + sim)  # 3. evaluation
         embeddings = [None] + [F.normalize(hidden[ends[i]:cache.pos].mean(0), dim=0) for i in range(len(path) - 1)]
         backup(path, score, embeddings)  # 4.
         similarity_update(path, score, cfg.gamma, cfg.similarity)  # 5.
@@ -307,10 +289,7 @@ def search(model, prompt_ids, evaluate, cfg, generator, stop_ids, sentence_end, 
             break
         if root.children:
             set_priors(root, True)
-    if tuple(committed) not in scores:
-        scores[tuple(committed)] = float(evaluate(committed))
-        cost.evaluations += 1
-    return committed, scores[tuple(committed)]
+    return committed, score_of(committed)
 
 
 def sentence_end_ids(tokenizer) -> set[int]:
@@ -366,9 +345,9 @@ def reward_evaluator(spec, model, tokenizer, max_new_tokens, scale=1.0):
     def evaluate(prompt, response):
         key = json.dumps(prompt)
         if key not in references:
-            ids = generate(model, [encode_prompt(tokenizer, prompt)], max_new_tokens, temperature=0,
-                           eos_token_id=tokenizer.eos_token_id).responses[0][0]
-            ref = decode_response(tokenizer, ids)
+            greedy = generate(model, [encode_prompt(tokenizer, prompt)], max_new_tokens, temperature=0,
+                              eos_token_id=tokenizer.eos_token_id)
+            ref = decode_response(tokenizer, greedy.responses[0][0])
             references[key] = ref, None if pairwise else reward_fn([prompt], [[ref]])[0][0]
         ref, ref_reward = references[key]
         if pairwise:
@@ -379,7 +358,7 @@ def reward_evaluator(spec, model, tokenizer, max_new_tokens, scale=1.0):
 
 @contextlib.contextmanager
 def counting(model, cost):
-    """Count the model's calls and the token positions they compute into `cost`."""
+    """Count the model's calls and the token positions they compute (input_ids (R, T): R * T) into `cost`."""
     def hook(module, args, kwargs, output):
         cost.forwards += 1
         cost.tokens += (args[0] if args else kwargs["input_ids"]).numel()
@@ -395,9 +374,7 @@ def align(model, tokenizer, prompts, evaluator, cfg=RainConfig(), seed=0, progre
     evaluator(prompt, response text) -> score in [-1, 1] (`self_evaluator`, `reward_evaluator` or any function).
     -> (responses, scores, costs): text, the evaluator's score of it, and a dict of counted cost per prompt."""
     generator = torch.Generator(model.output_weight().device).manual_seed(seed)
-    eos = tokenizer.eos_token_id
-    stop_ids = set(eos if isinstance(eos, list) else [eos])
-    sentence_end = sentence_end_ids(tokenizer)
+    stop_ids, sentence_end = {tokenizer.eos_token_id}, sentence_end_ids(tokenizer)
     responses, scores, costs = [], [], []
     with mkl_packed(model):  # thousands of small forwards per prompt: pack the weights once (sampler.py)
         for prompt in tqdm(prompts, desc="rain", disable=not progress):
@@ -428,16 +405,8 @@ def build_parser():
     p.add_argument("--eval-options", default="harmless,harmful", help="self-evaluation option words, good,bad")
     p.add_argument("--reward-scale", type=float, default=1.0, help="BT/function evaluator: reward difference to the "
                                                                     "greedy reference that maps to 2 sigmoid(1) - 1")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="response length limit")
-    p.add_argument("--searches", type=int, default=50, help="T: searches per committed span")
-    p.add_argument("--min-searches", type=int, default=6, help="T_m: visits of the best child before an early stop")
-    p.add_argument("--value-threshold", type=float, default=0.8, help="V: value of the best child for an early stop")
-    p.add_argument("--c", type=float, default=2.0, help="PUCT exploration constant")
-    p.add_argument("--gamma", type=float, default=0.2, help="similarity-update weight")
-    p.add_argument("--similarity", type=float, default=0.95, help="cosine threshold of the similarity update")
-    p.add_argument("--children", type=int, default=10, help="candidate spans per expansion")
-    p.add_argument("--top-k", type=int, default=15, help="per-token top-k of sampled spans and simulations")
-    p.add_argument("--max-sim-tokens", type=int, default=64, help="simulation length limit without a sentence end")
+    for f in fields(RainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, **f.metadata)
     p.add_argument("--seed", type=int, default=0, help="seed of every draw")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device of the model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
@@ -449,17 +418,13 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device).eval()
     rows = load_dataset_any(args.prompts)
-    prompts = [split_row(row, args.prompt_column, [])[0] for row in rows.select(range(min(args.limit or len(rows),
-                                                                                              len(rows))))]
+    prompts = [split_row(row, args.prompt_column, [])[0] for row in rows][:args.limit]
     if args.evaluator == "self":
-        template = HARM_TEMPLATE
-        if args.eval_template:
-            with open(args.eval_template) as f:
-                template = f.read()
+        template = open(args.eval_template).read() if args.eval_template else HARM_TEMPLATE
         evaluator = self_evaluator(model, tokenizer, template, tuple(args.eval_options.split(",")))
     else:
         evaluator = reward_evaluator(args.evaluator, model, tokenizer, args.max_new_tokens, args.reward_scale)
-    cfg = RainConfig(**{k: getattr(args, k) for k in RainConfig.__dataclass_fields__})
+    cfg = RainConfig(**{f.name: getattr(args, f.name) for f in fields(RainConfig)})
     responses, scores, costs = align(model, tokenizer, prompts, evaluator, cfg, args.seed, progress=True)
     atomic_write_text(args.output, "".join(json.dumps(dict(prompt=p, response=r, score=s, cost=c)) + "\n"
                                            for p, r, s, c in zip(prompts, responses, scores, costs)))
