@@ -2,9 +2,10 @@
 evaluator) beside SFT sampling, SFT greedy, SFT best-of-n at RAIN's compute and the trained policies.
 
 Takes finished run folders of `python iterate.py --output-dir runs/seedK --seed K` (stages sft/, reward_model/,
-offline_dpo/, iter*/policy) and evaluates every row on the same held-out prompts of that run (the last
---task-eval-prompts of the run's prompt stream, as iterate.py splits it), one temperature-1 sample per prompt
-for the policies. Best-of-n draws n SFT samples per prompt and keeps the proxy's favourite, with n = RAIN's mean
+offline_dpo/, iter*/policy) and evaluates every row on the same fresh prompts, drawn from their own stream
+(`task.make_prompts(N, 10**6 + run seed)`, so the benchmark does not depend on how iterate.py splits its
+prompts; the task's prompt space is small, so some also occur in training, as with iterate's held-out set),
+one temperature-1 sample per prompt for the policies. Best-of-n draws n SFT samples per prompt and keeps the proxy's favourite, with n = RAIN's mean
 token multiple (token positions the model computed, relative to plain decoding of the same output), rounded.
 "RAIN, gold evaluator" replaces the proxy by the hidden gold reward (clipped to [-1, 1]): the search's ceiling.
 The output is a Markdown table (mean ± sample standard deviation over the runs).
@@ -31,13 +32,6 @@ from minirlhf.sampler import generate  # noqa: E402
 from minirlhf.tokenizer import decode_response, encode_prompt, load_tokenizer  # noqa: E402
 
 
-def eval_prompts(run, args):
-    """The run's held-out prompts, split from its prompt stream exactly as iterate.py's builtin_task does."""
-    n_iter = args["iterations"] * args["prompts_per_iteration"]
-    total = args["task_sft_prompts"] + args["task_labels"] + n_iter + args["task_eval_prompts"]
-    return task.make_prompts(total, args["seed"])[total - args["task_eval_prompts"]:]
-
-
 def mean(xs):
     return sum(xs) / len(xs)
 
@@ -50,10 +44,10 @@ def evaluate_run(run, n_prompts, cfg, seed):
     """-> {row name: {"gold": .., "proxy": .., optional cost columns}} for one run folder."""
     with open(os.path.join(run, "args.json")) as f:
         run_args = json.load(f)
-    prompts = eval_prompts(run, run_args)[:n_prompts]
+    prompts = task.make_prompts(n_prompts, 10**6 + run_args["seed"])
     tokenizer, sft = load_tokenizer(f"{run}/sft"), load_model(f"{run}/sft").eval()
     reward_fn = load_reward_source(f"{run}/reward_model")
-    max_new = run_args["max_new_tokens"]
+    max_new = run_args.get("max_new_tokens") or task.MAX_RESPONSE_TOKENS
 
     def proxy(responses):
         return mean([r[0] for r in reward_fn(prompts, [[r] for r in responses])])
@@ -98,7 +92,7 @@ def evaluate_run(run, n_prompts, cfg, seed):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="finished iterate.py run folders (one per seed)")
-    p.add_argument("--prompts", type=int, default=300, help="held-out prompts per run (the first N)")
+    p.add_argument("--prompts", type=int, default=300, help="evaluation prompts per run")
     p.add_argument("--searches", type=int, default=50, help="RAIN's T (searches per committed span)")
     p.add_argument("--seed", type=int, default=0, help="seed of every draw in the evaluation")
     p.add_argument("--output", help="also write the per-run rows as JSON here")
