@@ -281,7 +281,7 @@ def search(model, prompt_ids, evaluate, cfg, generator, stop_ids, sentence_end, 
             if best is not None and best.visits > cfg.min_searches and best.value > cfg.value_threshold:
                 break
         best = most_visited(root)
-        goto([best])  # commit: its span becomes part of the cache's fixed head
+        goto(list(cached) if cached and cached[0] is best else [best])  # commit: best's span joins the fixed head
         committed += best.tokens
         del cached[0], ends[0], logits[0]
         root = best
