@@ -120,7 +120,7 @@ def main():
             cells.append(f"{m:.3f} ± {sd:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
-    print(f"{len(args.runs)} runs, {args.prompts} held-out prompts each, T = {args.searches}; "
+    print(f"{len(args.runs)} runs, {args.prompts} evaluation prompts each, T = {args.searches}; "
           "mean ± sample std over runs")
 
 
