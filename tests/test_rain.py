@@ -103,6 +103,21 @@ def test_puct_visits_the_highest_prior_unvisited_child_first():
     assert puct_select(parent, 2.0) is parent.children[2]
 
 
+def test_a_child_is_added_only_where_all_children_look_alike_and_score_badly():
+    parent = Node([], 1.0, -1, n=3.0)
+    parent.children = [Node([t], 0.5, 0, n=1.0, value=-0.5) for t in (3, 4)]
+    for child, e in zip(parent.children, [[1.0, 0.0], [0.99, 0.14]]):
+        child.embedding = torch.tensor(e)
+    assert rain.needs_child(parent, 1)  # ||var|| = 0.0099 < 0.03
+    parent.children[1].embedding = torch.tensor([0.0, 1.0])  # ||var|| = 0.71: different enough
+    assert not rain.needs_child(parent, 1) and rain.needs_child(parent, 30)  # the bound grows with span length
+    parent.children[1].embedding, parent.children[1].value = torch.tensor([0.99, 0.14]), 0.1
+    assert not rain.needs_child(parent, 1)  # one child scores well
+    parent.children[1].value = -0.5
+    parent.children.append(Node([5], 0.1, 0))
+    assert not rain.needs_child(parent, 1)  # one child not visited yet
+
+
 def test_bad_child_is_visited_less_and_never_committed():
     """Child A (likelier) always scores -1, child B +1: B is the most visited after the inner loop, and committed."""
     t = torch.zeros(15, 15)
