@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 
+import pytest
 import torch
 
 from minirlhf import rain
@@ -247,4 +248,16 @@ def test_command_line_writes_responses_scores_and_cost(tokenizer, tmp_path):
         for r in rows:
             assert -1 <= r["score"] <= 1 and r["cost"]["forwards"] > r["cost"]["plain_forwards"]
             assert r["cost"]["token_multiple"] == r["cost"]["tokens"] / r["cost"]["plain_tokens"] > 1
+    # the reward evaluator scores against the model's greedy answer: that answer itself scores 0 for a function
+    # reward and for a pairwise judge (both orders averaged), and a shorter answer beats it under `judge`
+    model = load_model(tmp_path / "model").eval()
+    greedy = generate(model, [rain.encode_prompt(tokenizer, "hi")], 6, temperature=0,
+                      eos_token_id=tokenizer.eos_token_id)
+    reference = rain.decode_response(tokenizer, greedy.responses[0][0])
+    for spec in ["judge:judge", str(tmp_path / "model")]:
+        evaluate = rain.reward_evaluator(spec, model, tokenizer, 6)
+        assert abs(evaluate("hi", reference)) < 1e-6 and -1 <= evaluate("hi", "zz") <= 1
+    assert reference  # so that one character less is a shorter answer: reward -len + 1 above the reference's
+    assert rain.reward_evaluator("judge:judge", model, tokenizer, 6)("hi", reference[:-1]) == pytest.approx(
+        2 / (1 + math.exp(-1)) - 1)
     sys.path.remove(str(tmp_path))
