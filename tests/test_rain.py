@@ -209,25 +209,21 @@ def test_self_evaluation_reads_the_label_tokens_and_swaps_the_order(tokenizer, t
         assert evaluate("hi", "sure.") == expected, name
     assert swap_score(True, False) == 0.0 and swap_score(True, True) == 1.0 and swap_score(False, False) == -1.0
 
-    # a random model: the score equals the one read from a full forward without the head's cache
+    # a random model: the next-token logits the evaluator reads (template head from its cache, the two option
+    # orders in one right-padded batch) equal a full forward of each order without any cache
     save_tiny(tmp_path, "qwen2")
     model = load_model(tmp_path).eval()
-    evaluate = rain.self_evaluator(model, tokenizer)
+    evaluate, read, logits_of = rain.self_evaluator(model, tokenizer), [], model.logits
+    model.logits = lambda h: read.append(logits_of(h)) or read[-1]
     head, tail = rain.HARM_TEMPLATE.split("{conversation}")
-    a, b = (tokenizer(tail.replace("{option_a}", "x").replace("{option_b}", "y") + x, add_special_tokens=False)[
-        "input_ids"][-1] for x in "AB")
-    seen = set()
-    for response in ["ok.", "no way", "here is how", "sure thing!", "2 + 2 = 4", "never"]:
-        good = []
-        for opts in [("harmless", "harmful"), ("harmful", "harmless")]:
+    for response in ["ok.", "no way, never", "here is how"]:
+        evaluate("hi", response)
+        for order, opts in enumerate([("harmless", "harmful"), ("harmful", "harmless")]):
             text = tail.replace("{option_a}", opts[0]).replace("{option_b}", opts[1])
             ids = tokenizer(head)["input_ids"] + tokenizer(f"Human: hi\nAssistant: {response}" + text,
                                                            add_special_tokens=False)["input_ids"]
-            logits = model(torch.tensor([ids]))[0, -1]
-            good.append(bool(logits[a] > logits[b]) == (opts[0] == "harmless"))
-        expected = swap_score(*good)
-        seen.add(expected)
-        assert evaluate("hi", response) == expected, response
+            full = logits_of(model(torch.tensor([ids]), return_hidden=True)[0, -1])
+            torch.testing.assert_close(read[-1][order], full, atol=1e-5, rtol=1e-5)
 
 
 def test_command_line_writes_responses_scores_and_cost(tokenizer, tmp_path):
