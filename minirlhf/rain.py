@@ -312,6 +312,8 @@ def self_evaluator(model, tokenizer, template=HARM_TEMPLATE, options=("harmless"
         if with_letter[:-1] != end:
             raise ValueError(f"{letter!r} is not one token after the evaluation template's end {tails[0][-20:]!r}")
         label_ids.append(with_letter[-1])
+    if label_ids[0] == label_ids[1] or label_ids[0] == tokenizer.unk_token_id:
+        raise ValueError(f"the letters A and B read as the token ids {label_ids} after the evaluation template")
     device = model.output_weight().device
     head_ids = tokenizer(head)["input_ids"]  # the template's head carries the BOS, if the tokenizer adds one
     with torch.inference_mode():
