@@ -194,7 +194,7 @@ def search(model, prompt_ids, evaluate, cfg, generator, stop_ids, sentence_end, 
     stops, scores = set(stop_ids.tolist()), {}
     L = len(prompt_ids) + cfg.max_new_tokens + cfg.max_sim_tokens
     cache = KVCache(model.config, 1, L, model.output_weight().dtype, device)  # committed, path spans, simulation
-    hidden = torch.zeros(L, model.config.hidden_size, device=device)  # (L, D) of the written columns
+    hidden = torch.zeros(L, model.config.hidden_size, dtype=cache.k[0].dtype, device=device)  # (L, D), written cols
     h = extend(model, cache, torch.tensor([prompt_ids], device=device))[0]
     cached, ends, logits = [], [cache.pos], [model.logits(h[-1])]  # path nodes in the cache, their ends, logits
     root, committed = Node([], 1.0, -1), []
@@ -265,7 +265,7 @@ def search(model, prompt_ids, evaluate, cfg, generator, stop_ids, sentence_end, 
                 hidden[col] = extend(model, cache, torch.tensor([[token]], device=device))[0, -1]
                 step_logits = model.logits(hidden[col])
         score = score_of(committed + [t for n in path[1:] for t in n.tokens] + sim)  # 3. evaluation
-        embeddings = [None] + [F.normalize(hidden[ends[i]:cache.pos].mean(0), dim=0) for i in range(len(path) - 1)]
+        embeddings = [None] + [F.normalize(hidden[e:cache.pos].float().mean(0), dim=0) for e in ends[:len(path) - 1]]
         backup(path, score, embeddings)  # 4.
         similarity_update(path, score, cfg.gamma, cfg.similarity)  # 5.
         if not node.terminal:  # 6. expansion (the cache is rewound to the leaf's end first)
