@@ -235,10 +235,10 @@ def test_command_line_writes_responses_scores_and_cost(tokenizer, tmp_path):
     (tmp_path / "judge.py").write_text("def judge(prompts, responses):\n    return [-len(r) for r in responses]\n")
     import sys
     sys.path.insert(0, str(tmp_path))
-    for evaluator in ["self", "judge:judge"]:
-        out = tmp_path / f"{evaluator[:4]}.jsonl"
+    for evaluator, dtype in [("self", "float32"), ("judge:judge", "float32"), ("self", "bfloat16")]:
+        out = tmp_path / f"{evaluator[:4]}-{dtype}.jsonl"
         rain.main(["--model", str(tmp_path / "model"), "--prompts", str(tmp_path / "p.jsonl"), "--evaluator",
-                   evaluator, "--output", str(out), "--max-new-tokens", "6", "--searches", "4"])
+                   evaluator, "--output", str(out), "--max-new-tokens", "6", "--searches", "4", "--dtype", dtype])
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert [r["prompt"] for r in rows] == ["hi", "tell me"]
         for r in rows:
