@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minirlhf.checkpoint import atomic_write_json, atomic_write_text, load_model, read_config
+from minirlhf.checkpoint import load_model, read_config
+from minirlhf.rundir import atomic_write_json, atomic_write_text
 from minirlhf.data import load_dataset_any, split_row
 from minirlhf.rewards import load_reward_source, pairwise_context
 from minirlhf.sampler import KVCache, generate, mkl_packed, sample, sampling_logits
