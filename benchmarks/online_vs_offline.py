@@ -38,11 +38,11 @@ def run_seed(seed, arms, root, extra):
     summaries, seconds = {}, {}
     for k, (arm, flags) in enumerate(arms.items()):
         out = os.path.join(root, f"seed{seed}", arm)
-        if k > 0:  # the first arm made the shared stages
+        first = os.path.join(root, f"seed{seed}", next(iter(arms)))
+        if k > 0 and not os.path.exists(out):  # the first arm made the shared stages
             for stage in SHARED:
-                if not os.path.exists(os.path.join(out, stage)):
-                    shutil.copytree(os.path.join(root, f"seed{seed}", next(iter(arms)), stage),
-                                    os.path.join(out, stage))
+                shutil.copytree(os.path.join(first, stage), os.path.join(out, stage))
+            shutil.copy(os.path.join(first, "manifest.json"), out)  # they are iterate.py's (minirlhf/rundir.py)
         os.makedirs(out, exist_ok=True)
         start = time.time()
         with open(out + ".log", "w") as log:
