@@ -1,4 +1,4 @@
-"""Online iterative DPO (Dong et al. 2024, "RLHF Workflow", Algorithm 1; RLHFlow/Online-RLHF).
+r"""Online iterative DPO (Dong et al. 2024, "RLHF Workflow", Algorithm 1; RLHFlow/Online-RLHF).
 
 For t = 1..T: take fresh prompts, sample n responses each from the current policy, score them with the reward
 source (a proxy for human feedback), keep the best and the worst as a (chosen, rejected) pair, and train DPO on
@@ -24,11 +24,10 @@ saved policy (sampling runs thousands of small forwards, which FSDP would slow d
 at every step); the pairs are gathered and DPO trains under FSDP2. Every finished stage leaves a `done.json`: a
 rerun skips it (and never asks the oracle again for an iteration whose labels.jsonl exists), and `--resume` also
 continues an interrupted DPO stage. Unlike the paper: our KV-cache sampler instead of vLLM, FSDP2 instead of
-DeepSpeed; with `--sft-model` the defaults are its recipe (PAPER below); the built-in task scales it down to a
-126k-parameter model (BUILTIN below), adds RPO's NLL term and spends its label budget online (README).
+DeepSpeed; with `--sft-model` the defaults are its recipe; the built-in task scales it down to a 126k-parameter
+model, adds RPO's NLL term and spends its label budget online (README); the table at the end of --help has both.
+Sampling seeds depend on the rank, so results depend on the world size.
 """
-import argparse
-import json
 import os
 import time
 
@@ -36,10 +35,10 @@ import torch
 
 import train_dpo
 import train_rm
-from minirlhf import dist, rundir, task
+from minirlhf import cli, dist, rundir, task
 from minirlhf.checkpoint import atomic_write_json, load_model, save_model
 from minirlhf.data import check_prompts, load_dataset_any, load_prompts, write_jsonl
-from minirlhf.evaluate import evaluate_run
+from minirlhf.evaluate import evaluate_iterations
 from minirlhf.losses import PREFERENCE_LOSSES
 from minirlhf.model import init_model
 from minirlhf.oracle import LABEL_PAIRS, ask_oracle, load_oracle
@@ -52,7 +51,7 @@ from minirlhf.tokenizer import decode_response, encode_prompt, load_tokenizer
 # The paper's recipe for real models (Sec. 5): 3 iterations, 8 samples, 2 epochs, beta 0.1, lr 5e-7 cosine with
 # 3% warmup. The built-in task keeps the structure and scales what a 126k-parameter model needs.
 PAPER = dict(lr=5e-7, max_new_tokens=2048, max_length=4096, batch_size=1, grad_accum=32, prompts_per_iteration=None,
-             nll_coef=0.0, labels_per_iteration=0, rm_lr=2e-6, n=8, epochs=2, label_pair="max_min")
+             nll_coef=0.0, labels_per_iteration=0, rm_lr=2e-6, samples_per_prompt=8, epochs=2, label_pair="max_min")
 # The built-in task adds RPO's NLL term on the chosen response (Pang et al. 2024; the Llama 3.1 report): without
 # it, DPO on best-vs-worst pairs of a tiny model lowers both responses' likelihood and drifts far from pi_0.
 BUILTIN = dict(lr=2e-4, max_new_tokens=task.MAX_RESPONSE_TOKENS, max_length=64, batch_size=32, grad_accum=1,
@@ -60,15 +59,17 @@ BUILTIN = dict(lr=2e-4, max_new_tokens=task.MAX_RESPONSE_TOKENS, max_length=64, 
 # It spends its label budget online (README, the controlled study): each iteration 600 of its 700 prompts get
 # their on-policy pair of 2 samples labelled, DPO 6 epochs. With --labels-per-iteration 0, the paper's loop: a
 # fixed proxy ranks 8 samples of 2000 prompts per iteration, best vs worst, DPO 2 epochs.
-BUILTIN_ONLINE = dict(n=2, prompts_per_iteration=700, epochs=6, label_pair="random")
-BUILTIN_PROXY = dict(n=8, prompts_per_iteration=2000, epochs=2, label_pair="max_min")
+BUILTIN_ONLINE = dict(samples_per_prompt=2, prompts_per_iteration=700, epochs=6, label_pair="random")
+BUILTIN_PROXY = dict(samples_per_prompt=8, prompts_per_iteration=2000, epochs=2, label_pair="max_min")
 # The built-in task's offline stages: SFT, the reward model and the offline DPO baseline.
 SFT_LR, SFT_EPOCHS, RM_LR, RM_EPOCHS, OFFLINE_DPO_EPOCHS = 3e-3, 6, 3e-3, 6, 6
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = cli.parser(__doc__, cli.defaults_table({
+        "built-in (online labels)": {**BUILTIN, **BUILTIN_ONLINE},
+        "built-in, --labels-per-iteration 0": {**BUILTIN, **BUILTIN_PROXY, "labels_per_iteration": 0},
+        "--sft-model (the paper)": {**PAPER, "prompts_per_iteration": "all / T"}}))
     # where
     p.add_argument("--output-dir", default="runs/iterate", help="run folder: one subfolder per stage and iteration")
     p.add_argument("--seed", type=int, default=0, help="seed of every sampler, shuffle and simulated label")
@@ -80,13 +81,15 @@ def build_parser():
     p.add_argument("--reward", help="reward source: a BT reward model folder, a pairwise preference model folder, "
                                     "or module:function (imports and runs that Python code, found on sys.path or in "
                                     "the working directory; default: the built-in task's proxy reward model)")
-    p.add_argument("--prompts", help="dataset (.jsonl/.json/.parquet/save_to_disk folder) with a prompt column")
+    p.add_argument("--prompts", help="dataset (.jsonl/.json/.parquet/save_to_disk folder) with a prompt column "
+                                     "(default: the built-in task's)")
     p.add_argument("--prompt-column", default="prompt", help="column of --prompts holding a string or chat messages")
     p.add_argument("--eval-prompts", help="held-out prompts evaluated after the loop (default: none; built-in: 500)")
     # the loop
     p.add_argument("--iterations", type=rundir.positive_int, default=3, help="T, the number of online iterations")
     p.add_argument("--prompts-per-iteration", type=int, help="fresh prompts per iteration (default: all / T)")
-    p.add_argument("--n", type=rundir.positive_int, help="responses per prompt (paper 8; built-in 2, or 8 with K = 0)")
+    p.add_argument("--samples-per-prompt", type=rundir.positive_int,
+                   help="n, responses sampled per prompt (paper 8; built-in 2, or 8 with K = 0)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
     p.add_argument("--max-new-tokens", type=int, help="response length limit (paper: 2048)")
@@ -108,7 +111,8 @@ def build_parser():
                                                                    "(default), best vs random, two samples (built-in)")
     p.add_argument("--labels-train", default="both", choices=["both", "reward_model"],
                    help="labels train the reward model and order their own DPO pair, or the reward model only")
-    p.add_argument("--labels", help="preference file the --reward model was trained on; refits include it")
+    p.add_argument("--labels", help="preference file the --reward model was trained on; refits include it "
+                                    "(default: none)")
     p.add_argument("--rm-lr", type=float, help="learning rate of each reward-model refit (paper: 2e-6)")
     p.add_argument("--rm-epochs", type=int, default=2, help="epochs of each reward-model refit (warm-started)")
     # DPO on each iteration's pairs (train_dpo.py)
@@ -122,6 +126,8 @@ def build_parser():
     p.add_argument("--grad-accum", type=rundir.positive_int, help="micro-batches per optimizer step")
     p.add_argument("--max-length", type=int, help="prompt + response token limit for DPO")
     p.add_argument("--save-steps", type=int, default=500, help="DPO checkpoint interval (for --resume)")
+    p.add_argument("--save-dtype", default="input", choices=list(cli.SAVE_DTYPES), help="dtype of saved weights")
+    p.add_argument("--keep-optimizer", action="store_true", help="keep each finished stage's optimizer state")
     # sizes of the built-in task (used only without --sft-model)
     p.add_argument("--task-sft-prompts", type=int, default=2000, help="demonstrations for SFT")
     p.add_argument("--task-labels", type=int, default=2000, help="prompts labelled by simulated humans (offline set)")
@@ -157,35 +163,34 @@ def resolve_defaults(args):
     return args
 
 
-def done(path):
-    return os.path.exists(os.path.join(path, "done.json"))
+def common_flags(args, name):
+    """Flags iterate.py passes to both trainers (minirlhf/cli.py)."""
+    return ["--name", name, "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--max-length",
+            str(args.max_length), "--seed", str(args.seed), "--save-steps", str(args.save_steps), "--eval-fraction",
+            "0", "--save-dtype", args.save_dtype, "--report-to", args.report_to] + ["--resume"] * args.resume + [
+                "--keep-optimizer"] * args.keep_optimizer
 
 
-def mark_done(path, info):
-    if dist.is_main():
-        os.makedirs(path, exist_ok=True)
-        atomic_write_json(os.path.join(path, "done.json"), info)
-    dist.barrier()
-
-
-def dpo_flags(args, model, ref_model, data, out, loss=None, epochs=None, lr=None):
+def dpo_flags(args, name, model, ref_model, data, out, loss=None, epochs=None, lr=None):
     """train_dpo.py's command line for one DPO stage."""
-    return ["--model", model, "--ref-model", ref_model, "--train-data", data, "--output-dir", out, "--loss",
-            loss or args.loss, "--beta", str(args.beta), "--label-smoothing", str(args.label_smoothing), "--nll-coef",
-            str(args.nll_coef), "--lr", str(lr or args.lr), "--epochs", str(epochs or args.epochs), "--batch-size",
-            str(args.batch_size), "--grad-accum", str(args.grad_accum), "--max-length", str(args.max_length), "--seed",
-            str(args.seed), "--save-steps", str(args.save_steps), "--skip-bad-rows", "--report-to",
-            args.report_to] + ["--resume"] * args.resume
+    return common_flags(args, name) + [
+        "--model", model, "--ref-model", ref_model, "--train-data", data, "--output-dir", out, "--loss",
+        loss or args.loss, "--beta", str(args.beta), "--label-smoothing", str(args.label_smoothing), "--nll-coef",
+        str(args.nll_coef), "--lr", str(lr or args.lr), "--epochs", str(epochs or args.epochs), "--skip-bad-rows"]
 
 
-def sample(policy_dir, tokenizer, prompts, n, args, seed, device):
+def sample(policy_dir, tokenizer, prompts, n, args, seed, device, name):
     """This rank's share of `prompts` -> rows with n responses each (text, sampled ids, lengths, truncation flags)."""
     rank, world = dist.get_rank(), dist.world_size()
     mine = list(range(rank, len(prompts), world))
+    dist.print0(f"{name} sampling {n} x {len(prompts)}")
+    bar = cli.Progress(f"{name} sampling", len(mine), unit="prompt")
     policy = load_model(policy_dir, device=device).eval()  # a plain copy: see the module docstring
     prompt_ids = [encode_prompt(tokenizer, prompts[i]) for i in mine]
     gen = generate(policy, prompt_ids, args.max_new_tokens, n=n, temperature=args.temperature, top_p=args.top_p,
-                   eos_token_id=tokenizer.eos_token_id, seed=seed * 1000 + rank, batch_size=args.gen_batch_size)
+                   eos_token_id=tokenizer.eos_token_id, seed=seed * 1000 + rank,  # so results depend on the world size
+                   batch_size=args.gen_batch_size, progress=bar.update)
+    bar.close()
     return [dict(index=i, prompt=prompts[i], responses=[decode_response(tokenizer, r) for r in gen.responses[j]],
                  prompt_ids=prompt_ids[j], response_ids=gen.responses[j], n_tokens=[len(r) for r in gen.responses[j]],
                  truncated=[f == "length" for f in gen.finish_reasons[j]]) for j, i in enumerate(mine)]
@@ -207,20 +212,20 @@ def builtin_task(args, device):
     eval_prompts, iter_prompts = (prompts[n_sft + n_labels:n_sft + n_labels + args.task_eval_prompts],
                                   prompts[n_sft + n_labels + args.task_eval_prompts:])
     init_dir, sft_dir, data_dir = f"{root}/init", f"{root}/sft", f"{root}/data"
-    if not done(init_dir):  # a random-init tiny Llama, saved like any hub checkpoint
+    if not rundir.done(init_dir):  # a random-init tiny Llama, saved like any hub checkpoint
         if dist.is_main():
             save_model(init_model(task.policy_config(tokenizer), seed=seed), init_dir, tokenizer)
-        mark_done(init_dir, {})
-    if not done(sft_dir):  # 1. SFT on demonstrations
+        rundir.mark_done(init_dir, {})
+    if not rundir.done(sft_dir):  # 1. SFT on demonstrations
         if dist.is_main():
             write_jsonl(f"{data_dir}/sft.jsonl", [dict(prompt=p, completion=c) for p, c in
                                                   zip(sft_prompts, task.demonstrations(sft_prompts, seed))])
         dist.barrier()
-        train_dpo.main(dpo_flags(args, init_dir, init_dir, f"{data_dir}/sft.jsonl", sft_dir, loss="sft",
+        train_dpo.main(dpo_flags(args, "sft", init_dir, init_dir, f"{data_dir}/sft.jsonl", sft_dir, loss="sft",
                                  epochs=SFT_EPOCHS, lr=SFT_LR))
     labels_path = f"{data_dir}/preferences.jsonl"
-    if not done(data_dir):  # 2. two SFT samples per prompt, labelled by simulated annotators
-        rows = gather_rows(sample(sft_dir, tokenizer, label_prompts, 2, args, seed, device))
+    if not rundir.done(data_dir):  # 2. two SFT samples per prompt, labelled by simulated annotators
+        rows = gather_rows(sample(sft_dir, tokenizer, label_prompts, 2, args, seed, device, "label set"))
         generator = torch.Generator().manual_seed(seed)
         pairs = []
         for r in rows:
@@ -230,37 +235,36 @@ def builtin_task(args, device):
                 pairs.append(dict(prompt=r["prompt"], chosen=a if a_wins else b, rejected=b if a_wins else a))
         if dist.is_main():
             write_jsonl(labels_path, pairs)
-        mark_done(data_dir, {"human_labels": len(pairs), "prompts": len(rows)})
+        rundir.mark_done(data_dir, {"human_labels": len(pairs), "prompts": len(rows)})
     # 3. the Bradley-Terry reward model on the labels not kept for the online iterations (all with K = 0)
     rm_dir, rm_labels = f"{root}/reward_model", f"{root}/reward_model_labels.jsonl"
-    if not done(rm_dir):
+    if not rundir.done(rm_dir):
         if dist.is_main():
             offline = list(load_dataset_any(labels_path))
             write_jsonl(rm_labels, offline[:len(offline) - args.iterations * args.labels_per_iteration])
         dist.barrier()
-        train_rm.main(rm_flags(args, sft_dir, rm_labels, rm_dir, RM_LR, RM_EPOCHS))
+        train_rm.main(rm_flags(args, "reward model", sft_dir, rm_labels, rm_dir, RM_LR, RM_EPOCHS))
     offline_dir = f"{root}/offline_dpo"
-    if not done(offline_dir):  # 4. the offline DPO baseline: all the human labels, no online samples
-        train_dpo.main(dpo_flags(args, sft_dir, sft_dir, labels_path, offline_dir, epochs=OFFLINE_DPO_EPOCHS))
+    if not rundir.done(offline_dir):  # 4. the offline DPO baseline: all the human labels, no online samples
+        train_dpo.main(dpo_flags(args, "offline dpo", sft_dir, sft_dir, labels_path, offline_dir,
+                                 epochs=OFFLINE_DPO_EPOCHS))
     return sft_dir, rm_dir, rm_labels, iter_prompts, eval_prompts, offline_dir
 
 
-def rm_flags(args, model, data, out, lr, epochs):
+def rm_flags(args, name, model, data, out, lr, epochs):
     """train_rm.py's command line for a Bradley-Terry reward model on every label in `data`."""
-    return ["--kind", "bt", "--model", model, "--train-data", data, "--output-dir", out, "--lr", str(lr),
-            "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
-            "--max-length", str(args.max_length), "--seed", str(args.seed), "--eval-fraction", "0", "--report-to",
-            args.report_to] + ["--resume"] * args.resume
+    return common_flags(args, name) + ["--kind", "bt", "--model", model, "--train-data", data, "--output-dir", out,
+                                       "--lr", str(lr), "--epochs", str(epochs)]
 
 
-def refit_reward_model(args, label_files, rm_dir, out):
+def refit_reward_model(args, label_files, rm_dir, out, name):
     """train_rm.py on every label so far (one file in the usual preference format), warm-started from rm_dir."""
-    if not done(out):
+    if not rundir.done(out):
         if dist.is_main():
             write_jsonl(f"{out}.labels.jsonl", [dict(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"])
                                                 for f in label_files for r in load_dataset_any(f)])
         dist.barrier()
-        train_rm.main(rm_flags(args, rm_dir, f"{out}.labels.jsonl", out, args.rm_lr, args.rm_epochs))
+        train_rm.main(rm_flags(args, name, rm_dir, f"{out}.labels.jsonl", out, args.rm_lr, args.rm_epochs))
     return out
 
 
@@ -274,7 +278,7 @@ def main(argv=None):
     names = ["init", "sft", "data", "reward_model", "reward_model_labels.jsonl", "offline_dpo", "summary.json",
              "summary.png"] + [f"iter{t}" for t in range(1, args.iterations + 1)]
     with rundir.start(args.output_dir, vars(args), names, overwrite=args.overwrite,
-                      ignore=("resume", "save_steps", "overwrite"), staged=False):
+                      ignore=("resume", "save_steps", "overwrite", "keep_optimizer"), staged=False):
         run_workflow(args, device)
 
 
@@ -300,7 +304,7 @@ def run_workflow(args, device):
     policy_dir = sft_dir
     for t in range(1, args.iterations + 1):
         it_dir = f"{args.output_dir}/iter{t}"
-        if done(it_dir):
+        if rundir.done(it_dir):
             policy_dir = f"{it_dir}/policy"
             if oracle:
                 label_files.append(f"{it_dir}/labels.jsonl")
@@ -309,16 +313,19 @@ def run_workflow(args, device):
         t0 = time.time()
         # 1-3. fresh prompts, n responses each from the current policy, scored by the reward source
         iter_prompts = prompts[(t - 1) * per_iter:t * per_iter]
-        rows = sample(policy_dir, tokenizer, iter_prompts, args.n, args, args.seed + t, device)
-        score(rows, reward_spec, (t - 1) * per_iter, device)
+        rows = sample(policy_dir, tokenizer, iter_prompts, args.samples_per_prompt, args, args.seed + t, device,
+                      f"iter{t}")
+        score(rows, reward_spec, (t - 1) * per_iter, device, f"iter{t}")
         info = {}
         if oracle:  # online labels: the oracle judges K of these samples, then the reward model is refit on all
+            dist.print0(f"iter{t} oracle labels {args.labels_per_iteration} pairs")
             path, labelled, info["reward_model_accuracy_on_new_labels"] = ask_oracle(
                 oracle, gather_rows(rows), args.labels_per_iteration, args.label_pair, f"{it_dir}/labels.jsonl",
                 seed=args.seed * 1000 + 500 + t)
             label_files.append(path)
-            reward_spec = refit_reward_model(args, label_files, reward_spec, f"{it_dir}/reward_model")
-            score(rows, reward_spec, (t - 1) * per_iter, device)
+            reward_spec = refit_reward_model(args, label_files, reward_spec, f"{it_dir}/reward_model",
+                                             f"iter{t} reward-model refit")
+            score(rows, reward_spec, (t - 1) * per_iter, device, f"iter{t}")
         human_labels = sum(len(load_dataset_any(f)) for f in label_files)
         # 4. one pair per prompt from the shaped scores (--pair-rule; the paper's best vs worst by default), the
         # oracle's own answer where it labelled one; with the sampled ids, so DPO trains on what the policy produced
@@ -331,14 +338,16 @@ def run_workflow(args, device):
             dist.print0(f"warning: iteration {t}: {cut_off:.0%} of the samples were cut off at --max-new-tokens")
         if not pairs:
             raise UserError(f"iteration {t}: the best and worst responses of every prompt tie (or differ by less "
-                            "than --min-gap): no pair to train on; raise --temperature or --n, or lower --min-gap")
+                            "than --min-gap): no pair to train on; raise --temperature or --samples-per-prompt, or "
+                            "lower --min-gap")
         if dist.is_main():
             write_jsonl(f"{it_dir}/samples.jsonl", rows)
             write_jsonl(f"{it_dir}/pairs.jsonl", pairs)
         dist.barrier()
         # 5. DPO from the current policy, against pi_0 or the previous policy
         ref_dir = sft_dir if args.ref == "initial" else policy_dir
-        dpo = train_dpo.main(dpo_flags(args, policy_dir, ref_dir, f"{it_dir}/pairs.jsonl", f"{it_dir}/policy"))
+        dpo = train_dpo.main(dpo_flags(args, f"iter{t} dpo", policy_dir, ref_dir, f"{it_dir}/pairs.jsonl",
+                                       f"{it_dir}/policy"))
         # 6. the iteration's metrics; the policy folder is already saved by train_dpo
         all_rewards = [x for r in rows for x in r["rewards"]]
         metrics = dict(iteration=t, prompts=len(rows), pairs=dpo["train_examples"], no_pair=len(rows) - len(pairs),
@@ -348,43 +357,31 @@ def run_workflow(args, device):
                        mean_best_reward=sum(max(r["rewards"]) for r in rows) / len(rows), truncated=cut_off,
                        dpo={k: v for k, v in dpo.items() if isinstance(v, (int, float))}, seconds=time.time() - t0)
         dist.print0(f"iteration {t}: {metrics['pairs']} pairs ({metrics['no_pair']} prompts tied or within --min-gap), "
-                    f"mean reward {metrics['mean_reward']:.3f}, best-of-{args.n} {metrics['mean_best_reward']:.3f}, "
-                    f"{cut_off:.0%} of samples cut off, {human_labels} human labels so far")
+                    f"mean reward {metrics['mean_reward']:.3f}, best-of-{args.samples_per_prompt} "
+                    f"{metrics['mean_best_reward']:.3f}, {cut_off:.0%} of samples cut off, {human_labels} human labels "
+                    "so far")
         if dist.is_main():
             atomic_write_json(f"{it_dir}/metrics.json", metrics)
-        mark_done(it_dir, metrics)
+        rundir.mark_done(it_dir, metrics)
         policy_dir = f"{it_dir}/policy"
-    if eval_prompts:
-        evaluate_all(args, sft_dir, offline_dir, load_reward_source(reward_spec, device=device), eval_prompts, device,
-                     args.sft_model is None, start)
+    if eval_prompts and dist.is_main():  # the proxy: the last reward model (with online labels, it has seen most)
+        builtin = args.sft_model is None
+        evaluate_iterations(args.output_dir, args.iterations, sft_dir, offline_dir, tokenizer, eval_prompts,
+                            load_reward_source(reward_spec, device=device), args.max_new_tokens, args.seed,
+                            task.gold_reward if builtin else None, device, task.TAU if builtin else 1.0, start)
+    dist.barrier()
     dist.print0(f"total time {time.time() - start:.0f} s; outputs in {args.output_dir}")
 
 
-def score(rows, reward_spec, first_row, device):
+def score(rows, reward_spec, first_row, device, name):
     """rows[i]["rewards"]: the reward source's score of each of the row's responses; a non-finite one stops the
     run naming the prompt's row (first_row + index) and the source."""
+    dist.print0(f"{name} scoring {sum(len(r['responses']) for r in rows)} responses with {reward_spec}")
     reward_fn = load_reward_source(reward_spec, device=device)
     rewards = reward_fn([r["prompt"] for r in rows], [r["responses"] for r in rows])
     check_finite(rewards, [first_row + r["index"] for r in rows], reward_spec)
     for r, rs in zip(rows, rewards):
         r["rewards"] = list(map(float, rs))
-
-
-def evaluate_all(args, sft_dir, offline_dir, reward_fn, prompts, device, builtin, start):
-    """Every policy on held-out prompts, with the human labels each one cost (evaluate.evaluate_run). The proxy
-    reward is the last reward model (with online labels, the one that has seen the most)."""
-    if dist.is_main():
-        iters = {f"iter{t}": f"{args.output_dir}/iter{t}/policy" for t in range(1, args.iterations + 1)}
-        policies = {"sft": sft_dir, **({"offline_dpo": offline_dir} if offline_dir else {}), **iters}
-        labels = {"sft": 0, "offline_dpo": len(load_dataset_any(f"{args.output_dir}/data/preferences.jsonl"))
-                  if offline_dir else 0}
-        for t in range(1, args.iterations + 1):
-            with open(f"{args.output_dir}/iter{t}/metrics.json") as f:
-                labels[f"iter{t}"] = json.load(f)["human_labels"]
-        evaluate_run(args.output_dir, policies, labels, load_tokenizer(sft_dir), prompts, reward_fn,
-                     args.max_new_tokens, args.seed, task.gold_reward if builtin else None, device,
-                     task.TAU if builtin else 1.0, start)
-    dist.barrier()
 
 
 if __name__ == "__main__":

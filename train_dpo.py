@@ -21,10 +21,11 @@ OUTPUT is a Hugging Face folder (config.json, model.safetensors, tokenizer) with
 eval.json, ref_logps.safetensors and done.json (published together from OUTPUT/staging/ at the end:
 minirlhf/rundir.py), and checkpoint/ (model, one optimizer shard and RNG state per rank, and
 trainer_state.json; safetensors and JSON, no pickle). --resume continues from checkpoint/ and needs the same
-world size, since each rank saved its own FSDP optimizer shard. OUTPUT must be on a filesystem every node sees.
+world size, since each rank saved its own FSDP optimizer shard; a finished run deletes checkpoint/ (its optimizer
+state is twice the weights) unless --keep-optimizer. The weights are saved in the --model checkpoint's dtype
+(--save-dtype). OUTPUT must be on a filesystem every node sees. Flags shared with train_rm.py: minirlhf/cli.py.
 Test hook: MINIRLHF_FAIL_AFTER_STEP=k raises after step k (a simulated kill).
 """
-import argparse
 import gc
 import hashlib
 import json
@@ -36,38 +37,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
-from tqdm import tqdm
 
-from minirlhf import checkpoint, data, dist, losses, rundir
+from minirlhf import checkpoint, cli, data, dist, losses, rundir
 from minirlhf.logprobs import length_normalize, sequence_logps
-from minirlhf.tokenizer import load_tokenizer, pad_token_id
+from minirlhf.tokenizer import pad_token_id
 
 PAPER_DEFAULTS = {"dpo": dict(lr=5e-7, epochs=2), "sft": dict(lr=2e-5, epochs=1)}  # for an unset --lr / --epochs
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="DPO / IPO / hinge / SFT training (Dong et al. 2024, steps 1 and 5).",
-                                allow_abbrev=False)
-    # models and data
-    p.add_argument("--model", required=True, help="policy checkpoint folder (Hugging Face layout, with tokenizer)")
+    p = cli.add_common_arguments(cli.parser(__doc__), batch_size=8, grad_accum=16)
     p.add_argument("--ref-model", default=None, help="reference policy checkpoint folder (default: --model)")
-    p.add_argument("--train-data", required=True, help="training data: .json/.jsonl/.parquet, save_to_disk folder "
-                                                       "or hub:NAME (formats: see minirlhf/data.py)")
-    p.add_argument("--train-split", default="train", help="split of --train-data (hub datasets / DatasetDicts)")
-    p.add_argument("--eval-data", default=None, help="held-out data in the same format")
-    p.add_argument("--eval-split", default="test", help="split of --eval-data")
-    p.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this fraction of --train-data for eval")
-    p.add_argument("--output-dir", required=True, help="output folder: final model, logs, checkpoint/")
-    p.add_argument("--chat-template", default=None, help="Jinja chat template file overriding the tokenizer's")
-    p.add_argument("--prompt-column", default="prompt", help="prompt column (string or chat messages)")
-    p.add_argument("--chosen-column", default="chosen", help="preferred response column (SFT: trained on)")
-    p.add_argument("--rejected-column", default="rejected", help="dispreferred response column")
     p.add_argument("--completion-column", default="completion", help="SFT: completion column")
     p.add_argument("--messages-column", default="messages", help="SFT: conversation column (last assistant turn)")
-    p.add_argument("--max-length", type=int, default=4096, help="prompt + response tokens (responses are cut)")
-    p.add_argument("--max-prompt-length", type=int, default=None, help="longer prompts are bad rows (default: "
-                                                                       "max-length / 4)")
-    p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) bad rows instead of failing")
     # objective
     p.add_argument("--loss", default="dpo", choices=[*losses.PREFERENCE_LOSSES, "sft"], help="training objective")
     p.add_argument("--beta", type=float, default=0.1, help="KL strength beta of DPO / IPO / hinge")
@@ -79,25 +61,9 @@ def build_parser():
     # optimisation
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-7, SFT 2e-5)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the training data (default 2, SFT 1)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: epochs; sizes the schedule)")
-    p.add_argument("--batch-size", type=rundir.positive_int, default=8, help="pairs (SFT: sequences) per micro-batch per rank")
-    p.add_argument("--grad-accum", type=rundir.positive_int, default=16, help="micro-batches per optimizer step")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "linear", "constant"], help="after warmup")
-    p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
-    p.add_argument("--seed", type=int, default=42, help="data order and eval split")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
-    # checkpoints
-    p.add_argument("--save-steps", type=int, default=500, help="save OUTPUT/checkpoint every N steps (0: at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if there is one")
-    p.add_argument("--allow-changed-args", action="store_true", help="with --resume: continue although arguments "
-                   "that change results differ from the recorded ones (e.g. a lower --lr after a non-finite loss)")
-    p.add_argument("--overwrite", action="store_true", help="run into a folder holding files this program did not "
-                   "write (same-named ones are replaced), or restart an unfinished run without --resume")
-    p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also send "
-                   "metrics.jsonl's scalars and the arguments to TensorBoard or wandb (minirlhf/tracking.py)")
     return p
 
 
@@ -215,9 +181,9 @@ def micro_batches(window, batch_size, rank, world_size):
             for s in range(0, len(window), batch_size * world_size)]
 
 
-def load_examples(args, tokenizer, path, split, chat_template):
+def load_examples(args, tokenizer, path, split):
     kw = dict(prompt_column=args.prompt_column, chosen_column=args.chosen_column, max_length=args.max_length,
-              max_prompt_length=args.max_prompt_length, chat_template=chat_template, skip_bad=args.skip_bad_rows)
+              max_prompt_length=args.max_prompt_length, skip_bad=args.skip_bad_rows)
     if args.loss == "sft":
         return data.load_sft(path, tokenizer, split, completion_column=args.completion_column,
                              messages_column=args.messages_column, **kw)[0]
@@ -225,7 +191,8 @@ def load_examples(args, tokenizer, path, split, chat_template):
 
 
 # arguments that cannot change the trained weights: they may differ on --resume
-NOT_RESULTS = ("resume", "allow_changed_args", "overwrite", "save_steps", "gradient_checkpointing")
+NOT_RESULTS = ("resume", "allow_changed_args", "overwrite", "save_steps", "gradient_checkpointing", "eval_every",
+               "name", "keep_optimizer")
 
 
 def main(argv=None):
@@ -234,7 +201,7 @@ def main(argv=None):
     for k, v in PAPER_DEFAULTS["sft" if sft else "dpo"].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.ref_model = args.ref_model or args.model
-    args.max_prompt_length = args.max_prompt_length or args.max_length // 4
+    cli.resolve_common(args)
     if args.label_smoothing and (args.loss != "dpo" or not 0 <= args.label_smoothing < 0.5):
         raise rundir.UserError(f"--label-smoothing {args.label_smoothing}: conservative DPO needs --loss dpo (got "
                                f"{args.loss}) and a flip rate in [0, 0.5) (0.5 or more inverts the preference)")
@@ -256,21 +223,15 @@ def train(args, run, rank, world_size, device):
     ckpt = os.path.join(args.output_dir, "checkpoint")
 
     # data: every rank tokenises everything (deterministic) and takes its slice of each window
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = cli.load_tokenizer(args)
     pad_id = pad_token_id(tokenizer)
-    chat_template = None
-    if args.chat_template:
-        if not os.path.isfile(args.chat_template):
-            raise rundir.UserError(f"{args.chat_template}: no such file (--chat-template: a Jinja template file)")
-        with open(args.chat_template) as f:
-            chat_template = f.read()
-    examples = load_examples(args, tokenizer, args.train_data, args.train_split, chat_template)
+    examples = load_examples(args, tokenizer, args.train_data, args.train_split)
     train_rows, eval_rows = list(range(len(examples))), []
     if args.eval_fraction > 0 and not args.eval_data:
         perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
         n_eval = max(1, round(args.eval_fraction * len(examples)))
         eval_rows, train_rows = sorted(perm[:n_eval]), sorted(perm[n_eval:])
-    eval_examples = (load_examples(args, tokenizer, args.eval_data, args.eval_split, chat_template)
+    eval_examples = (load_examples(args, tokenizer, args.eval_data, args.eval_split)
                      if args.eval_data else [examples[i] for i in eval_rows])
     window_size = args.batch_size * args.grad_accum * world_size
     steps_per_epoch = math.ceil(len(train_rows) / window_size)
@@ -299,7 +260,8 @@ def train(args, run, rank, world_size, device):
     saved, save_due = (step if resume else None), False
 
     # training loop: one optimizer step per window of batch_size x grad_accum x world_size pairs
-    bar = tqdm(total=total_steps, initial=step, disable=None if dist.is_main() else True, desc=args.loss)
+    cli.warn_few_steps(total_steps, args.batch_size, args.grad_accum, world_size, len(train_rows))
+    bar = cli.Progress(args.name or args.loss, total_steps, initial=step)
     fail_after = int(os.environ.get("MINIRLHF_FAIL_AFTER_STEP", -1))
     last, tokens_per_sec, epoch_windows = {}, [], (None, [])
     while step < total_steps:
@@ -350,9 +312,10 @@ def train(args, run, rank, world_size, device):
             n = len(window)
             last |= {"chosen_reward": sums[1] / n, "rejected_reward": sums[2] / n, "margin": (sums[1] - sums[2]) / n,
                      "accuracy": sums[3] / n}
+        if args.eval_every and step % args.eval_every == 0 and step < total_steps and eval_examples:
+            last |= evaluate(args, policy, eval_examples, ref_eval, device, pad_id)
         run.log(last)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", **({} if sft else {"acc": f"{last['accuracy']:.2f}"}))
+        bar.update(1, loss=f"{loss:.4f}", **({} if sft else {"acc": f"{last['accuracy']:.2f}"}))
         save_due = bool(args.save_steps) and step % args.save_steps == 0 and step < total_steps
         if step == fail_after:
             raise RuntimeError(f"MINIRLHF_FAIL_AFTER_STEP={fail_after}: simulated kill")
@@ -365,8 +328,9 @@ def train(args, run, rank, world_size, device):
     if eval_examples:
         summary |= evaluate(args, policy, eval_examples, ref_eval, device, pad_id)
         dist.print0(json.dumps({k: v for k, v in summary.items() if k.startswith("eval")}))
-    checkpoint.save_training_state(policy, optimizer, tokenizer, args.output_dir, {"step": step, "world_size": world_size})
-    run.publish(ckpt, {"eval.json": summary})  # args, metrics, eval and model together, then done.json
+    checkpoint.save_training_state(policy, optimizer, tokenizer, args.output_dir,
+                                   {"step": step, "world_size": world_size}, dtype=cli.save_dtype(args))
+    run.publish(ckpt, {"eval.json": summary}, keep_checkpoint=args.keep_optimizer)  # then done.json
     dist.barrier()
     return summary
 

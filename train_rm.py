@@ -1,4 +1,4 @@
-"""Reward modelling: step 2 of Dong et al. 2024, "RLHF Workflow" (sec. 3.1), on a preference dataset.
+r"""Reward modelling: step 2 of Dong et al. 2024, "RLHF Workflow" (sec. 3.1), on a preference dataset.
 
 --kind bt        a Bradley-Terry reward model r(x, y): the backbone plus a scalar `score` head read at the last
                  token (paper eq. 2), loss  -log sigmoid(r(x, y_c) - r(x, y_r) - m)  with an optional per-pair
@@ -22,9 +22,10 @@ OUTPUT/ becomes a Hugging Face folder (config.json, model.safetensors, tokenizer
 pairwise) next to args.json, metrics.jsonl (one line per optimizer step), eval.json (held-out accuracy, loss,
 mean margin, number of pairs) and done.json, published together from OUTPUT/staging/ at the end
 (minirlhf/rundir.py); checkpoint/ holds what --resume needs, as in train_dpo.py (same world size).
-`rewards.load_reward_source(OUTPUT)` scores with it. Test hook: MINIRLHF_FAIL_AFTER_STEP=k raises after step k.
+`rewards.load_reward_source(OUTPUT)` scores with it. --max-length counts the judge's prompt for --kind pairwise.
+Flags shared with train_dpo.py (data, held-out split, seed, --save-dtype, --keep-optimizer): minirlhf/cli.py.
+Test hook: MINIRLHF_FAIL_AFTER_STEP=k raises after step k.
 """
-import argparse
 import json
 import math
 import os
@@ -32,67 +33,27 @@ from collections import Counter
 
 import torch
 from torch.distributed.tensor import DTensor
-from tqdm import tqdm
 
-from minirlhf import checkpoint, data, dist, losses, rewards, rundir
-from minirlhf.tokenizer import check_chat_template, encode_prompt, load_tokenizer, pad_token_id
+from minirlhf import checkpoint, cli, data, dist, losses, rewards, rundir
+from minirlhf.tokenizer import check_chat_template, encode_prompt, pad_token_id
 
 DEFAULT_LR = {"bt": 2e-6, "pairwise": 5e-6}
 # arguments that cannot change the trained weights: they may differ on --resume
 NOT_RESULTS = ("resume", "allow_changed_args", "overwrite", "save_steps", "gradient_checkpointing", "eval_every",
-               "eval_batch_size")
+               "eval_batch_size", "keep_optimizer", "name")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    # model and data
-    p.add_argument("--model", required=True, help="starting checkpoint folder: a causal LM (bt gets a new score "
-                                                  "head) or an existing reward / preference model")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
+    p = cli.add_common_arguments(cli.parser(__doc__), batch_size=8, grad_accum=1)
     p.add_argument("--kind", default="bt", choices=["bt", "pairwise"], help="Bradley-Terry or pairwise model")
-    p.add_argument("--train-data", required=True, help="preference data: .json/.jsonl/.parquet, save_to_disk "
-                                                       "folder or hub:NAME (formats: see minirlhf/data.py)")
-    p.add_argument("--train-split", default="train", help="split of --train-data (hub datasets / DatasetDicts)")
-    p.add_argument("--eval-data", default=None, help="held-out preference data in the same format")
-    p.add_argument("--eval-split", default="test", help="split of --eval-data")
-    p.add_argument("--eval-fraction", type=float, default=None,
-                   help="hold out this fraction of --train-data for eval (default 0.05 without --eval-data)")
-    p.add_argument("--output-dir", required=True, help="output folder: the model (HF layout) and logs")
-    p.add_argument("--prompt-column", default="prompt", help="prompt column (string or chat messages)")
-    p.add_argument("--chosen-column", default="chosen", help="preferred response column")
-    p.add_argument("--rejected-column", default="rejected", help="dispreferred response column")
     p.add_argument("--margin-column", default=None, help="bt: per-pair margin m in the loss (default: none, m = 0)")
-    p.add_argument("--max-length", type=int, default=4096, help="bt: prompt + response tokens (responses cut); "
-                                                                "pairwise: judge prompt tokens (responses cut)")
-    p.add_argument("--max-prompt-length", type=int, default=None,
-                   help="longer prompts are bad rows (default: no limit)")
-    p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) bad rows instead of failing")
     p.add_argument("--label-tokens", default="A,B", help="pairwise: the two answer tokens, comma separated")
     # optimisation
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-6 bt, 5e-6 pairwise)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training pairs")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="train exactly this many optimizer steps instead of --epochs (sizes the schedule)")
-    p.add_argument("--batch-size", type=rundir.positive_int, default=8, help="pairs per micro-batch per rank")
-    p.add_argument("--grad-accum", type=rundir.positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--eval-batch-size", type=rundir.positive_int, default=None,
                    help="pairs per eval batch per rank (default --batch-size)")
-    p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
     p.add_argument("--weight-decay", type=float, default=0.001, help="AdamW weight decay (matrices only)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    p.add_argument("--seed", type=int, default=42, help="score-head init, data order and eval split")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
-    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
-    # checkpoints and the output folder (minirlhf/rundir.py)
-    p.add_argument("--save-steps", type=int, default=500, help="save OUTPUT/checkpoint every N steps (0: at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if there is one")
-    p.add_argument("--allow-changed-args", action="store_true", help="with --resume: continue although arguments "
-                   "that change results differ from the recorded ones (e.g. a lower --lr after a non-finite loss)")
-    p.add_argument("--overwrite", action="store_true", help="run into a folder holding files this program did not "
-                   "write (same-named ones are replaced), or restart an unfinished run without --resume")
-    p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also send "
-                   "metrics.jsonl's scalars and the arguments to TensorBoard or wandb (minirlhf/tracking.py)")
     return p
 
 
@@ -102,7 +63,7 @@ def load_examples(args, tokenizer, path, split):
     if args.kind == "bt":
         pairs, _ = data.tokenize_preferences(
             rows, tokenizer, args.prompt_column, args.chosen_column, args.rejected_column, args.max_length,
-            args.max_prompt_length, skip_bad=args.skip_bad_rows, source=str(path))
+            args.max_prompt_length, skip_bad=args.skip_bad_rows, source=str(path), whole=True)  # as scored
         margins = [0.0] * len(pairs)
         if args.margin_column:  # pair.row: the source row of each pair that survived skipped bad rows
             if args.margin_column not in rows.column_names:
@@ -207,8 +168,7 @@ def pairwise_config(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.lr = DEFAULT_LR[args.kind] if args.lr is None else args.lr
-    if args.eval_fraction is None:
-        args.eval_fraction = 0.0 if args.eval_data else 0.05
+    cli.resolve_common(args)
     rank, world_size, device = dist.init_distributed()
     run = rundir.start(args.output_dir, vars(args), ["metrics.jsonl", "eval.json", "args.json"], resume=args.resume,
                        overwrite=args.overwrite, allow_changed_args=args.allow_changed_args, ignore=NOT_RESULTS)
@@ -222,7 +182,7 @@ def train(args, run, rank, world_size, device):
     out, ckpt = args.output_dir, os.path.join(args.output_dir, "checkpoint")
 
     # data: every rank tokenises everything (deterministic), then takes its share of each batch
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tokenizer = cli.load_tokenizer(args)
     pad_id = pad_token_id(tokenizer)
     label_ids = rewards.label_token_ids(tokenizer, args.label_tokens.split(",")) if args.kind == "pairwise" else None
     train = load_examples(args, tokenizer, args.train_data, args.train_split)
@@ -241,6 +201,7 @@ def train(args, run, rank, world_size, device):
     total_steps = args.epochs * steps_per_epoch if args.max_steps is None else args.max_steps
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     dist.print0(f"{len(train)} training pairs, {len(held_out)} held out; {total_steps} steps of {window} pairs")
+    cli.warn_few_steps(total_steps, args.batch_size, args.grad_accum, world_size, len(train))
 
     # model: sharded over ranks by FSDP2 (bf16 compute, fp32 master weights and reductions on GPU)
     model = checkpoint.load_model(ckpt if run.resume else args.model, kind="reward" if args.kind == "bt" else "causal",
@@ -260,7 +221,7 @@ def train(args, run, rank, world_size, device):
 
     # training loop: one optimizer step per window of batch_size x grad_accum x world_size pairs
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=None if dist.is_main() else True, desc=f"rm {args.kind}")
+    bar = cli.Progress(args.name or f"rm {args.kind}", total_steps, initial=step)
     fail_after = int(os.environ.get("MINIRLHF_FAIL_AFTER_STEP", -1))  # test hook, as in train_dpo.py
     while step < total_steps:
         epoch, w = divmod(step, steps_per_epoch)
@@ -298,8 +259,7 @@ def train(args, run, rank, world_size, device):
                 evaluation = evaluate(model, held_out, args, label_ids, pad_id, device)
                 metrics |= {f"eval_{k}": v for k, v in evaluation.items()}
             run.log(metrics)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{metrics['accuracy']:.2f}", margin=f"{metrics['margin']:.2f}")
+            bar.update(1, loss=f"{loss:.4f}", acc=f"{metrics['accuracy']:.2f}", margin=f"{metrics['margin']:.2f}")
             save_due = bool(args.save_steps) and step % args.save_steps == 0 and step < total_steps
             if step == fail_after:
                 raise RuntimeError(f"MINIRLHF_FAIL_AFTER_STEP={fail_after}: simulated kill")
@@ -314,8 +274,8 @@ def train(args, run, rank, world_size, device):
     result |= {"step": step, "kind": args.kind, "output_dir": os.path.abspath(out)}
     dist.print0(f"eval: {json.dumps(result)}")
     checkpoint.save_training_state(model, optimizer, tokenizer, out, {"step": step, "world_size": world_size},
-                                   pairwise_config(args))
-    run.publish(ckpt, {"eval.json": result})  # args, metrics, eval and model together, then done.json
+                                   pairwise_config(args), dtype=cli.save_dtype(args))
+    run.publish(ckpt, {"eval.json": result}, keep_checkpoint=args.keep_optimizer)  # then done.json
     dist.barrier()
     return result
 

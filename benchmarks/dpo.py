@@ -89,6 +89,7 @@ def run_ours(path, args):
     train_dpo.main(["--model", path, "--train-data", os.path.join(path, "pairs.jsonl"), "--output-dir", out,
                     "--batch-size", str(args.pairs), "--grad-accum", "1", "--max-steps", str(args.steps),
                     "--lr", "1e-6", "--warmup-ratio", "0", "--lr-schedule", "constant", "--save-steps", "0",
+                    "--eval-fraction", "0",
                     "--max-length", str(args.prompt_len + args.response_len + 8), "--max-prompt-length",
                     str(args.prompt_len + 4)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else []))
     with open(os.path.join(out, "metrics.jsonl")) as f:

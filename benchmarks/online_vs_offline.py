@@ -9,7 +9,7 @@ so offline DPO and SFT are the same policies in every arm. Arms:
   paper       the paper's loop: a proxy reward model fit once on all labels (--labels-per-iteration 0)
   more with --arm NAME="FLAGS", e.g. --arm rm_only="--labels-train reward_model"
 
-    python benchmarks/online_vs_offline.py --seeds 0 1 2 3 4 --output-dir runs/study --jobs 2
+    python benchmarks/online_vs_offline.py --seeds 0 1 2 3 4 --output-dir runs/study --jobs 2 --plot study.png
 """
 import argparse
 import json
@@ -38,11 +38,11 @@ def run_seed(seed, arms, root, extra):
     summaries, seconds = {}, {}
     for k, (arm, flags) in enumerate(arms.items()):
         out = os.path.join(root, f"seed{seed}", arm)
-        if k > 0:  # the first arm made the shared stages
+        first = os.path.join(root, f"seed{seed}", next(iter(arms)))
+        if k > 0 and not os.path.exists(out):  # the first arm made the shared stages
             for stage in SHARED:
-                if not os.path.exists(os.path.join(out, stage)):
-                    shutil.copytree(os.path.join(root, f"seed{seed}", next(iter(arms)), stage),
-                                    os.path.join(out, stage))
+                shutil.copytree(os.path.join(first, stage), os.path.join(out, stage))
+            shutil.copy(os.path.join(first, "manifest.json"), out)  # they are iterate.py's (minirlhf/rundir.py)
         os.makedirs(out, exist_ok=True)
         start = time.time()
         with open(out + ".log", "w") as log:
@@ -79,6 +79,7 @@ def main():
     p.add_argument("--arm", action="append", default=[], help='an extra arm: NAME="iterate.py flags"')
     p.add_argument("--only", nargs="+", help="run only these arms (the first one listed makes the shared stages)")
     p.add_argument("--jobs", type=int, default=1, help="seeds run in parallel (one thread each)")
+    p.add_argument("--plot", help="also draw the gold reward per iteration of every arm to this PNG (matplotlib)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="flags passed on to every arm's iterate.py (after --)")
     args = p.parse_args()
     arms = dict(ARMS)
@@ -107,6 +108,34 @@ def main():
         lines.append(f"{arm}: wall time per run (s): " + ", ".join(f"{results[s][1][arm]:.0f}" for s in args.seeds))
     lines.append(f"seeds: {args.seeds}; mean ± sample standard deviation over seeds; gold reward on held-out prompts")
     print("\n".join(lines))
+    if args.plot:
+        plot(results, arms, args.seeds, args.plot)
+
+
+def plot(results, arms, seeds, path):
+    """Gold reward (mean ± sd over seeds) against iteration for every arm, SFT at 0, offline DPO as a band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+
+    def stats(arm, policy):
+        return mean_std([results[s][0][arm]["policies"][policy]["gold_reward"] for s in seeds])
+    first = next(iter(arms))
+    offline, offline_sd = stats(first, "offline_dpo")
+    ax.axhspan(offline - offline_sd, offline + offline_sd, color="0.85", label="offline DPO (mean ± sd)")
+    for arm in arms:
+        names = ["sft"] + sorted((p for p in results[seeds[0]][0][arm]["policies"] if p.startswith("iter")),
+                                 key=lambda p: int(p[4:]))
+        means, sds = zip(*(stats(arm, n) for n in names))
+        ax.errorbar(range(len(names)), means, yerr=sds, marker="o", capsize=3, label=arm)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("gold reward (held-out prompts)")
+    ax.set_title(f"same label budget, {len(seeds)} seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -126,13 +126,15 @@ def hf_config_for(model, tokenizer=None, dtype=None) -> dict:
     return hf
 
 
-def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=5 * 2**30, extra_files=None):
-    """Write `model` (or a gathered full `state_dict` of it) as a Hugging Face folder, atomically.
+def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=5 * 2**30, extra_files=None,
+               dtype=None):
+    """Write `model` (or a gathered full `state_dict` of it) as a Hugging Face folder, atomically, in `dtype`
+    (default: the tensors' own).
 
     `extra_files` maps file names to JSON-able objects written into the same folder (e.g. training state).
     """
     state = state_dict if state_dict is not None else model.state_dict()
-    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
     dtype = next(iter(state.values())).dtype
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
@@ -202,15 +204,24 @@ def _old_name(out_dir):
 
 # Training state beside the model, for --resume: safetensors and JSON only, never pickle.
 
-def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, extra_files=None):
-    """OUTPUT/checkpoint: HF model (rank 0; with `extra_files`, see save_model), optimizer shard and RNG state per
+def weights_dtype(path) -> torch.dtype:
+    """The dtype a checkpoint folder's weights are stored in (that of its first tensor, read from the header)."""
+    with safe_open(weight_files(path)[0], framework="pt") as f:
+        code = f.get_slice(next(iter(f.keys()))).get_dtype()
+    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(code, torch.float32)
+
+
+def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, extra_files=None, dtype=None):
+    """OUTPUT/checkpoint: HF model (rank 0, in `dtype`: the final save of a run keeps the input's, while
+    mid-run ones keep the fp32 master weights that --resume needs; with `extra_files`, see save_model), optimizer
+    shard and RNG state per
     rank, trainer_state.json. Written in a temporary folder (a name unique to this save, the same on every rank)
     renamed into place, so a kill at any moment leaves the previous checkpoint whole."""
     full = dist.full_state_dict(policy)  # collective: every rank gathers
     name = dist.all_gather_objects(uuid.uuid4().hex[:8])[0]
     tmp, rank = os.path.join(output_dir, f".checkpoint.tmp-{name}"), dist.get_rank()
     if dist.is_main():
-        save_model(policy, tmp, tokenizer, state_dict=full, extra_files=extra_files)
+        save_model(policy, tmp, tokenizer, state_dict=full, extra_files=extra_files, dtype=dtype)
     dist.barrier()
     state = {f"{name}/{k}": (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
              for name, p in policy.named_parameters() for k, v in optimizer.state.get(p, {}).items()}

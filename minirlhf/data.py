@@ -70,6 +70,9 @@ def load_dataset_any(path, split="train") -> datasets.Dataset:
         raise DataError(f"{path}: not found locally (for a dataset on the Hugging Face Hub, write hub:{path})")
     if any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict) and split not in ds:
+            raise DataError(f"{path}: no split {split!r}; its splits are {list(ds)}: name one with --train-split "
+                            "(or --eval-split for --eval-data)")
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     ext = os.path.splitext(path)[1]
     if ext not in (".json", ".jsonl", ".parquet"):
@@ -208,8 +211,9 @@ def _sampled_ids(row, tokenizer, prompt_column, response_columns, responses):
 
 
 def _tokenize_rows(rows, tokenizer, prompt_column, response_columns, max_length, max_prompt_length, chat_template,
-                   skip_bad, source):
-    """[(row index, prompt_ids, [response_ids per column])] with the truncation rule applied, and skip counts."""
+                   skip_bad, source, whole=False):
+    """[(row index, prompt_ids, [response_ids per column])] with the truncation rule applied, and skip counts.
+    whole (a reward model's rows): each conversation exactly as the template renders it, from the text."""
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
         raise UserError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
     check_chat_template(tokenizer, chat_template)  # a tokenizer problem, not a row problem: fail before row 0
@@ -218,13 +222,13 @@ def _tokenize_rows(rows, tokenizer, prompt_column, response_columns, max_length,
         try:
             prompt, responses = split_row(row, prompt_column, response_columns)
             n_empty += sum(r == "" or (isinstance(r, list) and not "".join(m["content"] for m in r)) for r in responses)
-            encoded = _sampled_ids(row, tokenizer, prompt_column, response_columns, responses) or []
+            encoded = [] if whole else _sampled_ids(row, tokenizer, prompt_column, response_columns, responses) or []
             for column, response in zip(response_columns, [] if encoded else responses):
                 try:
-                    prompt_ids, response_ids = encode_pair(tokenizer, prompt, response, chat_template)
+                    prompt_ids, response_ids = encode_pair(tokenizer, prompt, response, chat_template, whole)
                 except ValueError as e:
                     raise BadRow("template", column, str(e))
-                cut = row.get(f"{column}_truncated") is True  # the policy did not stop: no stop token
+                cut = row.get(f"{column}_truncated") is True and not whole  # the policy did not stop: no stop
                 encoded.append((prompt_ids, response_ids[:-1] if cut else response_ids))
             prompt_ids = encoded[0][0]
             if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
@@ -273,10 +277,11 @@ def report_skipped(source, skipped, n_rows, n_kept):
 
 def tokenize_preferences(rows, tokenizer, prompt_column="prompt", chosen_column="chosen", rejected_column="rejected",
                          max_length=None, max_prompt_length=None, chat_template=None, skip_bad=False,
-                         source="<rows>") -> tuple[list[Pair], dict[str, int]]:
-    """Rows (any iterable of dicts, e.g. a datasets.Dataset) -> (pairs, skipped rows per reason)."""
+                         source="<rows>", whole=False) -> tuple[list[Pair], dict[str, int]]:
+    """Rows (any iterable of dicts, e.g. a datasets.Dataset) -> (pairs, skipped rows per reason); `whole`: the
+    responses as a reward model reads them (tokenizer.encode_pair)."""
     out, skipped = _tokenize_rows(rows, tokenizer, prompt_column, [chosen_column, rejected_column], max_length,
-                                  max_prompt_length, chat_template, skip_bad, source)
+                                  max_prompt_length, chat_template, skip_bad, source, whole)
     return [Pair(p, c, r, i) for i, p, (c, r) in out], skipped
 
 

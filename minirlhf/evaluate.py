@@ -9,13 +9,15 @@ KL(pi || pi_ref) is estimated from the same samples y ~ pi(. | x) at temperature
     KL ~ mean_x [ log pi(y | x) - log pi_ref(y | x) ],
 with log pi from the sampler and log pi_ref from one forward pass of the reference (`sequence_logps`).
 """
+import json
 import os
 import time
 
 import torch
 
 from minirlhf.checkpoint import atomic_write_json, load_model
-from minirlhf.data import Sequence, collate_sequences
+from minirlhf.cli import Progress
+from minirlhf.data import Sequence, collate_sequences, load_dataset_any
 from minirlhf.logprobs import sequence_logps
 from minirlhf.sampler import generate
 from minirlhf.tokenizer import decode_response, encode_prompt, pad_token_id
@@ -96,7 +98,7 @@ def evaluate_policies(policies, tokenizer, prompts, reward_fn, max_new_tokens, s
     `evaluate_policy` (gold win rates against the first policy)."""
     names = list(policies)
     ref_model = load_model(policies[names[0]], device=device).eval()
-    rows, baseline = {}, None
+    rows, baseline, bar = {}, None, Progress("evaluation", len(names), unit="policy")
     for name in names:
         policy = load_model(policies[name], device=device).eval()
         metrics, _ = evaluate_policy(policy, ref_model, tokenizer, prompts, reward_fn, max_new_tokens, seed=seed,
@@ -104,6 +106,8 @@ def evaluate_policies(policies, tokenizer, prompts, reward_fn, max_new_tokens, s
         baseline = baseline or metrics.get("gold")
         metrics.pop("gold", None)
         rows[name] = metrics
+        bar.update(1, done=name)
+    bar.close()
     return rows
 
 
@@ -193,3 +197,17 @@ def plot(rows: dict, path, proxy_scale=1.0):
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
     return path
+
+
+def evaluate_iterations(out, iterations, sft_dir, offline_dir, tokenizer, prompts, reward_fn, max_new_tokens, seed=0,
+                        gold_fn=None, device="cpu", proxy_scale=1.0, start=None):
+    """iterate.py's evaluation (`evaluate_run`): SFT, offline DPO (if any) and each iteration's policy, with the
+    human labels each one cost (from OUT/data/preferences.jsonl and OUT/iterT/metrics.json)."""
+    policies = {"sft": sft_dir, **({"offline_dpo": offline_dir} if offline_dir else {}),
+                **{f"iter{t}": f"{out}/iter{t}/policy" for t in range(1, iterations + 1)}}
+    labels = {"sft": 0, "offline_dpo": len(load_dataset_any(f"{out}/data/preferences.jsonl")) if offline_dir else 0}
+    for t in range(1, iterations + 1):
+        with open(f"{out}/iter{t}/metrics.json") as f:
+            labels[f"iter{t}"] = json.load(f)["human_labels"]
+    return evaluate_run(out, policies, labels, tokenizer, prompts, reward_fn, max_new_tokens, seed, gold_fn, device,
+                        proxy_scale, start)

@@ -342,7 +342,9 @@ class RewardModel(nn.Module):
         if self.config.pad_token_id is not None:
             real = real & (input_ids != self.config.pad_token_id)
         last = (real.long() * torch.arange(T, device=input_ids.device)).argmax(-1)
-        return self.score(h[torch.arange(B, device=h.device), last]).squeeze(-1).float()
+        # (B, 1) -> (B,) by a sum over the one column: exact, and a new tensor; a view (squeeze) returned by the
+        # FSDP2 root makes it warn that in-place changes to it would escape autograd
+        return self.score(h[torch.arange(B, device=h.device), last]).float().sum(-1)
 
 
 def init_model(hf_config: dict, kind="causal", seed=0, std=None):

@@ -8,7 +8,8 @@
   `train_rm.py --kind pairwise`): a causal LM reads one user turn, PAIRWISE_TEMPLATE filled with the prompt and
   responses A and B, and answers with a label token ("A" or "B"). P(a > b) renormalises the two label tokens and
   averages the two orders (`losses.preference_probability`), which cancels the judge's position bias;
-- "module:function": a user function fn(prompts, responses) -> floats over the flat, aligned lists.
+- "module:function": a user function fn(prompts, responses) -> floats over the flat, aligned lists, each prompt
+  as given (a string or the whole conversation).
 
 A pairwise model has no scalar reward, so `rank_responses` turns comparisons into scores:
 - all pairs when n <= ALL_PAIRS_MAX (8, the paper's n): score_i = mean_j P(i > j), the win rate (Borda count),
@@ -199,13 +200,6 @@ def _unflatten(flat, responses) -> list[list[float]]:
     return [flat[a:b] for a, b in zip(starts, starts[1:])]
 
 
-def _last_user_content(prompt) -> str:
-    users = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt if m["role"] == "user"]
-    if not users:
-        raise UserError(f"prompt {str(prompt)[:80]!r} has no user message for the reward function to read")
-    return users[-1]
-
-
 def check_finite(scores, indices, source):
     """Stop on a NaN or infinite reward (it would make a tie or a meaningless pair, and is not JSON): scores one
     list per prompt, indices the prompts' numbers to name."""
@@ -220,8 +214,9 @@ def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pa
     RLHFlow's template, "A"/"B", no limit), or "module:function" (importable from sys.path / the working directory).
     -> fn(prompts, responses: list[list[str]]) -> list[list[float]], one float per response.
 
-    A user function gets flat aligned lists fn(prompts: list[str], responses: list[str]) -> list[float]: each
-    prompt repeated for each of its responses, chat prompts passed as the content of their last user message."""
+    A user function gets flat aligned lists fn(prompts, responses: list[str]) -> list[float]: each prompt repeated
+    for each of its responses, as the user gave it: a string, or the whole conversation (a list of {"role",
+    "content"} messages, system prompt and history included)."""
     spec = str(spec)
     if not os.path.isdir(spec):
         module, sep, name = spec.partition(":")
@@ -232,7 +227,7 @@ def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pa
         user_fn = getattr(importlib.import_module(module), name)
 
         def score_with_function(prompts, responses):
-            flat_prompts = [_last_user_content(p) for p, rs in zip(prompts, responses) for _ in rs]
+            flat_prompts = [p for p, rs in zip(prompts, responses) for _ in rs]  # as given: the whole conversation
             flat = [float(x) for x in user_fn(flat_prompts, [r for rs in responses for r in rs])]
             if len(flat) != len(flat_prompts):
                 raise UserError(f"reward function {spec} returned {len(flat)} values for {len(flat_prompts)} "
@@ -245,7 +240,8 @@ def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pa
         reward_model = load_model(spec, kind="reward", device=device).eval()
 
         def score_with_reward_model(prompts, responses):
-            sequences = [sum(encode_pair(tokenizer, p, r), []) for p, rs in zip(prompts, responses) for r in rs]
+            sequences = [sum(encode_pair(tokenizer, p, r, whole=True), []) for p, rs in zip(prompts, responses)
+                         for r in rs]  # the conversation as its template renders it (tokenizer.encode_pair)
             return _unflatten(score_sequences(reward_model, sequences, batch_size, device), responses)
         return score_with_reward_model
 

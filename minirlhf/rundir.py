@@ -182,6 +182,19 @@ def check_args(recorded_path, args, ignore, allow_flag):
                         (f", or pass {allow_flag} to continue with the new ones" if allow_flag else ""))
 
 
+def done(path):
+    """A stage folder (iterate.py's) is finished: it holds done.json."""
+    return os.path.exists(os.path.join(path, DONE))
+
+
+def mark_done(path, info):
+    """Finish a stage folder: rank 0 writes done.json (`info`) last, and every rank waits for it."""
+    if dist.is_main():
+        os.makedirs(path, exist_ok=True)
+        atomic_write_json(os.path.join(path, DONE), info)
+    dist.barrier()
+
+
 def nonfinite_message(step, loss, grad_norm, ckpt, saved_step):
     """What to say when step `step` gives a non-finite loss or gradient: the weights were not updated, and the
     last checkpoint is good (it is saved only once the next step's forward and backward came out finite)."""
@@ -227,11 +240,13 @@ class Run:
             if self.tracker is not None:
                 self.tracker.log(metrics)
 
-    def publish(self, ckpt, files):
+    def publish(self, ckpt, files, keep_checkpoint=True):
         """Rank 0: OUTPUT becomes the finished run. The checkpoint's model files (hard links, else copies) and
         `files` ({name: JSON object}) join args.json and metrics.jsonl in staging/ with done.json; then done.json
         and config.json leave OUTPUT, everything moves in, config.json and done.json last, and the files an
-        earlier publish left that this one did not write (weights of another shard count) go."""
+        earlier publish left that this one did not write (weights of another shard count) go. Without
+        `keep_checkpoint`, `ckpt` goes too: its weights are OUTPUT's (hard links), the rest is optimizer state
+        (twice the weights) that only --resume would read."""
         if not dist.is_main():
             return
         staging = self.staging
@@ -259,6 +274,8 @@ class Run:
                 os.remove(os.path.join(self.out, name))
         claim(self.out, [], published=names)
         shutil.rmtree(staging)
+        if not keep_checkpoint:
+            shutil.rmtree(ckpt)
 
     def __enter__(self):
         return self

@@ -217,7 +217,7 @@ def compiled_decode_step(device):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, n=1, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
-             seed=0, generator=None, batch_size=64, compile=False, pack_weights=True) -> Generation:
+             seed=0, generator=None, batch_size=64, compile=False, pack_weights=True, progress=None) -> Generation:
     """Draw n responses for each prompt (a list of token ids) from `model`, an unsharded `CausalLM` in eval mode.
 
     eos_token_id: one stop id, a list of them, or None (always max_new_tokens). temperature 0 is greedy.
@@ -225,6 +225,7 @@ def generate(model, prompts, max_new_tokens, n=1, temperature=1.0, top_k=None, t
     prompts and batch_size. batch_size counts sequences (cache rows): batch_size // n prompts per batch, and
     at least one. compile=True uses the torch.compile'd static-shape decode step (see the module docstring).
     pack_weights: on CPU in fp32, batches of 8 rows or more multiply with MKL-packed weights (`mkl_packed`).
+    progress: called with the number of prompts of each finished batch (e.g. a progress bar's update).
     """
     if not prompts:
         return Generation([], [], [])
@@ -256,6 +257,8 @@ def generate(model, prompts, max_new_tokens, n=1, temperature=1.0, top_k=None, t
                                    generator, decode, cache)
             for j, i in enumerate(idx):
                 responses[i], token_logps[i], finish_reasons[i] = (x[j * n:(j + 1) * n] for x in batch)
+            if progress is not None:
+                progress(len(idx))
     return Generation(responses, token_logps, finish_reasons)
 
 

@@ -5,7 +5,8 @@ Rendered text is tokenised with add_special_tokens=False because chat templates 
 A (prompt, response) pair is tokenised by templating the whole conversation, checking that the prompt's tokens
 (with the generation prompt) are a prefix of it, and keeping the rest as the response. The response is cut just
 after its last EOS (the end-of-turn token; templates such as ChatML add "\\n" after it) or, if the template
-wrote none, gets EOS appended, so every response ends with the token generation stops on.
+wrote none, gets EOS appended, so every response ends with the token generation stops on. A reward model reads
+the conversation whole, as rendered (`encode_pair(..., whole=True)`), in training and in scoring.
 
 Special-token strings inside message content stay text: "<|im_end|>" written in a response is the characters
 "<", "|", ... and never the end-of-turn token (which would end the turn early and train on what follows). Only the
@@ -43,7 +44,8 @@ def check_chat_template(tokenizer, chat_template=None):
     """Raise a clear error when there is no template to apply (`chat_template` overrides the tokenizer's)."""
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: pass "
-                        "chat_template= (a Jinja string) or use a checkpoint whose tokenizer has one")
+                        "--chat-template FILE (a Jinja template; in Python, chat_template=) or use a checkpoint "
+                        "whose tokenizer has one")
 
 
 def apply_template(tokenizer, messages, add_generation_prompt, chat_template=None) -> list[int]:
@@ -111,8 +113,11 @@ def encode_prompt(tokenizer, prompt, chat_template=None) -> list[int]:
     return apply_template(tokenizer, as_messages(prompt), True, chat_template)
 
 
-def encode_pair(tokenizer, prompt, response, chat_template=None) -> tuple[list[int], list[int]]:
-    """(prompt_ids, response_ids) such that prompt_ids + response_ids is the templated conversation.
+def encode_pair(tokenizer, prompt, response, chat_template=None, whole=False) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids) such that prompt_ids + response_ids is the templated conversation, the response
+    cut after its last EOS (what the policy generates and DPO trains), or with `whole` exactly what the template
+    renders (what a reward model reads: ChatML's "\n" after <|im_end|> too, as `apply_chat_template` gives it to
+    the hub's reward models and TRL's RewardTrainer, so their scores and ours are read at the same position).
 
     `response` is a string (one assistant message) or a list of assistant messages.
     """
@@ -126,6 +131,8 @@ def encode_pair(tokenizer, prompt, response, chat_template=None) -> tuple[list[i
                          f" are not a prefix of the prompt+response tokens; first difference at token {i}: "
                          f"{tokenizer.decode(prompt_ids[i:i + 8])!r} vs {tokenizer.decode(full_ids[i:i + 8])!r}")
     response_ids, eos = full_ids[len(prompt_ids):], tokenizer.eos_token_id
+    if whole:
+        return prompt_ids, response_ids
     if eos is None:
         raise UserError("tokenizer has no eos_token: responses could not end with an end-of-turn token")
     if eos in response_ids:

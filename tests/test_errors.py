@@ -68,7 +68,25 @@ def nan_margin(d):
                    "--margin-column", "m", "--max-length", "64"])
 
 
+def split_missing(d):
+    import datasets
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]),
+                          "test": datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])}
+                         ).save_to_disk(str(d / "dict"))
+    dpo(d, d / "dict")
+
+
+def no_template():
+    tokenizer = task.build_tokenizer()
+    tokenizer.chat_template = None
+    data.tokenize_preferences([{"prompt": "a", "chosen": "b", "rejected": "c"}], tokenizer)
+
+
 CASES = {  # kind -> (what triggers it, what the message must say)
+    "DatasetDict without the split": (lambda d, m: split_missing(d),
+                                      r"dict: no split 'train'; its splits are \['validation', 'test'\]: "
+                                      r".*--train-split"),
+    "tokenizer without a chat template": (lambda d, m: no_template(), r"no chat template: pass --chat-template FILE"),
     "malformed JSON line": (lambda d, m: dpo(d, write(d / "a.jsonl", good_row() + "{oops\n")), r"a.jsonl: line 2: "),
     "non-UTF-8 bytes": (lambda d, m: dpo(d, write(d / "b.jsonl", good_row().encode() + b'{"prompt": "\xff"}\n')),
                         r"b.jsonl: line 2: not UTF-8"),

@@ -30,7 +30,7 @@ def setup(tmp_path, tokenizer, monkeypatch):
 
 def flags(d, *extra, reward="length", prompts="prompts.jsonl"):
     return ["--output-dir", str(d / "run"), "--sft-model", str(d / "sft"), "--reward", f"rewards_for_test:{reward}",
-            "--prompts", str(d / prompts), "--iterations", "1", "--n", "3", "--max-new-tokens", "6",
+            "--prompts", str(d / prompts), "--iterations", "1", "--samples-per-prompt", "3", "--max-new-tokens", "6",
             "--max-length", "64", "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3", "--seed", "0", *extra]
 
 

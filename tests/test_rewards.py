@@ -101,12 +101,15 @@ def test_judge_prompt_is_cut_to_max_length(tokenizer):
 
 def test_user_function(tmp_path, monkeypatch):
     (tmp_path / "my_reward.py").write_text(
-        "def score(prompts, responses):\n    return [len(p) * 100 + len(r) for p, r in zip(prompts, responses)]\n")
+        "def score(prompts, responses):\n"
+        "    text = [p if isinstance(p, str) else '|'.join(m['content'] for m in p) for p in prompts]\n"
+        "    return [len(t) * 100 + len(r) for t, r in zip(text, responses)]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     fn = rewards.load_reward_source("my_reward:score")
-    chat = [{"role": "user", "content": "hey"}, {"role": "assistant", "content": "yo"},
-            {"role": "user", "content": "ab"}]
-    assert fn(["abc", chat], [["x", "yy"], ["zzz"]]) == [[301.0, 302.0], [203.0]]
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hey"},
+            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "ab"}]
+    # the whole conversation reaches the function: "be brief|hey|yo|ab" is 18 characters
+    assert fn(["abc", chat], [["x", "yy"], ["zzz"]]) == [[301.0, 302.0], [1803.0]]
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         rewards.load_reward_source(str(tmp_path / "missing"))
 
@@ -121,7 +124,7 @@ def test_bt_folder_scores_like_the_reward_model(tmp_path, tokenizer):
     for p, rs, sc in zip(prompts, responses, scores):
         for r, s in zip(rs, sc):
             with torch.no_grad():
-                expected = reward_model(torch.tensor([sum(encode_pair(tokenizer, p, r), [])])).item()
+                expected = reward_model(torch.tensor([sum(encode_pair(tokenizer, p, r, whole=True), [])])).item()
             assert abs(s - expected) < 1e-5
     assert len({s for sc in scores for s in sc}) == 4
 
@@ -157,3 +160,34 @@ def test_module_function_is_imported_from_the_working_directory(tmp_path, monkey
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
     assert load_reward_source("reward_in_cwd:f")(["p"], [["a", "b"]]) == [[1.0, 1.0]]
     assert "imports and runs that Python code" in " ".join(iterate.build_parser().format_help().split())
+
+
+@pytest.mark.parametrize("style,family", [("chatml", "qwen2"), ("llama3", "llama3")])
+def test_reward_model_reads_what_apply_chat_template_renders(tmp_path, style, family, monkeypatch):
+    """A BT reward model scores the conversation as `apply_chat_template` renders it (ChatML's "\\n" after
+    <|im_end|> included), so a hub pipeline (AutoModelForSequenceClassification on those ids, as TRL's
+    RewardTrainer and reward-model cards do) reads the same score, and train_rm.py trains on those same ids.
+    The tokenizer is the one built here: transformers 5 reloads it from a folder whose config.json names a model
+    type as that type's class (Qwen2Tokenizer), which drops the test vocabulary's "\\n"."""
+    import transformers
+    from conftest import build_chat_tokenizer
+    from minirlhf.data import tokenize_preferences
+    tok = build_chat_tokenizer(tmp_path, style)
+    save_tiny(tmp_path, family, kind="reward", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    monkeypatch.setattr(rewards, "load_tokenizer", lambda path: tok)
+    prompts = ["hi there", [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}]]
+    responses = [["yes", "no, never"], ["because"]]
+    scores = load_reward_source(str(tmp_path))(prompts, responses)
+    for p, rs, sc in zip(prompts, responses, scores):
+        for r, s in zip(rs, sc):
+            messages = ([{"role": "user", "content": p}] if isinstance(p, str) else p) + [
+                {"role": "assistant", "content": r}]
+            ids = tok.apply_chat_template(messages, tokenize=True, return_dict=False)
+            with torch.no_grad():
+                assert abs(hf(torch.tensor([ids])).logits[0, 0].item() - s) < 1e-4, (style, p, r)
+            pair = tokenize_preferences([dict(prompt=p, chosen=r, rejected=r + "!")], tok, whole=True)[0][0]
+            assert pair.prompt_ids + pair.chosen_ids == ids
+            cut = sum(encode_pair(tok, p, r), [])  # what the policy generates: up to the stop token
+            assert cut == (ids[:-1] if style == "chatml" else ids) and cut[-1] == tok.eos_token_id

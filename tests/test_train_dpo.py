@@ -48,7 +48,7 @@ def setup(tmp_path_factory, tokenizer):
 def run(d, out, *extra):
     """In-process main() with test-sized settings (lr large enough to learn in a few steps)."""
     args = ["--model", str(d / "model"), "--output-dir", str(out), "--lr", "1e-3", "--warmup-ratio", "0",
-            "--max-length", "64", "--max-prompt-length", "32", *map(str, extra)]
+            "--max-length", "64", "--max-prompt-length", "32", "--eval-fraction", "0", *map(str, extra)]
     return train_dpo.main(args)
 
 
@@ -337,3 +337,27 @@ def test_two_fsdp_processes_equal_one(setup, tmp_path):
     grad_norms = [[json.loads(line)["grad_norm"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
                   for name in ("one", "two")]
     assert grad_norms[0] == pytest.approx(grad_norms[1], rel=1e-4)  # FSDP's mean over ranks undone exactly
+
+
+def test_bf16_input_saves_bf16_drops_the_optimizer_and_logs_plain_lines(setup, tmp_path, tokenizer, capsys):
+    """A bf16 checkpoint comes out bf16 (not fp32, twice the disk) and its finished run leaves no optimizer state
+    unless --keep-optimizer; with stdout not a terminal, the stage's progress lines carry its name; a run of 4
+    steps is warned of; --eval-every logs held-out implicit-reward accuracy and margin during training."""
+    from safetensors import safe_open
+    from minirlhf.checkpoint import load_model, save_model
+    save_model(load_model(setup / "model"), tmp_path / "bf16", tokenizer, dtype=torch.bfloat16)
+    flags = ["--model", tmp_path / "bf16", "--train-data", setup / "eight.jsonl", "--batch-size", 4, "--grad-accum",
+             1, "--name", "iter2 dpo", "--eval-every", 1]
+    run(setup, tmp_path / "out", *flags, "--eval-fraction", 0.25)
+    printed = capsys.readouterr().out
+    assert "warning: only 4 optimizer step(s): 6 pairs in windows of batch 4 x accum 1 x world size 1" in printed
+    assert "iter2 dpo: step 4/4 loss" in printed
+    metrics = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert all({"eval_accuracy", "eval_margin"} <= m.keys() for m in metrics[:3]) and metrics[0]["eval_margin"] != 0
+    kept = run(setup, tmp_path / "kept", *flags, "--keep-optimizer", "--save-dtype", "float32")
+    for out, code in [("out", "BF16"), ("kept", "F32")]:
+        with safe_open(tmp_path / out / "model.safetensors", "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {code}
+        assert json.load(open(tmp_path / out / "config.json"))["dtype"] == {"BF16": "bfloat16", "F32": "float32"}[code]
+    assert not (tmp_path / "out" / "checkpoint").exists()
+    assert (tmp_path / "kept" / "checkpoint" / "optimizer.rank0.safetensors").exists() and kept["step"] == 4

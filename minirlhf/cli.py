@@ -1,0 +1,158 @@
+"""The command line shared by train_rm.py and train_dpo.py: one vocabulary, one behaviour, defaults in --help.
+
+Both trainers read the same data flags, split off the same held-out set, save the same way and start from the
+same seed, so a flag learnt on one means the same on the other. Flag names must survive `torchrun`, which
+prefix-matches every option, even those after the script's name: an abbreviation of two torchrun options (`--n`)
+is an error before the script starts (tests/test_cli.py runs each flag through torchrun's own parser).
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from minirlhf import checkpoint, dist
+from minirlhf import tokenizer as tokenizers
+from minirlhf.rundir import UserError, positive_int
+
+SAVE_DTYPES = {"input": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIN_STEPS = 10  # fewer optimizer steps than this train almost nothing at the paper's learning rates
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the docstring's layout (its command lines) and shows each flag's default, unless its help already
+    says what happens when it is unset."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is not None and action.default is not False and action.default != argparse.SUPPRESS \
+                and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def parser(description, epilog=None):
+    return argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter,
+                                   allow_abbrev=False)
+
+
+def add_common_arguments(p, batch_size, grad_accum):
+    """The flags train_rm.py and train_dpo.py share (each adds its own objective and optimiser flags)."""
+    # models and data
+    p.add_argument("--model", required=True, help="starting checkpoint folder (Hugging Face layout)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template file overriding the tokenizer's "
+                                                         "(default: the tokenizer's own)")
+    p.add_argument("--train-data", required=True, help="training data: .json/.jsonl/.parquet, save_to_disk folder "
+                                                       "or hub:NAME (formats: see minirlhf/data.py)")
+    p.add_argument("--train-split", default="train", help="split of --train-data (hub datasets / DatasetDicts)")
+    p.add_argument("--eval-data", default=None, help="held-out data in the same format (default: a --eval-fraction "
+                                                     "of --train-data)")
+    p.add_argument("--eval-split", default="test", help="split of --eval-data")
+    p.add_argument("--eval-fraction", type=float, default=0.05,
+                   help="hold out this fraction of --train-data for evaluation when there is no --eval-data")
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
+    p.add_argument("--output-dir", required=True, help="output folder: the model (HF layout), logs, checkpoint/")
+    p.add_argument("--prompt-column", default="prompt", help="prompt column (string or chat messages)")
+    p.add_argument("--chosen-column", default="chosen", help="preferred response column")
+    p.add_argument("--rejected-column", default="rejected", help="dispreferred response column")
+    p.add_argument("--max-length", type=int, default=4096, help="prompt + response tokens (responses are cut)")
+    p.add_argument("--max-prompt-length", type=int, default=None, help="longer prompts are bad rows (default: "
+                                                                       "--max-length / 4)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) bad rows instead of failing")
+    # optimisation
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs; sizes the "
+                                                               "schedule)")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size, help="pairs (SFT: sequences) per "
+                                                                               "micro-batch per rank")
+    p.add_argument("--grad-accum", type=positive_int, default=grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--seed", type=int, default=0, help="data order, eval split and new weights (iterate.py's too)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
+    p.add_argument("--name", default=None, help="label of the progress lines (default: the objective)")
+    # checkpoints and the output folder (minirlhf/rundir.py)
+    p.add_argument("--save-steps", type=int, default=500, help="save OUTPUT/checkpoint every N steps (0: at the end)")
+    p.add_argument("--save-dtype", default="input", choices=list(SAVE_DTYPES),
+                   help="dtype of the saved weights: that of the --model checkpoint, or the one named")
+    p.add_argument("--keep-optimizer", action="store_true", help="keep OUTPUT/checkpoint's optimizer shards after "
+                   "a finished run (to train on with --resume); by default they are deleted")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if there is one")
+    p.add_argument("--allow-changed-args", action="store_true", help="with --resume: continue although arguments "
+                   "that change results differ from the recorded ones (e.g. a lower --lr after a non-finite loss)")
+    p.add_argument("--overwrite", action="store_true", help="run into a folder holding files this program did not "
+                   "write (same-named ones are replaced), or restart an unfinished run without --resume")
+    p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also send "
+                   "metrics.jsonl's scalars and the arguments to TensorBoard or wandb (minirlhf/tracking.py)")
+    return p
+
+
+def defaults_table(modes):
+    """The end of iterate.py's --help: the value each flag left unset takes in each mode ({mode: {dest: value}})."""
+    keys = list(dict.fromkeys(k for d in modes.values() for k in d))
+    rows = [["", *modes]] + [[f"--{k.replace('_', '-')}", *(str(d.get(k, "-")) for d in modes.values())]
+                             for k in keys]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "defaults of the flags left unset, per mode:\n" + "\n".join(
+        "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def resolve_common(args):
+    """Defaults that depend on other flags, the same in both trainers."""
+    args.max_prompt_length = args.max_prompt_length or args.max_length // 4
+    if args.eval_data:
+        args.eval_fraction = 0.0
+    return args
+
+
+def load_tokenizer(args):
+    """--tokenizer (or --model's) with --chat-template in place of its own, so that every encoding and the saved
+    tokenizer use the same template."""
+    tokenizer = tokenizers.load_tokenizer(args.tokenizer or args.model)
+    if args.chat_template:
+        if not os.path.isfile(args.chat_template):
+            raise UserError(f"{args.chat_template}: no such file (--chat-template: a Jinja template file)")
+        with open(args.chat_template) as f:
+            tokenizer.chat_template = f.read()
+    return tokenizer
+
+
+def save_dtype(args):
+    """The dtype of a run's final weights: --save-dtype, or that of the --model checkpoint."""
+    return SAVE_DTYPES[args.save_dtype] or checkpoint.weights_dtype(args.model)
+
+
+def warn_few_steps(total_steps, batch_size, grad_accum, world_size, n_examples, what="pairs"):
+    """Say so when a run will barely train: at the paper's learning rates a handful of steps changes nothing."""
+    if total_steps < MIN_STEPS:
+        dist.print0(f"warning: only {total_steps} optimizer step(s): {n_examples} {what} in windows of "
+                    f"batch {batch_size} x accum {grad_accum} x world size {world_size} = "
+                    f"{batch_size * grad_accum * world_size}; lower --batch-size / --grad-accum or raise --epochs")
+
+
+class Progress:
+    """Progress of a stage, on rank 0: a tqdm bar when stdout is a terminal, else (a log file) a plain line
+    "NAME: k/total ..." at every tenth of the total, so that a log shows every stage moving."""
+
+    def __init__(self, name, total, initial=0, unit="step"):
+        self.name, self.total, self.done, self.unit, self.start = name, total, initial, unit, time.time()
+        self.show = dist.is_main()
+        self.bar = tqdm(total=total, initial=initial, desc=name, unit=unit) if self.show and sys.stdout.isatty() \
+            else None
+        self.every = max(1, total // 10)
+
+    def update(self, k=1, **info):
+        self.done += k
+        if self.bar is not None:
+            self.bar.update(k)
+            self.bar.set_postfix(**info)
+        elif self.show and (self.done // self.every > (self.done - k) // self.every or self.done == self.total):
+            extra = "".join(f" {key} {value}" for key, value in info.items())
+            print(f"{self.name}: {self.unit} {self.done}/{self.total}{extra} ({time.time() - self.start:.0f} s)",
+                  flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
