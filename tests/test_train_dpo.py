@@ -52,6 +52,14 @@ def run(d, out, *extra):
     return train_dpo.main(args)
 
 
+def killed_after(step, d, out, args, monkeypatch):
+    """A run of `args` into `out` killed after optimizer step `step` (MINIRLHF_FAIL_AFTER_STEP)."""
+    monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", str(step))
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(d, out, *args)
+    monkeypatch.delenv("MINIRLHF_FAIL_AFTER_STEP")
+
+
 def weights(out):
     return load_file(os.path.join(out, "model.safetensors"))
 
@@ -183,10 +191,7 @@ def test_resume_after_kill_equals_uninterrupted_run(setup, tmp_path, monkeypatch
     args = ["--train-data", d / "train.jsonl", "--batch-size", 4, "--grad-accum", 2, "--epochs", 2,
             "--warmup-ratio", 0.2, "--save-steps", 2, "--adam-eps", 1e-3]  # eps: see the accumulation test
     full = run(d, tmp_path / "full", *args)
-    monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", "3")
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        run(d, tmp_path / "killed", *args)
-    monkeypatch.delenv("MINIRLHF_FAIL_AFTER_STEP")
+    killed_after(3, d, tmp_path / "killed", args, monkeypatch)
     assert json.loads((tmp_path / "killed/checkpoint/trainer_state.json").read_text())["step"] == 2
     ref_file = tmp_path / "killed/staging/ref_logps.safetensors"  # the run in progress, published at its end
     mtime = ref_file.stat().st_mtime_ns
@@ -205,10 +210,7 @@ def test_nonfinite_step_leaves_a_good_checkpoint_to_resume_with_a_lower_lr(setup
     which step and how to resume, and resuming from it with a sane lr finishes."""
     d, out = setup, tmp_path / "nan"
     common = ["--train-data", d / "eight.jsonl", "--batch-size", 4, "--grad-accum", 1, "--epochs", 3, "--save-steps", 1]
-    monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", "3")
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        run(d, out, *common)
-    monkeypatch.delenv("MINIRLHF_FAIL_AFTER_STEP")
+    killed_after(3, d, out, common, monkeypatch)
     with pytest.raises(FloatingPointError, match=r"step 4: .*not finite.*checkpoint, .*checkpoint \(step 2\), "
                                                  r"with --resume --lr LOWER --allow-changed-args"):
         run(d, out, *common, "--resume", "--lr", 1e30, "--allow-changed-args")
@@ -251,10 +253,7 @@ def test_a_folder_describes_one_run_until_the_next_one_publishes(setup, tmp_path
     (tmp_path / "bad.jsonl").write_text('{"prompt": "hi", "chosen": "a"}\n')
     with pytest.raises(ValueError, match="bad.jsonl: row 0: field 'rejected'"):
         run(d, out, *args, "--lr", 1e-2, "--train-data", tmp_path / "bad.jsonl")
-    monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", "1")
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        run(d, out, *args, "--lr", 1e-2, "--overwrite")
-    monkeypatch.delenv("MINIRLHF_FAIL_AFTER_STEP")
+    killed_after(1, d, out, [*args, "--lr", 1e-2, "--overwrite"], monkeypatch)
     assert {name: (out / name).read_bytes() for name in files} == before
     run(d, out, *args, "--lr", 1e-2, "--overwrite")  # --overwrite: drop the killed run's checkpoint
     assert json.loads((out / "args.json").read_text())["lr"] == 1e-2 and not (out / "staging").exists()
@@ -270,10 +269,7 @@ def test_resume_refuses_changed_arguments_and_a_held_folder(setup, tmp_path, mon
     holds is refused with the holder's pid."""
     d, out = setup, tmp_path / "out"
     args = ["--train-data", d / "eight.jsonl", "--batch-size", 4, "--grad-accum", 1, "--epochs", 2, "--save-steps", 1]
-    monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", "2")
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        run(d, out, *args)
-    monkeypatch.delenv("MINIRLHF_FAIL_AFTER_STEP")
+    killed_after(2, d, out, args, monkeypatch)
     with pytest.raises(ValueError, match=r"--batch-size: recorded 4, now 2\n  --lr: recorded 0.001, now 0.002"):
         run(d, out, *args, "--resume", "--lr", 2e-3, "--batch-size", 2)
     held = rundir.lock(out)
