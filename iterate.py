@@ -202,7 +202,8 @@ def gather_rows(rows):
 
 
 def builtin_task(args, device):
-    """Stages 1-4 of the built-in task -> (sft_dir, reward spec, iteration prompts, eval prompts, offline dir)."""
+    """Stages 1-4 of the built-in task -> (sft_dir, reward model dir, its label file, iteration prompts, eval
+    prompts, offline DPO dir)."""
     root, seed = args.output_dir, args.seed
     tokenizer = task.build_tokenizer()
     n_sft, n_labels, n_iter = args.task_sft_prompts, args.task_labels, args.iterations * args.prompts_per_iteration
@@ -271,7 +272,7 @@ def refit_reward_model(args, label_files, rm_dir, out, name):
 def main(argv=None):
     args = resolve_defaults(build_parser().parse_args(argv))
     if args.sft_model is None and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # a 126k-parameter model: a second thread costs more than it gives (README)
+        torch.set_num_threads(1)  # 126k parameters: a 2nd thread gains little, on a busy machine it is ruinous (README)
     rank, world_size, device = dist.init_distributed()
     # the folder locked, foreign files refused, a rerun with other arguments refused (its finished stages would be
     # skipped and mixed with new ones): minirlhf/rundir.py
