@@ -322,7 +322,7 @@ def run_workflow(args, device):
             dist.print0(f"iter{t} oracle labels {args.labels_per_iteration} pairs")
             path, labelled, info["reward_model_accuracy_on_new_labels"] = ask_oracle(
                 oracle, gather_rows(rows), args.labels_per_iteration, args.label_pair, f"{it_dir}/labels.jsonl",
-                seed=args.seed * 1000 + 500 + t)
+                seed=args.seed * 1000 + 500 + t, name=args.oracle)
             label_files.append(path)
             reward_spec = refit_reward_model(args, label_files, reward_spec, f"{it_dir}/reward_model",
                                              f"iter{t} reward-model refit")

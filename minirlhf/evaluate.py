@@ -9,16 +9,16 @@ KL(pi || pi_ref) is estimated from the same samples y ~ pi(. | x) at temperature
     KL ~ mean_x [ log pi(y | x) - log pi_ref(y | x) ],
 with log pi from the sampler and log pi_ref from one forward pass of the reference (`sequence_logps`).
 """
-import json
 import os
 import time
 
 import torch
 
-from minirlhf.checkpoint import atomic_write_json, load_model
+from minirlhf.checkpoint import load_model
 from minirlhf.cli import Progress
 from minirlhf.data import Sequence, collate_sequences, load_dataset_any
 from minirlhf.logprobs import sequence_logps
+from minirlhf.rundir import atomic_write_json, read_json
 from minirlhf.sampler import generate
 from minirlhf.tokenizer import decode_response, encode_prompt, pad_token_id
 
@@ -120,28 +120,6 @@ def sampled_pairs_accuracy(policy_dir, tokenizer, prompts, reward_fn, max_new_to
     return reward_model_accuracy(reward_fn, prompts, a, b, gold_fn)
 
 
-def evaluate_run(out, policies, human_labels, tokenizer, prompts, reward_fn, max_new_tokens, seed=0, gold_fn=None,
-                 device="cpu", proxy_scale=1.0, start=None):
-    """Every policy of a run on held-out prompts -> the table on stdout, OUT/summary.json and (with matplotlib)
-    OUT/summary.png. policies: name -> folder, the first one the reference; human_labels: name -> the labels that
-    policy cost. With gold_fn, also the proxy's accuracy against gold on fresh pairs of the first and last policy."""
-    rows = evaluate_policies(policies, tokenizer, prompts, reward_fn, max_new_tokens, seed, gold_fn, device)
-    for name in rows:
-        rows[name]["human_labels"] = human_labels[name]
-    summary = {"policies": rows}
-    if gold_fn is not None:
-        for name in (list(policies)[0], list(policies)[-1]):
-            acc, n = sampled_pairs_accuracy(policies[name], tokenizer, prompts, reward_fn, max_new_tokens, gold_fn,
-                                            seed, device)
-            summary[f"reward_model_gold_accuracy_{name}"] = acc
-            print(f"reward model accuracy against gold labels on held-out {name} pairs: {acc:.3f} ({n} pairs)")
-    print(format_table(rows))
-    summary["seconds"] = time.time() - start if start else None
-    atomic_write_json(f"{out}/summary.json", summary)
-    plot(rows, f"{out}/summary.png", proxy_scale)
-    return summary
-
-
 def plot(rows: dict, path, proxy_scale=1.0):
     """The loop as a path and everything else as reference lines, when matplotlib is installed (not a dependency).
 
@@ -201,13 +179,27 @@ def plot(rows: dict, path, proxy_scale=1.0):
 
 def evaluate_iterations(out, iterations, sft_dir, offline_dir, tokenizer, prompts, reward_fn, max_new_tokens, seed=0,
                         gold_fn=None, device="cpu", proxy_scale=1.0, start=None):
-    """iterate.py's evaluation (`evaluate_run`): SFT, offline DPO (if any) and each iteration's policy, with the
-    human labels each one cost (from OUT/data/preferences.jsonl and OUT/iterT/metrics.json)."""
+    """iterate.py's evaluation: SFT (the reference), offline DPO (if any) and each iteration's policy, with the human
+    labels each one cost (from OUT/data/preferences.jsonl and OUT/iterT/metrics.json) -> the table on stdout,
+    OUT/summary.json and (with matplotlib) OUT/summary.png. With gold_fn, also the proxy's accuracy against gold
+    on fresh pairs of the SFT policy and of the last one."""
     policies = {"sft": sft_dir, **({"offline_dpo": offline_dir} if offline_dir else {}),
                 **{f"iter{t}": f"{out}/iter{t}/policy" for t in range(1, iterations + 1)}}
-    labels = {"sft": 0, "offline_dpo": len(load_dataset_any(f"{out}/data/preferences.jsonl")) if offline_dir else 0}
+    rows = evaluate_policies(policies, tokenizer, prompts, reward_fn, max_new_tokens, seed, gold_fn, device)
+    rows["sft"]["human_labels"] = 0
+    if offline_dir:
+        rows["offline_dpo"]["human_labels"] = len(load_dataset_any(f"{out}/data/preferences.jsonl"))
     for t in range(1, iterations + 1):
-        with open(f"{out}/iter{t}/metrics.json") as f:
-            labels[f"iter{t}"] = json.load(f)["human_labels"]
-    return evaluate_run(out, policies, labels, tokenizer, prompts, reward_fn, max_new_tokens, seed, gold_fn, device,
-                        proxy_scale, start)
+        rows[f"iter{t}"]["human_labels"] = read_json(f"{out}/iter{t}/metrics.json")["human_labels"]
+    summary = {"policies": rows}
+    if gold_fn is not None:
+        for name in ("sft", list(policies)[-1]):
+            acc, n = sampled_pairs_accuracy(policies[name], tokenizer, prompts, reward_fn, max_new_tokens, gold_fn,
+                                            seed, device)
+            summary[f"reward_model_gold_accuracy_{name}"] = acc
+            print(f"reward model accuracy against gold labels on held-out {name} pairs: {acc:.3f} ({n} pairs)")
+    print(format_table(rows))
+    summary["seconds"] = time.time() - start if start else None
+    atomic_write_json(f"{out}/summary.json", summary)
+    plot(rows, f"{out}/summary.png", proxy_scale)
+    return summary

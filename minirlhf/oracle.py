@@ -21,16 +21,16 @@ Which two of the n responses to show (`--label-pair`):
   the reward model's choices concentrate the labels where its own errors lie, and DPO prefers on-policy pairs
   (README, the controlled study).
 """
-import importlib
 import math
 import os
-import sys
 
 import torch
 
 from minirlhf import dist, task
 from minirlhf.data import load_dataset_any, write_jsonl
 from minirlhf.pairs import pair_record
+from minirlhf.rewards import import_function
+from minirlhf.rundir import UserError
 
 LABEL_PAIRS = ("max_min", "max_random", "random")
 
@@ -39,31 +39,23 @@ def load_oracle(spec):
     """'builtin' (the task's annotators) or 'module:function' -> f(prompts, responses_a, responses_b)."""
     if spec == "builtin":
         return lambda prompts, a, b: [task.preference_prob(p, x, y) for p, x, y in zip(prompts, a, b)]
-    module, sep, name = str(spec).partition(":")
-    if not sep or not module or not name:
-        raise ValueError(f"oracle {spec!r}: expected 'builtin' or 'module:function'")
-    if os.getcwd() not in sys.path:  # "importable from the working directory", also for `python /path/iterate.py`
-        sys.path.insert(0, os.getcwd())
-    fn = getattr(importlib.import_module(module), name)
-    fn.spec = spec
-    return fn
+    return import_function(spec, "oracle", "expected 'builtin' or 'module:function'")
 
 
 def label_pairs(oracle, prompts, responses_a, responses_b, generator, name="oracle") -> list[bool]:
     """Ask the oracle once for all triples -> True where a is preferred. A return of the wrong length, or a value
-    that is not a probability, stops the run naming the function and the row."""
-    name = getattr(oracle, "spec", name)
+    that is not a probability, stops the run naming the function (`name`) and the row."""
     probs = list(oracle(list(prompts), list(responses_a), list(responses_b)))
     if len(probs) != len(prompts):
-        raise ValueError(f"oracle {name} returned {len(probs)} values for {len(prompts)} pairs")
+        raise UserError(f"oracle {name} returned {len(probs)} values for {len(prompts)} pairs")
     labels = []
     for i, p in enumerate(probs):
         try:
             p = float(p)
         except (TypeError, ValueError):
-            raise ValueError(f"oracle {name}: row {i}: expected a probability, got {p!r}") from None
+            raise UserError(f"oracle {name}: row {i}: expected a probability, got {p!r}") from None
         if not (math.isfinite(p) and 0.0 <= p <= 1.0):
-            raise ValueError(f"oracle {name}: row {i}: P(a preferred) must be in [0, 1], got {p}")
+            raise UserError(f"oracle {name}: row {i}: P(a preferred) must be in [0, 1], got {p}")
         labels.append(bool(torch.rand((), generator=generator, dtype=torch.float64).item() < p))
     return labels
 
@@ -86,7 +78,7 @@ def pick_label_pair(scores, responses, rule, generator):
     return best, worst
 
 
-def ask_oracle(oracle, rows, k, rule, path, seed):
+def ask_oracle(oracle, rows, k, rule, path, seed, name="oracle"):
     """K of an iteration's rows (each: index, prompt, responses, rewards), in order and skipping those whose
     responses are all the same text, one pair each, labelled by the oracle (on rank 0) and written to `path` as a
     preference file with the sampled ids (pairs.pair_record) -> (path, its rows, how often the current reward
@@ -103,7 +95,7 @@ def ask_oracle(oracle, rows, k, rule, path, seed):
             if len(shown) == k:
                 break
         a_wins = label_pairs(oracle, [r["prompt"] for r, _, _ in shown], [r["responses"][a] for r, a, _ in shown],
-                             [r["responses"][b] for r, _, b in shown], generator)
+                             [r["responses"][b] for r, _, b in shown], generator, name)
         write_jsonl(path, [dict(pair_record(r, a, b) if w else pair_record(r, b, a), index=r["index"],
                                 reward_model_agreed=(r["rewards"][a] > r["rewards"][b]) == w)
                            for (r, a, b), w in zip(shown, a_wins)])

@@ -208,6 +208,17 @@ def check_finite(scores, indices, source):
             raise UserError(f"reward source {source}: non-finite reward {row} for prompt {i}: fix the reward source")
 
 
+def import_function(spec, what, expected="expected 'module:function'"):
+    """The function named by "module:function", imported from sys.path or the working directory (`python
+    /elsewhere/iterate.py` puts the script's folder on sys.path, not this one). This runs the user's code."""
+    module, sep, name = str(spec).partition(":")
+    if not sep or not module or not name:
+        raise UserError(f"{what} {spec!r}: {expected}")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    return getattr(importlib.import_module(module), name)
+
+
 def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pairs_max=ALL_PAIRS_MAX, seed=0):
     """spec: a BT reward model folder (config architectures end in ForSequenceClassification), a pairwise preference
     model folder (any other checkpoint; its pairwise.json gives template, label tokens and max_length; defaults:
@@ -219,12 +230,7 @@ def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pa
     "content"} messages, system prompt and history included)."""
     spec = str(spec)
     if not os.path.isdir(spec):
-        module, sep, name = spec.partition(":")
-        if not sep or not module or not name:
-            raise UserError(f"reward source {spec!r}: not a checkpoint folder and not 'module:function'")
-        if os.getcwd() not in sys.path:  # `python /elsewhere/iterate.py` puts the script's folder there, not this one
-            sys.path.append(os.getcwd())
-        user_fn = getattr(importlib.import_module(module), name)
+        user_fn = import_function(spec, "reward source", "not a checkpoint folder and not 'module:function'")
 
         def score_with_function(prompts, responses):
             flat_prompts = [p for p, rs in zip(prompts, responses) for _ in rs]  # as given: the whole conversation

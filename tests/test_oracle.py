@@ -23,7 +23,8 @@ def test_builtin_oracle_is_the_task_annotators():
     fn = oracle.load_oracle("builtin")
     prompt = "c j f h o p"
     a, b = "c f h j o p", "c f h"
-    assert fn([prompt, prompt], [a, b], [b, a]) == [task.preference_prob(prompt, a, b), task.preference_prob(prompt, b, a)]
+    assert fn([prompt, prompt], [a, b], [b, a]) == [task.preference_prob(prompt, a, b),
+                                                    task.preference_prob(prompt, b, a)]
     assert fn([prompt], [a], [b])[0] > 0.99  # three missing letters out of six: the annotators almost never err
 
 
@@ -39,7 +40,7 @@ def test_a_bad_return_names_the_function_and_the_row(tmp_path, monkeypatch, case
     monkeypatch.syspath_prepend(str(tmp_path))
     fn = oracle.load_oracle(f"judge_mod{case}:judge")
     with pytest.raises(ValueError, match=f"oracle judge_mod{case}:judge ?" + match):
-        oracle.label_pairs(fn, ["x", "y"], ["a", "b"], ["c", "d"], torch.Generator())
+        oracle.label_pairs(fn, ["x", "y"], ["a", "b"], ["c", "d"], torch.Generator(), f"judge_mod{case}:judge")
 
 
 def test_module_function_is_importable_from_the_working_directory(tmp_path, monkeypatch):
