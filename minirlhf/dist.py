@@ -1,10 +1,9 @@
 """One code path from a single CPU process to many GPUs and nodes: process groups, FSDP2, gathering.
 
-`python script.py` runs as rank 0 of 1; `torchrun --nproc_per_node=N script.py` (or across nodes with
-`--nnodes`) starts N ranks that shard every transformer block and then the root with FSDP2
-(`torch.distributed.fsdp.fully_shard`): NCCL on CUDA, gloo on CPU, bf16 compute with fp32 gradient reduction on
-GPU. FSDP averages gradients over ranks, so a loss normalised by the global number of pairs and multiplied by
-`world_size` (see `losses.window_mean`) gives the gradient of one process that sees the global batch.
+`python script.py` is rank 0 of 1; `torchrun --nproc_per_node=N [--nnodes M] script.py` starts ranks that shard
+every block and then the root with FSDP2 (`fully_shard`): NCCL on CUDA, gloo on CPU, bf16 compute with fp32
+gradient reduction on GPU. FSDP averages gradients over ranks, so a loss normalised by the global number of pairs
+times `world_size` (`losses.window_mean`) gives the gradient of one process that sees the global batch.
 """
 import contextlib
 import os
@@ -19,14 +18,12 @@ def init_distributed():
     """-> (rank, world_size, device). Starts a process group only when launched by torchrun."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -58,15 +55,11 @@ def cleanup():
 
 
 def apply_fsdp(model, bf16=False):
-    """Shard each block, then the root (embeddings, final norm, heads), when more than one rank runs.
-
-    Sharding per block lets FSDP gather one block's weights at a time in forward and backward. The root unit
-    holds the (possibly tied) output embedding, so the fused log-prob op called inside `CausalLM.forward` sees
-    it unsharded. With one rank the model is returned as it is (the same math without the wrapper).
-    """
+    """Shard each block (FSDP gathers one block's weights at a time), then the root: it holds the (possibly tied)
+    output embedding, so the fused log-prob op inside `CausalLM.forward` sees it unsharded. One rank: unchanged."""
     if world_size() == 1:
         return model
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(**(dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else {}))
     for block in model.model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -82,12 +75,8 @@ def autocast(device):
 
 def full_state_dict(model):
     """The full (unsharded) state dict on CPU, on every rank: a collective, so every rank must call it."""
-    out = {}
-    for name, tensor in model.state_dict().items():
-        if isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor()  # all-gather of the shards
-        out[name] = tensor.detach().to("cpu", copy=True)
-    return out
+    return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu", copy=True)  # all-gather
+            for name, t in model.state_dict().items()}
 
 
 def all_gather_objects(obj):

@@ -1,25 +1,16 @@
 """The preference oracle queried during the loop: online labels that follow the policy.
 
-Dong et al. 2024 (Algorithm 1) and Xiong et al. 2024 (ICML, "Iterative Preference Learning from Human Feedback",
-the online iterative GSHF of their Sec. 3) define online RLHF as querying the preference oracle P(a > b | x) on
-the current policy's samples; the RLHF Workflow paper stands a fixed proxy reward model in for it because human
-labels are expensive. With `iterate.py --labels-per-iteration K`, each iteration shows the oracle one pair for K
-of its prompts, adds the answers to the label set, and refits the reward model on all labels so far.
+Dong et al. 2024 (Algorithm 1) and Xiong et al. 2024 (ICML, the online iterative GSHF of their Sec. 3) query the
+preference oracle P(a > b | x) on the current policy's samples; the RLHF Workflow paper stands a proxy reward
+model in for it because labels are expensive. With `iterate.py --labels-per-iteration K` each iteration shows the
+oracle one pair for K prompts and refits the reward model on all labels so far. An oracle is
+f(prompts, responses_a, responses_b) -> [P(a preferred to b)] (0/1 for a hard judge); a label is one seeded
+Bernoulli draw, so a probabilistic oracle labels like a noisy human. "builtin" is the task's annotators,
+"module:function" imports user code (an LLM judge, a labelling tool).
 
-An oracle is a function  f(prompts, responses_a, responses_b) -> list[float]  returning P(a preferred to b) for
-each aligned triple (0/1 for a hard judge). A label is one Bernoulli draw z ~ Bernoulli(p) from a seeded
-generator, so a probabilistic oracle (the built-in task's Bradley-Terry annotators) labels like a noisy human.
-`load_oracle("builtin")` is the built-in task's simulated annotators; "module:function" imports user code (an
-LLM judge or a labelling tool sits behind it), importable from the working directory.
-
-Which two of the n responses to show (`--label-pair`):
-- `max_min`: the current reward model's best vs worst, the pair the DPO step will train on for this prompt, so
-  a label checks exactly the ranking that drives the policy (where the proxy is exploited, it is wrong here);
-- `max_random`: the reward model's best vs a uniformly random other response;
-- `random`: two of the n samples, uniformly (what the offline set does with the SFT policy's two samples): an
-  on-policy pair, no label when the two are the same text. The built-in default (n = 2), because it measured best:
-  the reward model's choices concentrate the labels where its own errors lie, and DPO prefers on-policy pairs
-  (README, the controlled study).
+The pair shown (`--label-pair`): `max_min`, the reward model's best vs worst (the pair DPO would train on);
+`max_random`, its best vs a random other; `random`, two of the samples (the built-in default: it measured best,
+since the reward model's picks aim the labels at its own errors and DPO prefers on-policy pairs; README).
 """
 import math
 import os
@@ -43,8 +34,7 @@ def load_oracle(spec):
 
 
 def label_pairs(oracle, prompts, responses_a, responses_b, generator, name="oracle") -> list[bool]:
-    """Ask the oracle once for all triples -> True where a is preferred. A return of the wrong length, or a value
-    that is not a probability, stops the run naming the function (`name`) and the row."""
+    """Ask the oracle once for all triples -> True where a is preferred; a bad return names `name` and the row."""
     probs = list(oracle(list(prompts), list(responses_a), list(responses_b)))
     if len(probs) != len(prompts):
         raise UserError(f"oracle {name} returned {len(probs)} values for {len(prompts)} pairs")
@@ -61,8 +51,7 @@ def label_pairs(oracle, prompts, responses_a, responses_b, generator, name="orac
 
 
 def pick_label_pair(scores, responses, rule, generator):
-    """Indices (a, b) of the two responses to show for one prompt, or None when they would be the same text
-    (nothing to compare). `scores` are the current reward model's, used by max_min and max_random."""
+    """Indices (a, b) of the two responses to show (`scores`: the reward model's), None if they are the same text."""
     if rule == "random":  # two of the i.i.d. samples, so the pair is distributed as the policy's own
         a, b = torch.randperm(len(responses), generator=generator)[:2].tolist()
         return None if responses[a] == responses[b] else (a, b)
@@ -79,15 +68,12 @@ def pick_label_pair(scores, responses, rule, generator):
 
 
 def ask_oracle(oracle, rows, k, rule, path, seed, name="oracle"):
-    """K of an iteration's rows (each: index, prompt, responses, rewards), in order and skipping those whose
-    responses are all the same text, one pair each, labelled by the oracle (on rank 0) and written to `path` as a
-    preference file with the sampled ids (pairs.pair_record) -> (path, its rows, how often the current reward
-    model agreed with the oracle: its accuracy on fresh labels of the current policy). The file is the record: a
-    rerun after a kill reads it and asks the oracle nothing twice, and a user may label outside the run and put the
-    file there."""
+    """One pair for each of the first K rows (index, prompt, responses, rewards) with two distinct responses,
+    labelled by the oracle on rank 0 and written to `path` with the sampled ids -> (path, its rows, the reward
+    model's agreement with the oracle). The file is the record: a rerun reads it and asks nothing twice, and a user
+    may label outside the run and put it there."""
     if not os.path.exists(path) and dist.is_main():
-        generator = torch.Generator().manual_seed(seed)
-        shown = []
+        generator, shown = torch.Generator().manual_seed(seed), []
         for r in rows:
             pair = pick_label_pair(r["rewards"], r["responses"], rule, generator)
             if pair is not None:

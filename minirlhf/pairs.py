@@ -1,23 +1,16 @@
 """Turn n scored responses of one prompt into one (chosen, rejected) pair: step 4 of online iterative DPO.
 
-Dong et al. 2024 (Sec. 3.2, "best-of-n vs worst-of-n") pick the highest- and lowest-reward responses of the
-n samples, which gives the largest reward gap per prompt. The rules follow RLHFlow/Online-RLHF's names:
-- `max_min`: best vs worst (the paper's default);
-- `max_random`: best vs a uniformly random other response;
-- `max_min_p`: best vs worst after the length penalty, `max_min` that insists on `length_penalty > 0`.
-Every rule ranks the shaped score  r - length_penalty * tokens - truncation_penalty * [hit the length limit].
-A prompt whose chosen and rejected shaped scores differ by `min_gap` or less gives no pair (ties carry no
-preference). `choose_pairs` applies the rule to an iteration's sample rows, and `training_pairs` writes the pairs
-DPO trains on, with the sampled token ids beside the text (`pair_record`).
+Dong et al. 2024 (Sec. 3.2) pick the best and worst of n samples, the largest reward gap per prompt. Rules, with
+RLHFlow/Online-RLHF's names: `max_min` (the paper's), `max_random` (best vs a random other), `max_min_p` (max_min
+that insists on `length_penalty > 0`). Every rule ranks r - length_penalty * tokens - truncation_penalty * [cut
+off]; a gap of `min_gap` or less gives no pair (ties carry no preference). Pairs keep the sampled token ids.
 """
 import torch
 
 
 def shaped_scores(rewards, lengths, truncated, length_penalty=0.0, truncation_penalty=0.0):
     """(n,) rewards, response lengths in tokens, truncated flags -> (n,) fp64 scores used for ranking."""
-    rewards = torch.as_tensor(rewards, dtype=torch.float64)
-    lengths = torch.as_tensor(lengths, dtype=torch.float64)
-    truncated = torch.as_tensor(truncated, dtype=torch.float64)
+    rewards, lengths, truncated = (torch.as_tensor(x, dtype=torch.float64) for x in (rewards, lengths, truncated))
     return rewards - length_penalty * lengths - truncation_penalty * truncated
 
 
@@ -36,9 +29,7 @@ def make_pair(scores, rule="max_min", min_gap=0.0, generator=None, length_penalt
         other = others[int(torch.randint(len(others), (1,), generator=generator))]
     else:
         raise ValueError(f"unknown pair rule {rule!r}: choose max_min, max_random or max_min_p")
-    if scores[best] - scores[other] <= min_gap:
-        return None
-    return best, other
+    return None if scores[best] - scores[other] <= min_gap else (best, other)
 
 
 # A pairs file row: the text, and beside it what the policy produced (data.py trains on the ids when present)
@@ -47,9 +38,8 @@ PAIR_COLUMNS = ("prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rej
 
 
 def pair_record(row, a, b) -> dict:
-    """The preference row of responses a (chosen) and b (rejected) of a sample row (prompt, responses and, from
-    the sampler, prompt_ids, response_ids, truncated): the sampled ids go with the text, so DPO trains on exactly
-    the tokens the policy produced, and a cut-off response (no stop token) stays cut off."""
+    """The preference row of responses a (chosen) and b (rejected) of a sample row, with the sampled ids and
+    truncated flags when present: DPO trains on exactly the tokens produced, a cut-off response stays cut off."""
     ids, cut = row.get("response_ids"), row.get("truncated")
     return dict(prompt=row["prompt"], chosen=row["responses"][a], rejected=row["responses"][b],
                 prompt_ids=row.get("prompt_ids"), chosen_ids=ids and ids[a], rejected_ids=ids and ids[b],
@@ -57,8 +47,7 @@ def pair_record(row, a, b) -> dict:
 
 
 def choose_pairs(rows, rule, min_gap, length_penalty, truncation_penalty, generator):
-    """Step 4 for each sample row (rewards, n_tokens, truncated, responses): row["proxy_pair"] = [chosen, rejected]
-    indices from the shaped scores (or None), row["chosen"] / row["rejected"] their text."""
+    """Step 4 for each sample row: row["proxy_pair"] = [chosen, rejected] indices (or None), and their text."""
     for r in rows:
         scores = shaped_scores(r["rewards"], r["n_tokens"], r["truncated"], length_penalty, truncation_penalty)
         pair = make_pair(scores, rule, min_gap, generator, length_penalty)
@@ -68,10 +57,8 @@ def choose_pairs(rows, rule, min_gap, length_penalty, truncation_penalty, genera
 
 
 def training_pairs(rows, labels=()) -> list[dict]:
-    """The iteration's pairs file (every row has every PAIR_COLUMNS column, None where unknown): each sample
-    row's proxy pair, except that a label (a preference row, `index` naming its sample row) orders the pair it
-    labelled and sets the row's chosen / rejected; a label that names no row of `rows` (written outside the run)
-    is added as its own pair."""
+    """The iteration's pairs file (every PAIR_COLUMNS column, None where unknown): each row's proxy pair, except
+    where a label (`index` naming its sample row) orders the pair instead; a label naming no row is its own pair."""
     by_index, labelled, extra = {r["index"]: r for r in rows}, {}, []
     for label in labels:
         record = {c: label.get(c) for c in PAIR_COLUMNS}

@@ -1,16 +1,11 @@
-"""Training curves from the files a run already wrote, no script of your own: one PNG per stage kind.
+"""Training curves from the files a run already wrote: one PNG per stage kind (matplotlib, an optional extra).
 
     python -m minirlhf.plot RUN_DIR      # an iterate.py run, or the folder of one train_dpo.py / train_rm.py run
 
-Every stage folder in RUN_DIR (itself included) with a metrics.jsonl is one line per panel, labelled by its
-folder and drawn against its optimizer step; its kind comes from its args.json. A stage still running is read
-from its staging/ folder and labelled "(running)".
-- sft.png: SFT's loss (NLL per response token), learning rate and gradient norm;
-- reward_model.png: every reward model's (the initial one, each iteration's refit) loss, accuracy and margin;
-- dpo.png: every DPO stage's (offline_dpo, iter1/policy, ...) loss, implicit reward margin and accuracy;
-- summary.png: the run's summary.json, drawn by evaluate.plot (the iterations as a path, baselines as lines).
-They go to RUN_DIR/plots/, which is added to RUN_DIR's manifest (a rerun must not take it for a foreign file).
-matplotlib is an optional extra: pip install 'minirlhf[plot]'.
+Every folder in RUN_DIR with a metrics.jsonl and an args.json is one line per panel against its optimizer step
+(a stage still running is read from its staging/, labelled "(running)"): sft.png (loss, lr, grad norm),
+reward_model.png (loss, accuracy, margin), dpo.png (loss, margin, accuracy), and summary.png from summary.json
+(`plot_summary`). They go to RUN_DIR/plots/, added to RUN_DIR's manifest.
 """
 import argparse
 import glob
@@ -18,10 +13,28 @@ import json
 import os
 import re
 
-from minirlhf import evaluate, rundir, task
+from minirlhf import rundir, task
 
 PANELS = {"sft": ["loss", "lr", "grad_norm"], "reward_model": ["loss", "accuracy", "margin"],
           "dpo": ["loss", "margin", "accuracy"]}  # stage kind -> the metrics.jsonl keys drawn, one panel each
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None without matplotlib (an optional extra, not a dependency)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png")
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
 
 
 def stage_kind(args):
@@ -57,10 +70,49 @@ def plot_stages(plt, kind, stages, path):
         ax.set_xlabel("optimizer step")
         ax.set_title(f"{kind.replace('_', ' ')}: {key}")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png")
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    save(plt, fig, path)
+
+
+def plot_summary(rows: dict, path, proxy_scale=1.0):
+    """iterate.py's summary (policy name -> metrics): "sft", "iter1".."iterT" as a path, other rows as reference
+    lines. Left: gold (solid) and proxy reward (dashed), the proxy times `proxy_scale` and shifted to the gold
+    reward at SFT (a BT reward is defined up to a constant; proxy_scale = task.TAU puts a calibrated proxy on the
+    gold scale), so over-optimisation shows as a gap. Middle: KL(pi || pi_0). Right: gold reward against KL (Gao
+    et al. 2023's curve in miniature). -> path, or None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    names = [n for n in rows if n == "sft" or (n.startswith("iter") and n[4:].isdigit())]
+    baselines = [n for n in rows if n not in names]
+    x, has_gold = list(range(len(names))), "gold_reward" in rows[names[0]]
+
+    def column(key):
+        return [rows[n][key] for n in names]
+    fig, axes = plt.subplots(1, 3 if has_gold else 2, figsize=(13 if has_gold else 9, 3.6))
+    shift = rows["sft"]["gold_reward"] - proxy_scale * rows["sft"]["proxy_reward"] if has_gold else 0.0
+    if has_gold:
+        axes[0].plot(x, column("gold_reward"), "o-", color="C0", label="gold reward")
+    axes[0].plot(x, [shift + proxy_scale * p for p in column("proxy_reward")], "s--", color="C1",
+                 label="proxy reward" + (" (shifted to gold at SFT)" if has_gold else ""))
+    axes[1].plot(x, column("kl_to_ref"), "o-", color="C0", label="online iterations")
+    key = "gold_reward" if has_gold else "proxy_reward"
+    for k, b in enumerate(baselines):
+        axes[0].axhline(rows[b][key], color=f"C{k + 2}", ls=":", label=f"{b} ({key.split('_')[0]})")
+        axes[1].axhline(rows[b]["kl_to_ref"], color=f"C{k + 2}", ls=":", label=b)
+    for ax, title in zip(axes, ["reward", "KL(pi || pi_0)"]):
+        ax.set_xticks(x, names)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    if has_gold:
+        axes[2].plot(column("kl_to_ref"), column("gold_reward"), "o-", color="C0", label="online iterations")
+        for n in names:
+            axes[2].annotate(n, (rows[n]["kl_to_ref"], rows[n]["gold_reward"]), fontsize=7)
+        for k, b in enumerate(baselines):
+            axes[2].plot(rows[b]["kl_to_ref"], rows[b]["gold_reward"], "*", ms=10, color=f"C{k + 2}", label=b)
+        axes[2].set(xlabel="KL(pi || pi_0)", ylabel="gold reward")
+        axes[2].legend(fontsize=7)
+    save(plt, fig, path)
+    return path
 
 
 def main(argv=None):
@@ -68,13 +120,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run's --output-dir")
     args = p.parse_args(argv)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         raise SystemExit("error: python -m minirlhf.plot needs matplotlib, an optional extra: "
-                         "pip install matplotlib (or pip install 'minirlhf[plot]')") from None
+                         "pip install matplotlib (or pip install 'minirlhf[plot]')")
     stages, summary = find_stages(args.run_dir), rundir.read_json(os.path.join(args.run_dir, "summary.json"))
     if not stages and summary is None:
         raise SystemExit(f"error: {args.run_dir}: no metrics.jsonl with an args.json beside it, and no summary.json:"
@@ -90,8 +139,8 @@ def main(argv=None):
             plot_stages(plt, kind, stages[kind], written[kind])
     if summary is not None:  # the built-in task's proxy is put on the gold scale as iterate.py does
         builtin = (rundir.read_json(os.path.join(args.run_dir, "args.json")) or {}).get("sft_model", "") is None
-        written["summary"] = evaluate.plot(summary["policies"], os.path.join(out, "summary.png"),
-                                           task.TAU if builtin else 1.0)
+        written["summary"] = plot_summary(summary["policies"], os.path.join(out, "summary.png"),
+                                          task.TAU if builtin else 1.0)
     for kind, path in written.items():
         print(f"{kind}: {path}")
     return written

@@ -1,25 +1,17 @@
-"""The built-in toy task: what the outside world gives an RLHF run (tokenizer, prompts, demonstrations, human
-preferences, and the hidden true quality), simulated so that `iterate.py` runs end to end on a CPU in minutes.
+"""The built-in toy task, simulated so that `iterate.py` runs end to end on a CPU in minutes: tokenizer, prompts,
+demonstrations, human preferences and the hidden true quality.
 
-The task: the user names a few distinct letters, the assistant must say each of them exactly once and nothing else.
-    prompt "c j f h o p"  ->  ideal response "c f h j o p" (any order scores the same; writers sort)
-- Gold reward r*(x, y), hidden from the learner, used by the annotators and for evaluation:
-      r*(x, y) = (hits - EXTRA_PENALTY * (len(y) - hits)) / len(x),   hits = |set(y) & set(x)|,
-  so every requested letter earns 1/len(x), every off-prompt letter or repeat costs half of that, and
-  BEST_GOLD_REWARD = 1 exactly when y is a permutation of x. It depends on the prompt (no fixed answer scores
-  above 0 on average) and it is graded, so two imperfect responses usually differ and a label carries
-  information. Why not exact match per position (e.g. "reverse the prompt")? In our calibration a 2-layer
-  Bradley-Terry reward model could not learn positional correctness from 1000-5000 pairs (held-out accuracy
-  ~50%), while "is this letter requested / a repeat" is a content-based attention lookup it does learn
-  (68% from 1000 pairs, 79% from 2000; the labels themselves agree with the gold order 95% of the time).
-- Demonstrations (SFT data) are the sorted letters as careless writers produce them: each letter replaced by a
-  random one with probability DEMO_NOISE, the length off by one with probability LENGTH_NOISE. Sorting gives
-  the policy one deterministic target per position, which a 126k-parameter transformer learns in a few hundred
-  CPU steps; it learns the noise too, so SFT samples reach only ~50% of BEST_GOLD_REWARD at temperature 1 while
-  the best of 8 samples reaches ~90%: the gap preference learning should close.
-- Annotators follow the Bradley-Terry preference model that Dong et al. 2024 assume for human labels:
-      P(a preferred to b | x) = sigmoid((r*(x, a) - r*(x, b)) / TAU),
-  with TAU = 0.1: one missing letter out of five (0.2) is noticed 88% of the time; ties are coin flips.
+The user names a few distinct letters; the assistant must say each exactly once and nothing else
+("c j f h o p" -> "c f h j o p"; any order scores the same, writers sort).
+- Gold reward, hidden from the learner: r*(x, y) = (hits - EXTRA_PENALTY * (len(y) - hits)) / len(x), hits =
+  |set(y) & set(x)|; 1 exactly for a permutation of x. It depends on the prompt and is graded, so a label carries
+  information. (Positional correctness, e.g. "reverse the prompt", was not learnable by a 2-layer reward model from
+  1000-5000 pairs, ~50% held-out accuracy; this content lookup reached 68% from 1000 pairs, 79% from 2000.)
+- Demonstrations: the sorted letters, each replaced w.p. DEMO_NOISE, the length off by one w.p. LENGTH_NOISE. The
+  policy learns the noise too: SFT samples reach ~50% of the best reward, the best of 8 ~90%, the gap to close.
+- Annotators follow the Bradley-Terry model Dong et al. 2024 assume for human labels:
+  P(a > b | x) = sigmoid((r*(x, a) - r*(x, b)) / TAU), TAU = 0.1 (one missing letter of five is noticed 88% of
+  the time; ties are coin flips).
 """
 import math
 
@@ -84,8 +76,7 @@ def best_response(prompt: str) -> str:
 
 
 def demonstrations(prompts: list[str], seed: int) -> list[str]:
-    """Noisy human-written responses: the sorted letters, each replaced w.p. DEMO_NOISE, length off by one
-    w.p. LENGTH_NOISE."""
+    """Noisy human-written responses (see the module docstring)."""
     rng = np.random.default_rng(seed)
     responses = []
     for prompt in prompts:
@@ -111,8 +102,5 @@ def preference_prob(prompt: str, response_a: str, response_b: str, tau: float = 
 
 def annotate(prompt: str, response_a: str, response_b: str, tau: float, generator) -> bool:
     """One simulated human label, True if a is preferred. `generator`: a torch.Generator or numpy Generator."""
-    if isinstance(generator, np.random.Generator):
-        u = generator.random()
-    else:
-        u = torch.rand((), generator=generator).item()
+    u = generator.random() if isinstance(generator, np.random.Generator) else torch.rand((), generator=generator).item()
     return bool(u < preference_prob(prompt, response_a, response_b, tau))

@@ -1,16 +1,11 @@
 """Experiment tracking as TRL's `report_to`: --report-to tensorboard|wandb also sends every line of a stage's
-metrics.jsonl (the same scalars, at its "step") and the resolved arguments (the run's config) to that tracker.
+metrics.jsonl (at its "step") and the resolved arguments to that tracker. Rank 0 reports; rundir.start starts it.
 
-- tensorboard: event files in OUTPUT/tensorboard (torch.utils.tensorboard, `pip install tensorboard`), offline.
-  `tensorboard --logdir RUN` shows each stage of an iterate.py run as a run named by its folder (sft/tensorboard,
-  iter1/policy/tensorboard, ...); the arguments are the text summary "args".
-- wandb: one wandb run per stage, in OUTPUT/wandb, project $WANDB_PROJECT (default "minirlhf"), named by the
-  stage's folder within the iterate.py run (iter1/policy) and grouped under that run's folder name. wandb reads
-  its own settings: WANDB_MODE=offline keeps everything on disk (`wandb sync` later).
-Rank 0 reports; the tracker is imported only when asked for, and a missing one stops the run before any work.
-rundir.start starts a tracker and Run.log / close feed and end it, so the scripts only declare the flag. Unlike
-TRL, only metrics.jsonl's lines are sent (eval.json stays a file). A resumed stage's TensorBoard events replace
-those of the killed run from its first step on; under wandb it is a new run.
+- tensorboard: events in OUTPUT/tensorboard; each stage of an iterate.py run is a run named by its folder, the
+  arguments are the text summary "args". A resumed stage's events replace the killed run's from its first step.
+- wandb: one run per stage in OUTPUT/wandb, project $WANDB_PROJECT (default "minirlhf"), named by its folder in
+  the iterate.py run and grouped under that run (WANDB_MODE=offline keeps it on disk); a resumed stage is a new run.
+The package is imported only when asked for; a missing one stops the run before any work.
 """
 import importlib
 import json
