@@ -1,32 +1,23 @@
 """RAIN: align a frozen model at inference time by search, self-evaluation and rewind (Li et al., ICLR 2024).
 
-No gradient, no weight change, the memory of plain inference. Tree nodes are token spans (1, 2, 4, then 10 tokens
-by their index in the response) with a prior p, a fractional visit count n, a value v and an embedding e; the
-root is the committed text. One search (inner loop, up to T = 50 per committed span):
-1. select by PUCT, argmax q + c p sqrt(n_parent) / (1 + n), c = 2, q = v min-max normalised (0 if unvisited);
-   first add a child where the children look alike, all have v < 0 and are fewer than 20 (`needs_child`);
-2. simulate from the leaf until a sentence ends (, . ? : ; newline) or a stop id;
-3. evaluate the text: s in [-1, 1], cached per response;
-4. back up along the path: n += 1, v += (s - v) / n, e = running mean embedding of span + continuation;
-5. similarity update: sibling X of a path node Y with cos(e_X, e_Y) > 0.95, w = 0.2 cos:
-   v_X = (v_X n_X + w s) / (n_X + w), n_X += w;
-6. expand the leaf with up to 10 spans (`make_children`), priors mixed 0.75 p + 0.25 uniform at the root;
-7. rewind to the root.
-Outer loop: stop searching once the most-visited child has more than T_m = 6 real visits and v > V = 0.8 (the
-released code's strict rule), commit the most-visited child (ties by v), keep its subtree as the new root.
-Evaluators: `self_evaluator` (the paper's, with options (A)/(B) swapped) or `reward_evaluator` (any reward
-source of rewards.py, against the model's greedy response).
+No gradient, no weight change. Tree nodes are token spans (1, 2, 4, then 10 tokens by their index in the
+response) with a prior p, a fractional visit count n, a value v and an embedding e; the root is the committed
+text. One search (up to T = 50 per committed span): 1. select by PUCT, argmax q + c p sqrt(n_parent) / (1 + n),
+c = 2, q = v min-max normalised (0 if unvisited), first adding a child where the children look alike and all have
+v < 0 (`needs_child`); 2. simulate from the leaf to a sentence end (, . ? : ; newline) or a stop id; 3. evaluate
+the text, s in [-1, 1], cached per text as in the released code; 4. back up: n += 1, v += (s - v) / n, e = running
+mean embedding of span + continuation; 5. similarity update: a sibling X of a path node Y with cos(e_X, e_Y) >
+0.95 gets, with w = 0.2 cos, v_X = (v_X n_X + w s) / (n_X + w), n_X += w; 6. expand the leaf with up to 10 spans,
+priors mixed 0.75 p + 0.25 uniform at the root; 7. rewind. Outer loop: stop once the most-visited child has more
+than T_m = 6 real visits and v > V = 0.8, commit it (ties by v) and keep its subtree as the new root.
 
-KV cache: one row holds the committed text and the current path's spans; a search keeps the columns of the spans
-it shares with the previous path and computes the rest, so a rewind never recomputes the committed prefix.
-Expansion copies the row into k rows and decodes k spans at once; the self-evaluator's template head is computed
-once and copied. Unlike the released code (SafeAILab/RAIN): embeddings are our model's final hidden states,
-mean-pooled over span and continuation in context, L2-normalised, not Sentence-BERT (all-MiniLM-L6-v2) of the text
-alone, though the 0.95 and 0.03 thresholds were tuned for Sentence-BERT; v stays in [-1, 1], so the root's running
-min/max keep their initial -1/+1 and q = (v + 1) / 2; no few-shot block is shipped (--eval-template takes one); an
-added child's prior is renormalised with its siblings'. Cost is counted, not timed: model calls (`forwards`, a
-batched call counts once) and token positions computed (`tokens`, summed over rows), each as a multiple of plain
-decoding of the same output: len(y) calls and len(x) + len(y) - 1 positions.
+KV cache: one row holds the committed text and the current path's spans; a search recomputes only the spans it
+does not share with the previous path. Expansion decodes k spans in k rows at once; the self-evaluator's template
+head is computed once. Unlike the released code (SafeAILab/RAIN): embeddings are our model's final hidden states,
+mean-pooled and L2-normalised, not Sentence-BERT of the text (the 0.95 and 0.03 thresholds were tuned for it); v
+stays in [-1, 1], so q = (v + 1) / 2; no few-shot block is shipped (--eval-template takes one); an added child's
+prior is renormalised with its siblings'. Cost is counted: model calls (`forwards`, a batched call once) and token
+positions computed (`tokens`), as multiples of plain decoding: len(y) calls and len(x) + len(y) - 1 positions.
 
     python -m minirlhf.rain --model M --prompts prompts.jsonl --evaluator self --output out.jsonl
 """
@@ -112,9 +103,7 @@ def backup(path, score, embeddings):
 def similarity_update(path, score, gamma=0.2, threshold=0.95):
     """Siblings X of each path node Y with cos(e_X, e_Y) > threshold move toward s with weight gamma * cos."""
     for parent, node in zip(path, path[1:]):
-        for sibling in parent.children:
-            if sibling is node or sibling.embedding is None:
-                continue
+        for sibling in (c for c in parent.children if c is not node and c.embedding is not None):
             cos = F.cosine_similarity(sibling.embedding, node.embedding, dim=0).item()
             if cos > threshold:
                 w = gamma * cos
@@ -135,9 +124,7 @@ def set_priors(node, is_root):
     """Children's priors: p normalised; at the root 0.75 p + 0.25 uniform."""
     total = sum(c.p for c in node.children)
     for c in node.children:
-        c.prior = c.p / total
-        if is_root:
-            c.prior = 0.75 * c.prior + 0.25 / len(node.children)
+        c.prior = 0.75 * (c.p / total) + 0.25 / len(node.children) if is_root else c.p / total
 
 
 def most_visited(node):
@@ -201,10 +188,10 @@ def search(model, prompt_ids, evaluate, cfg, generator, stop_ids, sentence_end, 
     root, committed = Node([], 1.0, -1), []
 
     def score_of(response):
-        if tuple(response) not in scores:
-            scores[tuple(response)] = float(evaluate(response))
-            cost.evaluations += 1
-        return scores[tuple(response)]
+        key = tuple(response)
+        if key not in scores:
+            scores[key], cost.evaluations = float(evaluate(response)), cost.evaluations + 1
+        return scores[key]
 
     def goto(path):
         """Fill the cache with the spans of `path` (nodes below the root), reusing the shared head."""
@@ -214,8 +201,7 @@ def search(model, prompt_ids, evaluate, cfg, generator, stop_ids, sentence_end, 
         del cached[k:], ends[k + 1:], logits[k + 1:]
         cache.pos = ends[k]
         if k < len(path):
-            tokens = [t for node in path[k:] for t in node.tokens]
-            start = cache.pos
+            tokens, start = [t for node in path[k:] for t in node.tokens], cache.pos
             hidden[start:start + len(tokens)] = extend(model, cache, torch.tensor([tokens], device=device))[0]
             for node in path[k:]:
                 cached.append(node)
@@ -242,8 +228,7 @@ def search(model, prompt_ids, evaluate, cfg, generator, stop_ids, sentence_end, 
                 for t, p in cands if tuple(t) not in seen][:k]
 
     def one_search():
-        path, base = [root], len(committed)
-        node = root
+        node, path, base = root, [root], len(committed)
         while node.children:  # 1. selection, with dynamic node addition
             length = SPAN_LENGTHS[min(node.depth + 1, 3)]
             if needs_child(node, length):

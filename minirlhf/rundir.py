@@ -1,19 +1,16 @@
 """Output folders that say what they hold: a lock, a manifest, a staging folder, one publish step, done.json.
 
-A run owns its --output-dir through:
-- OUTPUT/.lock, held with flock while the run lives and holding "pid P on host H". A second run into the folder
-  is refused with that line. The kernel drops the lock when its process dies, so a killed run never blocks the
-  next one; the pid it left in the file is reported when the next run takes the lock over.
-- OUTPUT/manifest.json, every top-level name this program wrote there. A run replaces or deletes only those;
+- OUTPUT/.lock, held with flock while the run lives, says "pid P on host H"; a second run into the folder is
+  refused with that line. The kernel drops the lock when its process dies, so a killed run never blocks the next.
+- OUTPUT/manifest.json lists every top-level name this program wrote; a run replaces or deletes only those, and
   a folder holding anything else is refused before any work unless --overwrite.
-- OUTPUT/staging/ (train_rm.py, train_dpo.py): the run in progress writes its args.json and metrics.jsonl there,
-  then the model, eval.json and done.json; `publish` moves them into OUTPUT together. Until then OUTPUT still
-  describes the previous run, all of it; done.json is removed first and written last, so a folder with a
-  done.json holds the args, metrics, eval and weights of one run. checkpoint/ (for --resume) sits beside it.
-- Recorded arguments: --resume (and iterate.py's reruns) compare the new arguments with the recorded ones and
-  refuse with the list of differences, except those that cannot change results (--save-steps and the like).
-Every write is atomic (a uniquely named temporary, renamed into place) and durable: the file, or every file of a
-folder, and then the folder are fsynced around the rename that publishes it.
+- OUTPUT/staging/ (train_rm.py, train_dpo.py) holds the run in progress (args.json, metrics.jsonl, then model,
+  eval.json, done.json); `publish` moves it into OUTPUT at once, done.json last, so until then OUTPUT describes
+  the previous run, and a folder with a done.json holds one run's files. checkpoint/ (--resume) sits beside it.
+- --resume (and iterate.py's reruns) refuse arguments that differ from the recorded ones, listing them, except
+  those that cannot change results (--save-steps and the like).
+Every write is atomic (a unique temporary renamed into place) and durable (fsync of the file or tree, then of
+the folder, around the rename).
 """
 import argparse
 import contextlib
@@ -136,8 +133,8 @@ def lock(out):
 
 
 def unlock(f):
-    """Empty the lock file (so the next run sees no stale holder) and release it. The file itself stays: deleting
-    it would let a process that opened it just before lock an inode that no longer has a name."""
+    """Empty the lock file (no stale holder for the next run) and release it. The file stays: deleting it would let
+    a process that opened it just before lock an inode that no longer has a name."""
     f.seek(0)
     f.truncate()
     f.flush()
@@ -196,8 +193,8 @@ def mark_done(path, info):
 
 
 def nonfinite_message(step, loss, grad_norm, ckpt, saved_step):
-    """What to say when step `step` gives a non-finite loss or gradient: the weights were not updated, and the
-    last checkpoint is good (it is saved only once the next step's forward and backward came out finite)."""
+    """The message for a non-finite loss or gradient at `step`: the weights were not updated, and the last
+    checkpoint is good (saved only once the next step's forward and backward came out finite)."""
     where = (f"resume from the last good checkpoint, {ckpt} (step {saved_step}), with --resume --lr LOWER "
              "--allow-changed-args" if saved_step else "no checkpoint was saved yet: rerun with a lower --lr")
     return (f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; stopped before updating the weights. "
@@ -212,17 +209,12 @@ class Run:
     lock_file: object = None  # rank 0 only
     tracker: object = None  # rank 0, with --report-to: tracking.Tracker
 
-    @property
-    def staging(self):
-        return os.path.join(self.out, STAGING)
-
-    @property
-    def metrics_path(self):
-        return os.path.join(self.staging, "metrics.jsonl")
+    staging = property(lambda self: os.path.join(self.out, STAGING))
+    metrics_path = property(lambda self: os.path.join(self.staging, "metrics.jsonl"))
 
     def start_metrics(self, step):
-        """The run's metrics.jsonl: on resume the lines up to `step` of the interrupted run (a kill mid-append
-        leaves a partial last line, dropped), else empty."""
+        """The run's metrics.jsonl: on resume the interrupted run's lines up to `step` (a partial last line is
+        dropped), else empty."""
         if not dist.is_main():
             return
         old = []
@@ -242,11 +234,9 @@ class Run:
 
     def publish(self, ckpt, files, keep_checkpoint=True):
         """Rank 0: OUTPUT becomes the finished run. The checkpoint's model files (hard links, else copies) and
-        `files` ({name: JSON object}) join args.json and metrics.jsonl in staging/ with done.json; then done.json
-        and config.json leave OUTPUT, everything moves in, config.json and done.json last, and the files an
-        earlier publish left that this one did not write (weights of another shard count) go. Without
-        `keep_checkpoint`, `ckpt` goes too: its weights are OUTPUT's (hard links), the rest is optimizer state
-        (twice the weights) that only --resume would read."""
+        `files` ({name: JSON object}) join staging/ with done.json; done.json and config.json leave OUTPUT, all moves
+        in (those two last), and an earlier publish's files that this one did not write go. Without
+        `keep_checkpoint`, `ckpt` goes too (the rest is optimizer state that only --resume would read)."""
         if not dist.is_main():
             return
         staging = self.staging
@@ -293,15 +283,11 @@ class Run:
 
 
 def start(out, args, names, *, resume=False, overwrite=False, allow_changed_args=False, ignore=(), staged=True):
-    """Take OUTPUT for this run, before any work: lock it, refuse foreign files (unless `overwrite`) and
-    arguments that differ from the recorded ones, claim `names` in the manifest and record `args`.
-
-    staged (train scripts): `resume` continues OUTPUT/checkpoint if it exists (a kill inside its last save is
-    undone first), against staging/args.json or, after a finished run, args.json. Without it an unfinished run's
-    checkpoint is refused unless `overwrite` (so no kill is lost by forgetting --resume); a finished run's
-    checkpoint and staging are cleared. The new args go to staging/args.json.
-    not staged (iterate.py): a rerun is compared with OUTPUT/args.json, which is then rewritten.
-    args["report_to"] (--report-to), when set, starts a tracking.Tracker that Run.log feeds."""
+    """Take OUTPUT before any work: lock it, refuse foreign files (unless `overwrite`) and changed arguments, claim
+    `names` in the manifest, record `args` and start the --report-to tracker that Run.log feeds.
+    staged (train scripts): `resume` continues OUTPUT/checkpoint if there is one (a kill inside its last save is
+    undone first); without it an unfinished run's checkpoint is refused unless `overwrite` (no kill is lost by
+    forgetting --resume), a finished one's is cleared. Not staged (iterate.py): args.json is compared, rewritten."""
     from minirlhf import tracking  # both import this module
     from minirlhf.checkpoint import recover_dir
     out, report_to, ignore = str(out), args.get("report_to"), (*ignore, "report_to")

@@ -1,17 +1,12 @@
 """Prompt and response tokenisation through the checkpoint's chat template, in one place.
 
-Every prompt, string or list of {"role", "content"} messages, is templated; a string prompt is one user message.
-Rendered text is tokenised with add_special_tokens=False because chat templates write their own BOS.
-A (prompt, response) pair is tokenised by templating the whole conversation, checking that the prompt's tokens
-(with the generation prompt) are a prefix of it, and keeping the rest as the response. The response is cut just
-after its last EOS (the end-of-turn token; templates such as ChatML add "\\n" after it) or, if the template
-wrote none, gets EOS appended, so every response ends with the token generation stops on. A reward model reads
-the conversation whole, as rendered (`encode_pair(..., whole=True)`), in training and in scoring.
-
-Special-token strings inside message content stay text: "<|im_end|>" written in a response is the characters
-"<", "|", ... and never the end-of-turn token (which would end the turn early and train on what follows). Only the
-template's own special tokens are special. Content without such a string takes the plain path, one tokenizer
-call on the rendered text; content with one takes `_encode_content_as_text`.
+Every prompt (a string is one user message, or a list of {"role", "content"} messages) is templated and the text
+tokenised with add_special_tokens=False (templates write their own BOS). A (prompt, response) pair is the whole
+conversation templated, the prompt's tokens (with the generation prompt) checked to be a prefix, and the rest
+the response, cut after its last EOS (ChatML adds "\\n" after it) or given one, so every response ends with the
+token generation stops on. A reward model reads the conversation whole, as rendered (`whole=True`).
+Special-token strings inside message content stay text ("<|im_end|>" in a response is characters, never the
+end of turn, which would end the turn early and train on what follows): see `_encode_content_as_text`.
 """
 import os
 import re
@@ -23,8 +18,7 @@ from minirlhf.rundir import UserError
 
 
 def load_tokenizer(path):
-    """AutoTokenizer with the checkpoint's chat template; remote code is never run. `path` is a local folder (a
-    missing one is said to be missing, not taken for a Hub repo id)."""
+    """AutoTokenizer of a local checkpoint folder, with its chat template; remote code is never run."""
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such folder (expected a checkpoint folder with config.json and the tokenizer)")
     return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -32,16 +26,16 @@ def load_tokenizer(path):
 
 def pad_token_id(tokenizer) -> int:
     """Pad id for collation (pad positions are masked, so EOS is a safe stand-in when there is no pad token)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
 
 def as_messages(prompt) -> list[dict]:
-    """A string prompt becomes a single user message; a message list is returned as a list."""
+    """A string prompt becomes a single user message."""
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
 def check_chat_template(tokenizer, chat_template=None):
-    """Raise a clear error when there is no template to apply (`chat_template` overrides the tokenizer's)."""
+    """A clear error when there is no template to apply (`chat_template` overrides the tokenizer's)."""
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: pass "
                         "--chat-template FILE (a Jinja template; in Python, chat_template=) or use a checkpoint "
@@ -49,8 +43,7 @@ def check_chat_template(tokenizer, chat_template=None):
 
 
 def apply_template(tokenizer, messages, add_generation_prompt, chat_template=None) -> list[int]:
-    """Render `messages` with the chat template (`chat_template` overrides the tokenizer's) and tokenise; special-
-    token strings inside message content stay text (see the module docstring)."""
+    """Render `messages` with the chat template and tokenise; special-token strings in the content stay text."""
     check_chat_template(tokenizer, chat_template)
     def render(msgs):
         try:
@@ -58,26 +51,18 @@ def apply_template(tokenizer, messages, add_generation_prompt, chat_template=Non
                                                  add_generation_prompt=add_generation_prompt)
         except jinja2.TemplateError as e:  # e.g. a role the template does not know: a row problem (ValueError)
             raise ValueError(f"chat template: {e} (roles {[m.get('role') for m in msgs]})") from None
-    specials = special_strings(tokenizer)
+    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
     if any(s in m["content"] for m in messages if isinstance(m.get("content"), str) for s in specials):
         return _encode_content_as_text(tokenizer, messages, render, specials)
     return tokenizer(render(messages), add_special_tokens=False)["input_ids"]
 
 
-def special_strings(tokenizer) -> list[str]:
-    """The strings of the tokenizer's special tokens (role markers, BOS, end of turn...), longest first."""
-    return sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
-
-
 def _encode_content_as_text(tokenizer, messages, render, specials) -> list[int]:
-    """Token ids of the rendered conversation in which special-token strings inside message content are text.
-
-    Each such string in the content is swapped for a placeholder ("\\ue000k\\ue001", private-use characters), so
-    every special string of the rendered text is the template's own; the text is cut at them (the tokenizer cuts
-    there too: added tokens split the input before the model), each piece between them gets its strings back and
-    is tokenised with split_special_tokens=True, and the template's tokens keep their ids. Refused (ValueError)
-    when the template changes content that holds such a string, or when this tokenizer does not tokenise a text
-    cut at its special tokens piece by piece as it tokenises it whole."""
+    """Token ids of the rendered conversation with special-token strings in message content as text: they are
+    swapped for placeholders (private-use characters) before rendering, so every special string left is the
+    template's own; the text is cut there (as the tokenizer cuts at added tokens), each piece gets its strings
+    back and is tokenised with split_special_tokens=True. Refused (ValueError) when the template changes such
+    content, or when this tokenizer does not tokenise a text cut at its special tokens as it tokenises it whole."""
     pattern = re.compile("|".join(map(re.escape, specials)))
     found = []  # found[k]: the special string placeholder k stands for
     def hide(match):
@@ -114,13 +99,9 @@ def encode_prompt(tokenizer, prompt, chat_template=None) -> list[int]:
 
 
 def encode_pair(tokenizer, prompt, response, chat_template=None, whole=False) -> tuple[list[int], list[int]]:
-    """(prompt_ids, response_ids) such that prompt_ids + response_ids is the templated conversation, the response
-    cut after its last EOS (what the policy generates and DPO trains), or with `whole` exactly what the template
-    renders (what a reward model reads: ChatML's "\n" after <|im_end|> too, as `apply_chat_template` gives it to
-    the hub's reward models and TRL's RewardTrainer, so their scores and ours are read at the same position).
-
-    `response` is a string (one assistant message) or a list of assistant messages.
-    """
+    """(prompt_ids, response_ids) of the templated conversation, the response (a string or assistant messages) cut
+    after its last EOS (what the policy generates), or with `whole` all the template renders (what a reward model
+    reads: ChatML's "\n" after <|im_end|> too, as the hub's reward models and TRL read it)."""
     messages = as_messages(prompt)
     response = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
     prompt_ids = encode_prompt(tokenizer, messages, chat_template)

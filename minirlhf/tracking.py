@@ -18,8 +18,8 @@ GROUPS = []  # folders of the iterate.py runs in progress in this process (their
 
 
 class Tracker:
-    """One stage's run in TensorBoard or wandb; for an iterate.py run (`group`), only the name its stages'
-    runs are grouped under (iterate.py logs no metrics.jsonl of its own)."""
+    """One stage's run in TensorBoard or wandb; for an iterate.py run (`group`), only the name its stages' runs
+    are grouped under."""
 
     def __init__(self, report_to, out, config, resume=False, group=False):
         self.report_to, self.out, self.config, self.writer = report_to, out, config, None
@@ -45,8 +45,7 @@ class Tracker:
         """One metrics.jsonl line: every number in it at its step."""
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
         if self.report_to == "wandb":
-            self.writer.log(scalars, step=metrics["step"])
-            return
+            return self.writer.log(scalars, step=metrics["step"])
         if self.writer is None:  # purge_step: a resumed run's first step drops the killed run's later events
             self.writer = self.module.SummaryWriter(os.path.join(self.out, "tensorboard"), purge_step=metrics["step"])
             self.writer.add_text("args", "```\n" + json.dumps(self.config, indent=2) + "\n```", metrics["step"])
