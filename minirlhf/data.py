@@ -13,19 +13,16 @@ or a preference row (train on chosen).
 Everything goes through the chat template (minirlhf.tokenizer): a string prompt is one user message, so the same
 content gives the same token ids in every format.
 
-Sampled rows (iterate.py's pairs and labels) carry token ids beside the text: `<prompt column>_ids`, the prompt
-exactly as the sampler saw it, and `<response column>_ids`, the response exactly as the policy produced it (its
-stop token included, or none when it hit the length limit). A row with all of them trains on those ids, not on
-re-encoded text (decoding and re-encoding can change tokens; a cut-off answer would gain a stop token); its
-response text must be what its ids decode to. `<response column>_truncated` true on a text row: the response was
-cut off, so it is trained without the stop token the template writes.
+Sampled rows (iterate.py's pairs and labels) carry `<column>_ids` beside the text: the prompt as the sampler saw
+it and each response as the policy produced it (stop token included, none if cut off). Such rows train on the ids,
+not on re-encoded text (which can change tokens, or give a cut-off answer a stop token); the text must be what
+the ids decode to. `<response column>_truncated` on a text row: trained without the template's stop token.
 
-Truncation rule: a row whose prompt is longer than max_prompt_length tokens, or leaves no room for a response
-token under max_length, is a bad row (never cut: cutting a prompt changes the task); then each response is cut
-from the right so prompt + response <= max_length (a cut response loses its EOS). Bad rows (missing field, empty
-prompt, wrong type, prompt too long, chosen identical to rejected, prompts that differ or break the template's
-prefix property) raise DataError naming the file, row and field; with skip_bad=True they are skipped and the
-count per reason is printed and returned. Scripts with their own row checks use split_row and BadRow.
+Truncation: a prompt longer than max_prompt_length, or leaving no room for a response under max_length, makes a
+bad row (cutting a prompt changes the task); responses are cut from the right to fit max_length (losing their
+EOS). Bad rows (missing field, empty prompt, wrong type, prompt too long, chosen identical to rejected, prompts
+that differ or break the template's prefix property) raise DataError naming the file, row and field; with
+skip_bad=True they are skipped and counted per reason. Scripts with their own row checks use split_row and BadRow.
 """
 import json
 import os

@@ -1,10 +1,9 @@
 """Per-token log-probs log p(y_t | y_<t) without ever holding the (N, V) logits, and sequence log-probs.
 
-`fused_token_logps(h, W, labels)` is equivalent to the naive
-    `log_softmax((h @ W.T).float(), -1).gather(-1, labels)`   (0 where labels == ignore_index)
-kept next to it as `naive_token_logps`, and a test holds the two equal in values and gradients. The naive
-form holds several (N, V) fp32 tensors (logits, log-softmax, its gradient): at N = 16k tokens and a Llama-3
-vocabulary (V = 128256) that is 8 GB each. The fused op keeps only the per-row log-sum-exp between passes:
+`fused_token_logps(h, W, labels)` equals the naive `log_softmax((h @ W.T).float(), -1).gather(-1, labels)` (0 where
+labels == ignore_index), kept beside it as `naive_token_logps`; a test holds them equal in values and gradients.
+The naive form holds several (N, V) fp32 tensors: 8 GB each at N = 16k tokens and V = 128256 (Llama 3). The fused
+op keeps only the per-row log-sum-exp between passes:
 
     forward   walk the N rows in chunks of C = chunk_size:
               z = h_c @ W.T (C, V) -> lse = logsumexp(z) (fp32) -> logp = z[y] - lse
@@ -12,20 +11,13 @@ vocabulary (V = 128256) that is 8 GB each. The fused op keeps only the per-row l
               z_b = h @ W_b.T (N, Vc); d logp / d z = onehot(y) - exp(z - lse), times the incoming grad g;
               grad_W_b = dz_b.T @ h (one matmul over all rows), grad_h += dz_b @ W_b (fp32 accumulator)
 
-Peak extra memory is O(chunk_size x V) instead of O(N x V), at the price of one more matmul (the
-recomputation). Backward walks V rather than N so that each slice of grad_W is a single matmul that sums over
-all rows with fp32 accumulation inside: bf16 weights need no (V, D) fp32 accumulator (2 GB at Llama-3 8B
-size), only an (N, D) one for grad_h. Rows whose label is `ignore_index` (prompt, padding) are dropped
-before the first matmul, so they cost nothing.
-
-Plain PyTorch, no Triton: the same code on CPU and GPU; with FSDP2 (call it inside the module's forward, so
-the unsharded weight is alive in forward and re-gathered for backward) and with tied embeddings (autograd
-adds the grad_W returned here to the embedding's own gradient) and under torch.autocast (backward reruns the
-matmuls in forward's autocast dtype, as torch.amp.custom_bwd does). It serves DPO and SFT (sum or mean of
-token_logps) and the pairwise preference model (the log-prob of its label token "A" or "B").
-
-Default chunk_size = 1024 rows: 1024 x 128256 fp32 logits = 0.5 GB per chunk (one such tensor, plus its
-bf16 copy for bf16 inputs); smaller chunks lower memory, larger ones amortise the per-matmul overhead.
+Peak extra memory is O(C x V) instead of O(N x V), for one more matmul. Backward walks V so that each slice of
+grad_W is one matmul summing over all rows in fp32 inside: bf16 weights need no (V, D) fp32 accumulator, only an
+(N, D) one for grad_h. Rows labelled `ignore_index` (prompt, padding) are dropped before the first matmul.
+Plain PyTorch: the same on CPU and GPU, under FSDP2 (called inside the module's forward), with tied embeddings
+(autograd adds grad_W to the embedding's own) and autocast (backward reruns forward's dtype, as custom_bwd). It
+serves DPO, SFT and the pairwise preference model's label token. Default C = 1024: 0.5 GB of fp32 logits per
+chunk at V = 128256.
 """
 import torch
 import torch.nn.functional as F

@@ -5,47 +5,29 @@ the current policy, y ~ pi_t(. | x), and ranks them with the reward model r(x, y
 preference pairs. `generate` does the drawing; `rewards.score_sequences` (the reward-model form of the same
 network, batched the same way) does the ranking. In the spirit of gpt-fast:
 
-Cache layout. One `KVCache` per batch holds, per layer, K and V buffers of shape (B, Hkv, L, hd) with
-L = longest prompt + max_new_tokens, allocated once and written in place at a column `pos` shared by every
-row (no torch.cat growth). Eager decoding attends over the written columns only, `[:pos + 1]`.
+Cache layout. One `KVCache` per batch holds, per layer, K and V of shape (B, Hkv, L, hd), L = longest prompt +
+max_new_tokens, allocated once and written in place at a column `pos` shared by every row (no torch.cat growth).
+Prompts are LEFT-padded so all rows write the same column; a (B, L) bool `valid` marks real tokens and each row
+gets position ids = real tokens before it, so a padded row computes what it would alone, and
+`valid[:, None, None, :pos + 1]` is the decode attention mask itself (Mistral's sliding window adds a comparison).
 
-Padding. Prompts are LEFT-padded to the longest prompt of their batch, so all rows write the same column at
-each step. A (B, L) bool `valid` marks which columns hold real tokens (prompt padding stays False), and each
-row gets its own position ids = number of real tokens before it, so a padded row computes exactly what it
-would alone. A decode query sees every valid written column, so `valid[:, None, None, :pos + 1]` is the
-attention mask itself (a view, nothing built per step); Mistral's sliding window adds one comparison.
+Shared prefill: the B prompts run once and each one's keys are copied into its n rows (B * n rows in all). The
+prefill runs in chunks of consecutive prompts (longest first), each padded only to its own longest prompt
+(`prefill_chunks`). A row is done after its first stop id; once half the rows are done the batch is compacted.
+Many prompts go `batch_size` rows at a time, longest first (an out-of-memory shows in the first batch); results
+come back in the caller's order.
 
-Shared prefill. The B prompts of a batch run through the model once; the cache has B * n rows and the prefill
-writes prompt b's keys into rows b*n ... b*n + n-1 (a broadcast copy), then n samples per prompt decode. The
-prefill runs in chunks of consecutive prompts (longest first), each padded only to its own longest prompt and
-written at the columns that end at P (`prefill_chunks`): a ragged batch's prefill skips most of its padding.
+MKL-packed weights (CPU, fp32, default): `mkl_packed` packs each weight once per call instead of at every small
+sgemm, q/k/v and gate/up stacked (benchmarks/RESULTS.md). Compiled decode (opt-in `compile=True`, for CUDA,
+gpt-fast's idea): one static cache per call reused by every batch, the step writing at a position held in a
+tensor and attending over all L columns with `valid`, so one CUDA graph serves every step; no compaction.
 
-Finished rows. A row is done after its first stop id; the loop ends when every row is done, and when at
-least half of the rows are done the batch is compacted (finished rows dropped from the cache and buffers).
-Many prompts are processed `batch_size` sequences (rows) at a time, longest prompts first (less padding,
-and an out-of-memory shows up in the first batch); results come back in the caller's order.
+Sampling: logits / temperature, then top-k, then top-p (`transformers`' order), drawn by inverting the CDF with
+one uniform per row. `token_logps` are log-probs under that distribution (the policy's own at temperature 1 with
+no top-k/top-p); temperature 0 is greedy, with the temperature-1 log-probs.
 
-MKL-packed weights (CPU, fp32, default): a decode step of a few rows re-packs every weight inside plain
-sgemm; `mkl_packed` packs each weight once per call instead, q/k/v and gate/up stacked into one matrix each
-(see its docstring and benchmarks/RESULTS.md).
-
-Compiled decode (opt-in, `compile=True`, meant for CUDA): gpt-fast's idea. Shapes are static: one cache
-(batch_size rows, L = longest prompt of the call + max_new_tokens) is allocated per call and reused by every
-batch (the last one filled up with copies of a prompt); the step writes at a position held in a tensor
-(`index_copy_`) and attends over all L columns with the `valid` mask (unwritten or stale columns are False),
-so one compiled graph (CUDA graphs, mode="reduce-overhead") serves every step of every batch. No compaction
-on this path: it would change the shapes.
-
-Sampling distribution: logits / temperature, then top-k, then top-p (the order of `transformers`' warpers),
-renormalised, drawn by inverting its CDF with one uniform per row (`inverse_cdf`). `token_logps` are
-log-probs under that distribution: log_softmax(sampling_logits(...)) at the
-drawn token; at temperature 1 with no top-k/top-p they are the policy's own log p(y_t | x, y_<t).
-Temperature 0 is greedy; its token_logps are the policy's log-probs at temperature 1.
-
-FSDP. `generate` needs a plain, unsharded model: it runs thousands of small forwards, and FSDP would
-all-gather every layer at every step. The caller (iterate.py) has rank 0 save the trained policy from the
-gathered full state dict (`dist.full_state_dict`, in train_dpo.py); every rank then loads that folder into an
-ordinary `CausalLM` and generates for its own share of the prompts.
+FSDP: `generate` needs a plain, unsharded model (FSDP would all-gather every layer at every step): iterate.py
+has rank 0 save the trained policy, and every rank loads it and generates for its share of the prompts.
 
     from minirlhf.sampler import generate
     gen = generate(policy, prompts, max_new_tokens=256, n=4, temperature=0.7, eos_token_id=[2], seed=0)
