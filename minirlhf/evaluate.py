@@ -19,18 +19,6 @@ from minirlhf.sampler import generate
 from minirlhf.tokenizer import decode_response, encode_prompt, pad_token_id
 
 
-@torch.no_grad()
-def response_logps(model, tokenizer, prompt_ids, responses, batch_size=64):
-    """log pi(y | x) of each (prompt_ids[i], responses[i]) pair under `model` -> list of floats."""
-    device, out = model.output_weight().device, []
-    for i in range(0, len(responses), batch_size):
-        examples = [Sequence(p, r) for p, r in zip(prompt_ids[i:i + batch_size], responses[i:i + batch_size])]
-        batch = {k: v.to(device) for k, v in collate_sequences(examples, pad_token_id(tokenizer)).items()}
-        logps, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        out += logps.tolist()
-    return out
-
-
 def evaluate_policy(policy, ref_model, tokenizer, prompts, reward_fn, max_new_tokens, seed=0, gold_fn=None,
                     baseline_gold=None, batch_size=64):
     """One sample per prompt at temperature 1 -> (metrics, responses as text). reward_fn: the proxy (as
@@ -42,7 +30,13 @@ def evaluate_policy(policy, ref_model, tokenizer, prompts, reward_fn, max_new_to
     response_ids = [r[0] for r in gen.responses]
     responses = [decode_response(tokenizer, r) for r in response_ids]
     policy_logps = [sum(lp[0]) for lp in gen.token_logps]
-    ref_logps = response_logps(ref_model, tokenizer, prompt_ids, response_ids, batch_size)
+    ref_logps, device = [], ref_model.output_weight().device
+    with torch.no_grad():  # log pi_ref(y | x): one forward pass of the reference
+        for i in range(0, len(prompts), batch_size):
+            pairs = [Sequence(p, r) for p, r in zip(prompt_ids[i:i + batch_size], response_ids[i:i + batch_size])]
+            batch = {k: v.to(device) for k, v in collate_sequences(pairs, pad_token_id(tokenizer)).items()}
+            ref_logps += sequence_logps(ref_model, batch["input_ids"], batch["attention_mask"],
+                                        batch["loss_mask"])[0].tolist()
     proxy = [r[0] for r in reward_fn(prompts, [[r] for r in responses])]
     metrics = {"proxy_reward": sum(proxy) / len(proxy), "length": sum(map(len, response_ids)) / len(response_ids),
                "kl_to_ref": sum(p - q for p, q in zip(policy_logps, ref_logps)) / len(prompts)}
@@ -55,30 +49,7 @@ def evaluate_policy(policy, ref_model, tokenizer, prompts, reward_fn, max_new_to
     return metrics, responses
 
 
-def reward_model_accuracy(reward_fn, prompts, responses_a, responses_b, gold_fn):
-    """How often the proxy orders two responses as the gold reward does (gold ties excluded)."""
-    proxy = reward_fn(prompts + prompts, [[a] for a in responses_a] + [[b] for b in responses_b])
-    n, agree = 0, 0
-    for i, (p, a, b) in enumerate(zip(prompts, responses_a, responses_b)):
-        ga, gb = gold_fn(p, a), gold_fn(p, b)
-        if ga != gb:
-            n += 1
-            agree += (proxy[i][0] > proxy[len(prompts) + i][0]) == (ga > gb)
-    return agree / max(n, 1), n
-
-
 COLUMNS = ["gold_reward", "gold_win_rate", "proxy_reward", "length", "kl_to_ref", "human_labels"]
-
-
-def format_table(rows: dict) -> str:
-    """rows: policy name -> metrics. One line per policy, one column per metric present."""
-    columns = [c for c in COLUMNS if any(c in m for m in rows.values())]
-    lines = [f"{'policy':12s}" + "".join(f"{c:>15s}" for c in columns)]
-    for name, metrics in rows.items():
-        cells = (f"{metrics[c]:15d}" if isinstance(metrics.get(c), int) else f"{metrics[c]:15.3f}" if c in metrics
-                 else f"{'-':>15s}" for c in columns)
-        lines.append(f"{name:12s}" + "".join(cells))
-    return "\n".join(lines)
 
 
 def evaluate_iterations(out, iterations, sft_dir, offline_dir, tokenizer, prompts, reward_fn, max_new_tokens, seed=0,
@@ -108,10 +79,17 @@ def evaluate_iterations(out, iterations, sft_dir, offline_dir, tokenizer, prompt
         policy = load_model(policies[name], device=device).eval()
         a, b = (evaluate_policy(policy, policy, tokenizer, prompts, reward_fn, max_new_tokens, seed=seed + k)[1]
                 for k in (1, 2))
-        acc, n = reward_model_accuracy(reward_fn, prompts, a, b, gold_fn)
+        proxy = reward_fn(prompts + prompts, [[r] for r in a + b])
+        gold = [(gold_fn(p, x), gold_fn(p, y)) for p, x, y in zip(prompts, a, b)]
+        agree = [(proxy[i][0] > proxy[i + len(a)][0]) == (ga > gb) for i, (ga, gb) in enumerate(gold) if ga != gb]
+        acc, n = sum(agree) / max(len(agree), 1), len(agree)  # gold ties excluded
         summary[f"reward_model_gold_accuracy_{name}"] = acc
         print(f"reward model accuracy against gold labels on held-out {name} pairs: {acc:.3f} ({n} pairs)")
-    print(format_table(rows))
+    columns = [c for c in COLUMNS if any(c in m for m in rows.values())]
+    print(f"{'policy':12s}" + "".join(f"{c:>15s}" for c in columns))
+    for name, m in rows.items():
+        print(f"{name:12s}" + "".join(f"{m[c]:15d}" if isinstance(m.get(c), int) else f"{m[c]:15.3f}" if c in m
+                                      else f"{'-':>15s}" for c in columns))
     summary["seconds"] = time.time() - start if start else None
     atomic_write_json(f"{out}/summary.json", summary)
     plot_summary(rows, f"{out}/summary.png", proxy_scale)

@@ -37,11 +37,6 @@ def save(plt, fig, path):
     os.replace(path + ".tmp.png", path)
 
 
-def stage_kind(args):
-    """A stage's args.json -> "reward_model" (train_rm.py), "sft" or "dpo" (train_dpo.py, any preference loss)."""
-    return "reward_model" if "kind" in args else "sft" if args.get("loss") == "sft" else "dpo"
-
-
 def find_stages(run_dir):
     """-> {kind: {label: [metrics.jsonl rows]}}, labels in natural order (iter2 before iter10)."""
     stages = {}
@@ -56,7 +51,8 @@ def find_stages(run_dir):
         label = (os.path.basename(os.path.abspath(run_dir)) if rel == "." else rel) + " (running)" * running
         with open(path) as f:  # a line cut by a kill or still being written has no newline yet
             rows = [json.loads(line) for line in f if line.endswith("\n")]
-        stages.setdefault(stage_kind(args), {})[label] = rows
+        kind = "reward_model" if "kind" in args else "sft" if args.get("loss") == "sft" else "dpo"  # train_rm/dpo.py
+        stages.setdefault(kind, {})[label] = rows
     return stages
 
 

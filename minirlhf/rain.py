@@ -278,12 +278,6 @@ def search(model, prompt_ids, evaluate, cfg, generator, stop_ids, sentence_end, 
     return committed, score_of(committed)
 
 
-def sentence_end_ids(tokenizer) -> set[int]:
-    """Ids of the tokens whose text ends a sentence (, . ? : ; newline), where a simulation stops."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return {i for i, t in enumerate(texts) if t.rstrip(" ")[-1:] in set(SENTENCE_END) and t.strip(" ")}
-
-
 def self_evaluator(model, tokenizer, template=HARM_TEMPLATE, options=("harmless", "harmful")):
     """The paper's self-evaluation -> evaluate(prompt, response) in {-1, 0, 1}. `template` holds {conversation},
     then {option_a} and {option_b}, and ends where the model answers with the letter A or B; options = (good,
@@ -362,14 +356,15 @@ def align(model, tokenizer, prompts, evaluator, cfg=RainConfig(), seed=0, progre
     evaluator(prompt, response text) -> score in [-1, 1] (`self_evaluator`, `reward_evaluator` or any function).
     -> (responses, scores, costs): text, the evaluator's score of it, and a dict of counted cost per prompt."""
     generator = torch.Generator(model.output_weight().device).manual_seed(seed)
-    stop_ids, sentence_end = {tokenizer.eos_token_id}, sentence_end_ids(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])  # a simulation stops after a sentence end
+    sentence_end = {i for i, t in enumerate(texts) if t.rstrip(" ")[-1:] in set(SENTENCE_END) and t.strip(" ")}
     responses, scores, costs = [], [], []
     with mkl_packed(model):  # thousands of small forwards per prompt: pack the weights once (sampler.py)
         for prompt in tqdm(prompts, desc="rain", disable=not progress):
             prompt_ids, cost = encode_prompt(tokenizer, prompt), Cost()
             with counting(model, cost):
                 ids, score = search(model, prompt_ids, lambda r: evaluator(prompt, decode_response(tokenizer, r)),
-                                    cfg, generator, stop_ids, sentence_end, cost)
+                                    cfg, generator, {tokenizer.eos_token_id}, sentence_end, cost)
             plain = dict(plain_forwards=len(ids), plain_tokens=len(prompt_ids) + len(ids) - 1)
             costs.append(asdict(cost) | plain | dict(forward_multiple=cost.forwards / plain["plain_forwards"],
                                                      token_multiple=cost.tokens / plain["plain_tokens"]))
