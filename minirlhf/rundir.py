@@ -46,8 +46,7 @@ def user_errors():
 
 def positive_int(text):
     """argparse type of counts that must be >= 1 (a batch size of 0 would divide by zero later)."""
-    value = int(text)
-    if value < 1:
+    if (value := int(text)) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
     return value
 
@@ -102,10 +101,10 @@ def atomic_write_json(path, obj):
 
 
 def read_json(path, default=None):
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return default
 
 
 def lock(out):
@@ -121,12 +120,10 @@ def lock(out):
         raise UserError(f"{out} is in use by {holder} (lock file {path}): wait for that run to end, or choose "
                         "another --output-dir") from None
     f.seek(0)
-    stale = f.read().strip()
-    if stale:
+    if stale := f.read().strip():
         print(f"note: {path} was left by {stale}, which ended without releasing it (killed?); taking it over",
               flush=True)
-    f.seek(0)
-    f.truncate()
+    f.truncate(0)  # "a+": the write below goes to the (new) end
     f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
     f.flush()
     return f
@@ -135,8 +132,7 @@ def lock(out):
 def unlock(f):
     """Empty the lock file (no stale holder for the next run) and release it. The file stays: deleting it would let
     a process that opened it just before lock an inode that no longer has a name."""
-    f.seek(0)
-    f.truncate()
+    f.truncate(0)
     f.flush()
     fcntl.flock(f, fcntl.LOCK_UN)
     f.close()
