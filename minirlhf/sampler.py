@@ -84,13 +84,8 @@ class KVCache:
 
 
 def sampling_logits(logits, temperature=1.0, top_k=None, top_p=None):
-    """(R, V) logits -> (R, V) fp32 logits of the sampling distribution, -inf outside its support.
-
-    Divide by the temperature; keep the top_k largest (ties with the k-th kept); then keep the smallest set of
-    most likely tokens whose probability reaches top_p (a token is dropped when the mass of the tokens ranked
-    above it already reaches top_p, so the most likely token always stays). softmax of the result is the
-    distribution `sample` draws from.
-    """
+    """(R, V) logits -> (R, V) fp32 logits of the sampling distribution, -inf outside its support: divided by the
+    temperature, the top_k largest kept (ties too), then the smallest most likely set whose mass reaches top_p."""
     x = logits.float() / temperature
     if top_k is not None and top_k < x.shape[-1]:
         kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
@@ -104,12 +99,9 @@ def sampling_logits(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 def sample(logits, generator, temperature=1.0, top_k=None, top_p=None):
-    """(R, V) logits -> tokens (R,) and their fp32 log-probs (R,) under the sampling distribution.
-
-    On CPU, 16 rows at a time: the (R, V) temporaries of a whole step are tens of MB, which the allocator maps
-    fresh at every step (128 rows at V = 32000: 337k page faults in 16 steps, 33k in blocks); 16 rows stay in
-    cache.
-    """
+    """(R, V) logits -> tokens (R,) and their fp32 log-probs (R,) under the sampling distribution. On CPU 16 rows
+    at a time: a whole step's (R, V) temporaries are mapped fresh at every step (128 rows at V = 32000: 337k page
+    faults in 16 steps, 33k in blocks)."""
     if logits.device.type == "cpu" and len(logits) > 16:
         drawn = [sample(block, generator, temperature, top_k, top_p) for block in logits.split(16)]
         return torch.cat([t for t, _ in drawn]), torch.cat([lp for _, lp in drawn])
@@ -124,11 +116,9 @@ def sample(logits, generator, temperature=1.0, top_k=None, top_p=None):
 
 
 def inverse_cdf(probs, u):
-    """probs (R, V), u (R, 1) uniform in [0, 1) -> tokens (R,): the first token whose cumulative probability
-    (fp64) exceeds u * total. One uniform per row: torch.multinomial draws V exponentials per row instead, which
-    dominates a step of many rows at a large vocabulary (105 ms of a 128-row step at V = 32000 on 2 CPU cores).
-    A token of probability 0 is a CDF step of 0 and is never drawn; `last` keeps u * total rounding up to the
-    total on the last token with mass."""
+    """probs (R, V), u (R, 1) uniform in [0, 1) -> tokens (R,): the first whose fp64 CDF exceeds u * total. One
+    uniform per row (torch.multinomial draws V exponentials per row: 105 ms of a 128-row step at V = 32000). A
+    token of probability 0 is never drawn; `last` keeps u * total rounding up on the last token with mass."""
     cdf = probs.cumsum(-1, dtype=torch.float64)  # (R, V)
     total = cdf[:, -1:].contiguous()
     last = torch.searchsorted(cdf, total)  # the first column where the CDF reaches its total
@@ -137,10 +127,8 @@ def inverse_cdf(probs, u):
 
 def decode_step(model, cache, tokens, position_ids, valid):
     """One new token per row: tokens, position_ids (R,), valid (R, L) with this step's column set -> logits (R, V).
-
-    Eager: attends over the written columns [0, pos]. Static (cache.input_pos set, for torch.compile): attends
-    over all L columns; columns not yet written are False in `valid`, so the result is the same.
-    """
+    Eager: attends over the written columns [0, pos]; static (cache.input_pos set, compiled): over all L columns,
+    the unwritten ones False in `valid`."""
     static = cache.input_pos is not None
     S = valid.shape[1] if static else cache.pos + 1
     mask = valid[:, None, None, :S]  # (R, 1, 1, S): the query is the newest token, so no causal term is needed
@@ -154,16 +142,10 @@ def decode_step(model, cache, tokens, position_ids, valid):
 
 @contextlib.contextmanager
 def mkl_packed(model, enabled=True):
-    """While generating on CPU in fp32 with MKL: every weight pre-packed once, for MKL's packed sgemm.
-
-    A decode step multiplies a few rows by every weight; plain sgemm re-packs each weight into its blocked
-    layout on every call, which at 16 to 32 rows makes a decode step 1.45-1.25x slower than with weights
-    packed once (`model.linear` uses the packed copy up to 32 rows; at 64 it is 5% slower). Weights that share
-    an input are stacked into one packed matrix (q/k/v, gate/up): 4 matmuls per layer instead of 7. Packing
-    takes about as long as a few decode steps and does not pay at 1 row, so `generate` packs for batches of 8
-    rows or more (larger batches use it once compaction brings them down). The copies cost about 1.4x the
-    weights' memory until the call returns.
-    """
+    """While generating on CPU in fp32 with MKL: every weight pre-packed once for MKL's packed sgemm. Plain sgemm
+    re-packs each weight on every call, making a decode step of 16 to 32 rows 1.45-1.25x slower (`model.linear`
+    uses the packed copy up to 32 rows). q/k/v and gate/up are stacked: 4 matmuls per layer instead of 7. Packing
+    costs a few decode steps, so `generate` packs for 8 rows or more; the copies hold 1.4x the weights' memory."""
     weight = model.output_weight()
     if not (enabled and weight.device.type == "cpu" and weight.dtype == torch.float32
             and torch.backends.mkl.is_available()):
