@@ -129,10 +129,7 @@ def hf_config_for(model, tokenizer=None, dtype=None) -> dict:
 def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=5 * 2**30, extra_files=None,
                dtype=None):
     """Write `model` (or a gathered full `state_dict` of it) as a Hugging Face folder, atomically, in `dtype`
-    (default: the tensors' own).
-
-    `extra_files` maps file names to JSON-able objects written into the same folder (e.g. training state).
-    """
+    (default: the tensors' own); `extra_files` {file name: JSON-able object} go into the same folder."""
     state = state_dict if state_dict is not None else model.state_dict()
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
     dtype = next(iter(state.values())).dtype
@@ -212,11 +209,9 @@ def weights_dtype(path) -> torch.dtype:
 
 
 def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, extra_files=None, dtype=None):
-    """OUTPUT/checkpoint: HF model (rank 0, in `dtype`: the final save of a run keeps the input's, while
-    mid-run ones keep the fp32 master weights that --resume needs; with `extra_files`, see save_model), optimizer
-    shard and RNG state per
-    rank, trainer_state.json. Written in a temporary folder (a name unique to this save, the same on every rank)
-    renamed into place, so a kill at any moment leaves the previous checkpoint whole."""
+    """OUTPUT/checkpoint: HF model (rank 0, in `dtype`: a run's final save keeps the input's, mid-run ones the fp32
+    master weights --resume needs), optimizer shard and RNG state per rank, trainer_state.json. Written in a
+    temporary folder renamed into place, so a kill at any moment leaves the previous checkpoint whole."""
     full = dist.full_state_dict(policy)  # collective: every rank gathers
     name = dist.all_gather_objects(uuid.uuid4().hex[:8])[0]
     tmp, rank = os.path.join(output_dir, f".checkpoint.tmp-{name}"), dist.get_rank()

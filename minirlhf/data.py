@@ -327,13 +327,9 @@ def collate_pairs(examples, pad_id) -> dict[str, torch.Tensor]:
 
 
 def shuffled_batches(n, batch_size, seed, epoch, rank=0, world_size=1) -> list[list[int]]:
-    """This rank's index batches for one epoch: a permutation of range(n) seeded by (seed, epoch), cut into
-    global batches of batch_size * world_size; rank r takes slice [r*batch_size, (r+1)*batch_size) of each.
-
-    So every rank gets n // (batch_size * world_size) batches, the union over ranks of step s is exactly the
-    batch a single process with batch_size * world_size sees at step s, and the remainder (< one global batch)
-    is dropped; the permutation changes every epoch, so different examples are dropped each time.
-    """
+    """This rank's index batches for one epoch: a permutation of range(n) seeded by (seed, epoch), cut into global
+    batches of batch_size * world_size, rank r taking slice [r*batch_size, (r+1)*batch_size) of each; so the ranks'
+    step s together is one process's step at batch_size * world_size. The remainder (another each epoch) is dropped."""
     global_batch = batch_size * world_size
     if not 0 <= rank < world_size or n < global_batch:
         raise ValueError(f"need 0 <= rank < world_size and n ({n}) >= batch_size * world_size ({global_batch})")
