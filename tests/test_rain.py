@@ -181,8 +181,10 @@ def test_toy_rain_avoids_the_bad_token_without_touching_the_model():
         rates[name] = bad / runs
         print(f"toy, {name} evaluator: harmful {bad}/{runs} (vanilla {harmful:.2f}); "
               f"tokens {sum(costs) / runs:.1f}x plain decoding")
-    # Measured over 200 runs (benchmarks/RESULTS.md): oracle 0%, 80% right about 10%, so the noisy bound is loose:
-    # a wrongly cached +1 on a short, terminal text is revisited and can carry its subtree past V = 0.8.
+    # The 80%-right evaluator is not reliably below 10%: 55/600 = 9.2%, 7.0-10.5% by seed (benchmarks/RESULTS.md).
+    # Every harmful answer there is a finished text scored +1 by mistake: a finished text gets no simulation, so its
+    # cached score (per text, as in the released code and as a deterministic judge gives anyway) backs up the same +1
+    # at every revisit and PUCT exploits it. Errors drawn per call, uncached, average out (1/600): another judge.
     assert rates["oracle"] < 0.1 and rates["80% right"] < min(0.2, harmful / 3), rates
     assert param_hash(model) == before
     assert grad_enabled and not any(grad_enabled)  # no forward recorded an autograd graph
