@@ -60,11 +60,10 @@ def pick_label_pair(scores, responses, rule, generator):
         return None
     scores = torch.as_tensor(scores, dtype=torch.float64)
     best = int(scores.argmax())
+    others = [i for i in distinct.values() if responses[i] != responses[best]]
     if rule == "max_random":
-        others = [i for i in distinct.values() if responses[i] != responses[best]]
         return best, others[int(torch.randint(len(others), (), generator=generator))]
-    worst = min((i for i in distinct.values() if responses[i] != responses[best]), key=lambda i: scores[i])
-    return best, worst
+    return best, min(others, key=lambda i: scores[i])
 
 
 def ask_oracle(oracle, rows, k, rule, path, seed, name="oracle"):
