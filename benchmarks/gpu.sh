@@ -7,8 +7,8 @@
 #   bash benchmarks/gpu.sh --device cpu --tiny    # the same steps on tiny shapes on CPU, about a minute (CI runs
 #                                                 # this form: tests/test_benchmarks.py)
 #
-# Steps: `pytest -m gpu` (fused log-probs and greedy sampling on CUDA, eager and compiled); sampler.py against
-# transformers generate at the Llama-3.2-1B shape, bf16, batch 1 and 64, eager and compiled, with the share of
+# Steps: `pytest -m gpu` (fused log-probs and greedy sampling on CUDA); sampler.py against
+# transformers generate at the Llama-3.2-1B shape, bf16, batch 1 and 64, with the share of
 # HBM bandwidth at batch 1; logprobs.py, the fused op against the naive one at V = 128256, 16k tokens, D = 4096,
 # bf16 (and Liger-Kernel when it imports); dpo.py, one DPO step against TRL's DPOTrainer at the 1B shape
 # (tokens/s, peak memory, MFU); with two GPUs visible, train_dpo.py on 2 ranks (FSDP2, NCCL) equal to 1.

@@ -8,8 +8,8 @@ round (a shared machine's slow and fast spells last longer than a round). With -
 transformers' is repeated). On CPU, "ours unpacked" is our sampler with plain sgemm (pack_weights=False).
 
     python benchmarks/sampler.py                     # CPU, a 55M-parameter Llama shape
-    python benchmarks/sampler.py --device cuda       # Llama-3.2-1B and Llama-3-8B shapes in bf16, eager and
-                                                     # compiled decode, plus the memory-bandwidth fraction at batch 1
+    python benchmarks/sampler.py --device cuda       # Llama-3.2-1B and Llama-3-8B shapes in bf16, plus the
+                                                     # memory-bandwidth fraction at batch 1
     python benchmarks/sampler.py --models smollm2-135m --n 8   # a real chat model's shape (random weights)
 
 Bandwidth fraction at batch 1 = bytes of weights read per token x tokens/s / --bandwidth (H100 SXM HBM3:
@@ -54,7 +54,6 @@ parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated
 parser.add_argument("--n", type=int, default=1, help="samples per prompt; n > 1 samples at temperature 1 "
                     "(transformers: num_return_sequences, which prefills each prompt n times)")
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-parser.add_argument("--no-compile", action="store_true", help="CUDA: skip the compiled decode step")
 parser.add_argument("--no-unpacked", action="store_true", help="CPU: skip the plain-sgemm variant")
 parser.add_argument("--repeats", type=int, default=7, help="timed rounds, each runs every variant once")
 parser.add_argument("--print-rounds", action="store_true", help="also print every round's seconds per variant")
@@ -92,9 +91,9 @@ def hf_generate(hf_model, prompts, new_tokens):
     assert out.shape[1] == P + new_tokens  # no early stop: a fixed output length for both
 
 
-def our_generate(model, prompts, new_tokens, compile=False, pack_weights=True):
+def our_generate(model, prompts, new_tokens, pack_weights=True):
     gen = generate(model, prompts, new_tokens, n=args.n, temperature=0 if args.n == 1 else 1.0, eos_token_id=None,
-                   batch_size=len(prompts) * args.n, compile=compile, pack_weights=pack_weights)
+                   batch_size=len(prompts) * args.n, pack_weights=pack_weights)
     assert all(len(y) == new_tokens for r in gen.responses for y in r)
 
 
@@ -121,8 +120,6 @@ for name in models:
     variants = {"ours": dict()}
     if device.type == "cpu":  # the same sampler with plain sgemm: what MKL weight packing adds
         variants |= {} if args.no_unpacked else {"ours unpacked": dict(pack_weights=False)}
-    elif not args.no_compile:
-        variants["ours compiled"] = dict(compile=True)
     for B in map(int, args.batch_sizes.split(",")):
         lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (B,), generator=g).tolist()
         prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in lengths]
@@ -131,8 +128,8 @@ for name in models:
         runs |= {label: (lambda kw=kw: our_generate(model, prompts, args.new_tokens, **kw)) for label, kw in variants.items()}
         with torch.no_grad():
             hf_generate(hf_model, prompts, 4)  # warm-up
-            for kw in variants.values():  # warm-up (and compile: a full-length run, so every shape is seen)
-                our_generate(model, prompts, args.new_tokens if kw.get("compile") else 4, **kw)
+            for kw in variants.values():  # warm-up
+                our_generate(model, prompts, 4, **kw)
             walls = {label: [] for label in runs}
             for _ in range(args.repeats):  # interleaved, so a slow spell of a shared machine hits every variant
                 for label, fn in runs.items():

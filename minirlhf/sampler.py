@@ -18,9 +18,7 @@ Many prompts go `batch_size` rows at a time, longest first (an out-of-memory sho
 come back in the caller's order.
 
 MKL-packed weights (CPU, fp32, default): `mkl_packed` packs each weight once per call instead of at every small
-sgemm, q/k/v and gate/up stacked (benchmarks/RESULTS.md). Compiled decode (opt-in `compile=True`, for CUDA,
-gpt-fast's idea): one static cache per call reused by every batch, the step writing at a position held in a
-tensor and attending over all L columns with `valid`, so one CUDA graph serves every step; no compaction.
+sgemm, q/k/v and gate/up stacked (benchmarks/RESULTS.md).
 
 Sampling: logits / temperature, then top-k, then top-p (`transformers`' order), drawn by inverting the CDF with
 one uniform per row. `token_logps` are log-probs under that distribution (the policy's own at temperature 1 with
@@ -56,16 +54,11 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.pos = 0  # eager: columns [0, pos) are written; the caller advances it after each forward
-        self.input_pos = None  # compiled decode: a (1,) tensor with the column to write
         self.prefill = None  # (first row, n) during a prefill: the prompts' keys fill n rows each from there
 
     def update(self, layer_idx, k, v):
         """k, v (b, Hkv, T, hd) of the current tokens -> all keys and values (B, Hkv, S, hd) to attend to."""
         k_all, v_all = self.k[layer_idx], self.v[layer_idx]
-        if self.input_pos is not None:  # static shapes: write at a tensor position, return the whole buffer
-            k_all.index_copy_(2, self.input_pos, k)
-            v_all.index_copy_(2, self.input_pos, v)
-            return k_all, v_all
         b, end = k.shape[0], self.pos + k.shape[2]
         if self.prefill is not None:  # b prompts: prompt i fills rows first + i*n ... first + i*n + n-1
             first, n = self.prefill
@@ -126,16 +119,13 @@ def inverse_cdf(probs, u):
 
 
 def decode_step(model, cache, tokens, position_ids, valid):
-    """One new token per row: tokens, position_ids (R,), valid (R, L) with this step's column set -> logits (R, V).
-    Eager: attends over the written columns [0, pos]; static (cache.input_pos set, compiled): over all L columns,
-    the unwritten ones False in `valid`."""
-    static = cache.input_pos is not None
-    S = valid.shape[1] if static else cache.pos + 1
+    """One new token per row: tokens, position_ids (R,), valid (R, L) with this step's column set -> logits (R, V);
+    it attends over the written columns [0, pos]."""
+    S = cache.pos + 1
     mask = valid[:, None, None, :S]  # (R, 1, 1, S): the query is the newest token, so no causal term is needed
     window = model.config.sliding_window
     if window is not None:
-        query_col = cache.input_pos if static else cache.pos
-        mask = mask & (torch.arange(S, device=valid.device) > query_col - window)
+        mask = mask & (torch.arange(S, device=valid.device) > cache.pos - window)
     h = model(tokens[:, None], mask, position_ids[:, None], kv_cache=cache, return_hidden=True)[:, 0]
     return model.logits(h)
 
@@ -169,25 +159,14 @@ def mkl_packed(model, enabled=True):
         model.output_packed = None
 
 
-_compiled_decode_step = {}  # mode -> compiled function, built on first use
-
-
-def compiled_decode_step(device):
-    mode = "reduce-overhead" if device.type == "cuda" else "default"  # CUDA graphs remove launch overhead
-    if mode not in _compiled_decode_step:
-        _compiled_decode_step[mode] = torch.compile(decode_step, mode=mode, fullgraph=True)
-    return _compiled_decode_step[mode]
-
-
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, n=1, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
-             seed=0, generator=None, batch_size=64, compile=False, pack_weights=True, progress=None) -> Generation:
+             seed=0, generator=None, batch_size=64, pack_weights=True, progress=None) -> Generation:
     """Draw n responses for each prompt (a list of token ids) from `model`, an unsharded `CausalLM` in eval mode.
 
     eos_token_id: one stop id, a list of them, or None (always max_new_tokens). temperature 0 is greedy.
     generator (a torch.Generator on the model's device) overrides seed; the draws depend on the seed, the
     prompts and batch_size. batch_size counts sequences (cache rows): batch_size // n prompts per batch, and
-    at least one. compile=True uses the torch.compile'd static-shape decode step (see the module docstring).
     pack_weights: on CPU in fp32, batches of 8 rows or more multiply with MKL-packed weights (`mkl_packed`).
     progress: called with the number of prompts of each finished batch (e.g. a progress bar's update).
     """
@@ -195,30 +174,22 @@ def generate(model, prompts, max_new_tokens, n=1, temperature=1.0, top_k=None, t
         return Generation([], [], [])
     if min(map(len, prompts)) == 0 or max_new_tokens < 1:
         raise ValueError("generate needs prompts of at least one token and max_new_tokens >= 1")
-    device, dtype = model.output_weight().device, model.output_weight().dtype
+    device = model.output_weight().device
     if generator is None:
         generator = torch.Generator(device).manual_seed(seed)
     if eos_token_id is None:
         eos_token_id = []
     stop_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
                             dtype=torch.long, device=device)
-    decode = compiled_decode_step(device) if compile else decode_step
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first, less padding
     per_batch = max(1, min(batch_size // n, len(prompts)))
-    cache = None
-    if compile:  # one cache for every batch: same shapes and addresses, so one CUDA graph serves them all
-        cache = KVCache(model.config, per_batch * n, max(map(len, prompts)) + max_new_tokens, dtype, device)
-        for buf in cache.k + cache.v:  # CUDA graphs then use the buffers in place instead of copying them
-            torch._dynamo.mark_static_address(buf)
     responses, token_logps, finish_reasons = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
-    with mkl_packed(model, enabled=pack_weights and not compile and per_batch * n >= 8):
+    with mkl_packed(model, enabled=pack_weights and per_batch * n >= 8):
         for start in range(0, len(order), per_batch):
             idx = order[start:start + per_batch]
             batch_prompts = [prompts[i] for i in idx]
-            if compile:  # static shapes: fill the last batch up with copies of a prompt, dropped below
-                batch_prompts += batch_prompts[:1] * (per_batch - len(idx))
             batch = generate_batch(model, batch_prompts, max_new_tokens, n, temperature, top_k, top_p, stop_ids,
-                                   generator, decode, cache)
+                                   generator)
             for j, i in enumerate(idx):
                 responses[i], token_logps[i], finish_reasons[i] = (x[j * n:(j + 1) * n] for x in batch)
             if progress is not None:
@@ -239,10 +210,8 @@ def prefill_chunks(lengths, max_padding=0.125) -> list[slice]:
     return chunks + [slice(start, len(lengths))]
 
 
-def generate_batch(model, prompts, max_new_tokens, n, temperature, top_k, top_p, stop_ids, generator, decode,
-                   cache=None):
-    """One batch of prompts -> flat lists (B * n rows, prompt-major) of responses, token_logps, finish_reasons.
-    `cache` given (compiled path): reuse its static (B * n, Hkv, L, hd) buffers; else allocate L = P + new."""
+def generate_batch(model, prompts, max_new_tokens, n, temperature, top_k, top_p, stop_ids, generator):
+    """One batch of prompts -> flat lists (B * n rows, prompt-major) of responses, token_logps, finish_reasons."""
     device = model.output_weight().device
     B, P, R = len(prompts), max(map(len, prompts)), len(prompts) * n
     input_ids = torch.zeros(B, P, dtype=torch.long)  # left padding; the pad id is never attended to
@@ -252,11 +221,7 @@ def generate_batch(model, prompts, max_new_tokens, n, temperature, top_k, top_p,
         prompt_mask[b, P - len(prompt):] = 1
     input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
 
-    static = cache is not None
-    if static:
-        cache.input_pos = None  # the prefill takes the eager path; stale columns stay masked
-    else:
-        cache = KVCache(model.config, R, P + max_new_tokens, model.output_weight().dtype, device)
+    cache = KVCache(model.config, R, P + max_new_tokens, model.output_weight().dtype, device)
     lengths = [len(prompt) for prompt in prompts]
     h = []  # one prefill per prompt: chunk c's prompts are padded to their own longest, Pc, at columns [P-Pc, P)
     for chunk in prefill_chunks(lengths):
@@ -269,8 +234,6 @@ def generate_batch(model, prompts, max_new_tokens, n, temperature, top_k, top_p,
     valid = torch.zeros(R, cache.k[0].shape[2], dtype=torch.bool, device=device)  # (R, L)
     valid[:, :P] = prompt_mask.bool().repeat_interleave(n, 0)
     position_ids = prompt_mask.sum(1).repeat_interleave(n, 0)  # (R,) next position = real tokens so far
-    if static:
-        cache.input_pos = torch.tensor([P], device=device)
 
     out_tokens = torch.zeros(R, max_new_tokens, dtype=torch.long, device=device)  # by original row
     out_logps = torch.zeros(R, max_new_tokens, device=device)
@@ -288,17 +251,15 @@ def generate_batch(model, prompts, max_new_tokens, n, temperature, top_k, top_p,
             n_done = int(done.sum())
             if n_done == len(done):
                 break
-            if not static and n_done and 2 * n_done >= len(done):  # compact: drop finished rows from the batch
+            if n_done and 2 * n_done >= len(done):  # compact: drop finished rows from the batch
                 keep = (~done).nonzero().squeeze(1)
                 cache.keep(keep)
                 valid, position_ids, rows, tokens, done = (x[keep] for x in (valid, position_ids, rows, tokens, done))
         col = cache.pos
         valid[:, col] = True
-        logits = decode(model, cache, tokens, position_ids, valid)
+        logits = decode_step(model, cache, tokens, position_ids, valid)
         position_ids = position_ids + 1
         cache.pos = col + 1
-        if static:
-            cache.input_pos.add_(1)
 
     # cut each response after its first stop id; rows with none ran to max_new_tokens
     out_tokens, out_logps = out_tokens[:, :steps], out_logps[:, :steps]
