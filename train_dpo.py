@@ -166,21 +166,6 @@ def evaluate(args, policy, eval_examples, ref_eval, device, pad_id):
             "eval_rejected_reward": rejected_r.mean().item(), "n_eval": len(eval_examples)}
 
 
-def windows(n, window_size, seed, epoch):
-    """One epoch's optimizer-step windows of example indices: data.shuffled_batches' permutation cut into
-    windows of batch_size * grad_accum * world_size; the last one may be short."""
-    perm = [i for (i,) in data.shuffled_batches(n, 1, seed, epoch)]
-    return [perm[s:s + window_size] for s in range(0, n, window_size)]
-
-
-def micro_batches(window, batch_size, rank, world_size):
-    """This rank's micro-batches of a window: micro-step k covers window[k*B*W:(k+1)*B*W] and rank r takes its
-    slice [r*B:(r+1)*B], so the union over ranks is what one process with batch B*W sees. In a short window a
-    rank's slice may be empty: it then runs a zero-weight forward to keep FSDP's collectives in step."""
-    return [window[s + rank * batch_size:s + (rank + 1) * batch_size]
-            for s in range(0, len(window), batch_size * world_size)]
-
-
 def load_examples(args, tokenizer, path, split):
     kw = dict(prompt_column=args.prompt_column, chosen_column=args.chosen_column, max_length=args.max_length,
               max_prompt_length=args.max_prompt_length, skip_bad=args.skip_bad_rows)
@@ -192,7 +177,7 @@ def load_examples(args, tokenizer, path, split):
 
 # arguments that cannot change the trained weights: they may differ on --resume
 NOT_RESULTS = ("resume", "allow_changed_args", "overwrite", "save_steps", "gradient_checkpointing", "eval_every",
-               "name", "keep_optimizer")
+               "name", "keep_optimizer", "save_total_limit")
 
 
 def main(argv=None):
@@ -268,7 +253,7 @@ def train(args, run, rank, world_size, device):
         t0 = time.perf_counter()
         epoch, w = divmod(step, steps_per_epoch)
         if epoch_windows[0] != epoch:
-            epoch_windows = (epoch, windows(len(train_rows), window_size, args.seed, epoch))
+            epoch_windows = (epoch, data.epoch_windows(len(train_rows), window_size, args.seed, epoch))
         window = [train_rows[i] for i in epoch_windows[1][w]]
         # every rank knows the window's size in pairs (SFT: target tokens): the global count of window_mean
         n_window = sum(len(examples[i].response_ids) for i in window) if sft else len(window)
@@ -277,7 +262,7 @@ def train(args, run, rank, world_size, device):
             group["lr"] = lr
         policy.train()
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, chosen/rejected reward, correct, tokens
-        for rows in micro_batches(window, args.batch_size, rank, world_size):
+        for rows in data.micro_batches(window, args.batch_size, rank, world_size):
             weight = 1.0 if rows else 0.0
             batch = collate([examples[i] for i in rows or window[:1]], pad_id, device)
             with dist.autocast(device):
@@ -300,7 +285,7 @@ def train(args, run, rank, world_size, device):
             raise FloatingPointError(rundir.nonfinite_message(step + 1, loss, grad_norm, ckpt, saved))
         if save_due:  # the weights of step `step` just gave a finite loss and gradient: only now a good checkpoint
             checkpoint.save_training_state(policy, optimizer, tokenizer, args.output_dir,
-                                           {"step": step, "world_size": world_size})
+                                           {"step": step, "world_size": world_size}, keep=args.save_total_limit)
             saved, save_due = step, False
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -329,7 +314,8 @@ def train(args, run, rank, world_size, device):
         summary |= evaluate(args, policy, eval_examples, ref_eval, device, pad_id)
         dist.print0(json.dumps({k: v for k, v in summary.items() if k.startswith("eval")}))
     checkpoint.save_training_state(policy, optimizer, tokenizer, args.output_dir,
-                                   {"step": step, "world_size": world_size}, dtype=cli.save_dtype(args))
+                                   {"step": step, "world_size": world_size}, dtype=cli.save_dtype(args),
+                                   keep=args.save_total_limit)
     run.publish(ckpt, {"eval.json": summary}, keep_checkpoint=args.keep_optimizer)  # then done.json
     dist.barrier()
     return summary

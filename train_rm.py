@@ -11,8 +11,9 @@ r"""Reward modelling: step 2 of Dong et al. 2024, "RLHF Workflow" (sec. 3.1), on
 Defaults follow RLHFlow's recipe: AdamW, lr 2e-6 (bt) / 5e-6 (pairwise), 1 epoch, cosine schedule to 0 with 3%
 linear warmup (losses.lr_at, train_dpo.py's schedule), weight decay 0.001 (not on norms/biases),
 gradient clipping 1.0, max length 4096. Their global batch is 512 pairs: --batch-size 1 --grad-accum 64 on
-8 GPUs. Global batch = batch size x grad accum x world size; a final partial batch of an epoch is dropped
-(data.shuffled_batches). Unlike RLHFlow (DeepSpeed, transformers Trainer) this is FSDP2 and one plain loop.
+8 GPUs. Global batch = batch size x grad accum x world size; an epoch's last optimizer step may be short
+(nothing is dropped, as in train_dpo.py: data.epoch_windows). Unlike RLHFlow (DeepSpeed, transformers Trainer)
+this is FSDP2 and one plain loop.
 
     python train_rm.py --model SFT_MODEL --train-data prefs.jsonl --output-dir out/rm
     torchrun --nproc_per_node=8 train_rm.py --model meta-llama/... --train-data prefs.parquet \
@@ -40,7 +41,7 @@ from minirlhf.tokenizer import check_chat_template, encode_prompt, pad_token_id
 DEFAULT_LR = {"bt": 2e-6, "pairwise": 5e-6}
 # arguments that cannot change the trained weights: they may differ on --resume
 NOT_RESULTS = ("resume", "allow_changed_args", "overwrite", "save_steps", "gradient_checkpointing", "eval_every",
-               "eval_batch_size", "keep_optimizer", "name")
+               "eval_batch_size", "keep_optimizer", "name", "save_total_limit")
 
 
 def build_parser():
@@ -194,10 +195,9 @@ def train(args, run, rank, world_size, device):
         n_eval = max(1, round(args.eval_fraction * len(train)))
         held_out, train = [train[i] for i in perm[:n_eval]], [train[i] for i in perm[n_eval:]]
     window = args.batch_size * args.grad_accum * world_size  # pairs per optimizer step, all ranks
-    steps_per_epoch = len(train) // window
+    steps_per_epoch = math.ceil(len(train) / window)
     if steps_per_epoch == 0:
-        raise rundir.UserError(f"{len(train)} training pairs are fewer than one global batch of {window} "
-                               "(batch size x grad accum x world size)")
+        raise rundir.UserError(f"{args.train_data}: no training pairs left after the held-out split")
     total_steps = args.epochs * steps_per_epoch if args.max_steps is None else args.max_steps
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     dist.print0(f"{len(train)} training pairs, {len(held_out)} held out; {total_steps} steps of {window} pairs")
@@ -225,36 +225,40 @@ def train(args, run, rank, world_size, device):
     fail_after = int(os.environ.get("MINIRLHF_FAIL_AFTER_STEP", -1))  # test hook, as in train_dpo.py
     while step < total_steps:
         epoch, w = divmod(step, steps_per_epoch)
-        batches = data.shuffled_batches(len(train), args.batch_size, args.seed, epoch, rank, world_size)
+        windows = data.epoch_windows(len(train), window, args.seed, epoch)
         for w in range(w, steps_per_epoch):
             lr = losses.lr_at(step, total_steps, warmup_steps, args.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, margin
-            micro = batches[w * args.grad_accum:(w + 1) * args.grad_accum]
+            n_window = len(windows[w])  # pairs in this step over all ranks (the last step of an epoch may be short)
+            micro = data.micro_batches(windows[w], args.batch_size, rank, world_size)
             for i, indices in enumerate(micro):
                 if world_size > 1:  # reduce-scatter gradients only after the last micro-batch of the window
                     model.set_requires_gradient_sync(i == len(micro) - 1)
-                pair_losses, correct, margin = forward_pairs(model, [train[j] for j in indices], args, label_ids,
-                                                             pad_id, device, True)
-                losses.window_mean(pair_losses, window, world_size).backward()
-                sums += torch.tensor([pair_losses.detach().sum().item(), correct.float().sum().item(),
-                                      margin.detach().sum().item()], dtype=torch.float64)
+                weight = 1.0 if indices else 0.0  # an empty slice runs a zero-weight forward (FSDP's collectives)
+                pair_losses, correct, margin = forward_pairs(model, [train[j] for j in indices or windows[w][:1]],
+                                                             args, label_ids, pad_id, device, True)
+                losses.window_mean(pair_losses * weight, n_window, world_size).backward()
+                sums += weight * torch.tensor([pair_losses.detach().sum().item(), correct.float().sum().item(),
+                                               margin.detach().sum().item()], dtype=torch.float64)
             dist.all_reduce_sum(sums)  # sync point: window statistics over ranks
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
             grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
-            loss = sums[0].item() / window
+            loss = sums[0].item() / n_window
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise FloatingPointError(rundir.nonfinite_message(step + 1, loss, grad_norm, ckpt, saved))
             if save_due:  # step `step`'s weights just gave a finite loss and gradient (rundir.nonfinite_message)
-                checkpoint.save_training_state(model, optimizer, tokenizer, out,
-                                               {"step": step, "world_size": world_size}, pairwise_config(args))
+                checkpoint.save_training_state(model, optimizer, tokenizer, out, {"step": step,
+                                               "world_size": world_size}, pairwise_config(args),
+                                               keep=args.save_total_limit)
                 saved, save_due = step, False
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            metrics = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "accuracy": sums[1].item() / window,
-                       "margin": sums[2].item() / window, "lr": lr, "grad_norm": grad_norm}
+            metrics = {"step": step, "epoch": step / steps_per_epoch, "loss": loss,
+                       "accuracy": sums[1].item() / n_window, "margin": sums[2].item() / n_window, "lr": lr,
+                       "grad_norm": grad_norm}
             if args.eval_every and step % args.eval_every == 0 and step < total_steps and held_out:
                 evaluation = evaluate(model, held_out, args, label_ids, pad_id, device)
                 metrics |= {f"eval_{k}": v for k, v in evaluation.items()}
@@ -274,7 +278,7 @@ def train(args, run, rank, world_size, device):
     result |= {"step": step, "kind": args.kind, "output_dir": os.path.abspath(out)}
     dist.print0(f"eval: {json.dumps(result)}")
     checkpoint.save_training_state(model, optimizer, tokenizer, out, {"step": step, "world_size": world_size},
-                                   pairwise_config(args), dtype=cli.save_dtype(args))
+                                   pairwise_config(args), dtype=cli.save_dtype(args), keep=args.save_total_limit)
     run.publish(ckpt, {"eval.json": result}, keep_checkpoint=args.keep_optimizer)  # then done.json
     dist.barrier()
     return result

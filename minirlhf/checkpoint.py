@@ -11,6 +11,7 @@ shard and RNG state (safetensors) and the step (JSON).
 """
 import json
 import os
+import re
 import shutil
 import uuid
 
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from minirlhf import dist
-from minirlhf.rundir import UserError, atomic_write_json, durable_replace, writing
+from minirlhf.rundir import UserError, atomic_write_json, claim, durable_replace, manifest, read_json, writing
 from minirlhf.model import CausalLM, RewardModel, config_from_hf
 
 ARCHITECTURES = {  # model_type -> (causal LM class, reward model class) names in transformers
@@ -174,9 +175,10 @@ def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=
     return out_dir
 
 
-def replace_dir(tmp, out_dir):
+def replace_dir(tmp, out_dir, keep_as=None):
     """Move the finished folder `tmp` to `out_dir`. An existing `out_dir` is first renamed to `.NAME.old` beside
-    it and deleted afterwards; after a kill between the two renames `recover_dir` puts it back."""
+    it and deleted afterwards (or renamed to `keep_as`); after a kill between the two renames `recover_dir` puts
+    it back."""
     old = _old_name(out_dir)
     if os.path.exists(old):
         shutil.rmtree(old)
@@ -184,7 +186,7 @@ def replace_dir(tmp, out_dir):
         os.replace(out_dir, old)
     durable_replace(tmp, out_dir)
     if os.path.exists(old):
-        shutil.rmtree(old)
+        os.replace(old, keep_as) if keep_as else shutil.rmtree(old)
 
 
 def recover_dir(out_dir):
@@ -208,10 +210,11 @@ def weights_dtype(path) -> torch.dtype:
     return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(code, torch.float32)
 
 
-def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, extra_files=None, dtype=None):
+def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, extra_files=None, dtype=None, keep=1):
     """OUTPUT/checkpoint: HF model (rank 0, in `dtype`: a run's final save keeps the input's, mid-run ones the fp32
     master weights --resume needs), optimizer shard and RNG state per rank, trainer_state.json. Written in a
-    temporary folder renamed into place, so a kill at any moment leaves the previous checkpoint whole."""
+    temporary folder renamed into place, so a kill at any moment leaves the previous checkpoint whole. `keep` > 1
+    (--save-total-limit): the previous one stays as OUTPUT/checkpoint-STEP, the oldest beyond keep - 1 go."""
     full = dist.full_state_dict(policy)  # collective: every rank gathers
     name = dist.all_gather_objects(uuid.uuid4().hex[:8])[0]
     tmp, rank = os.path.join(output_dir, f".checkpoint.tmp-{name}"), dist.get_rank()
@@ -226,8 +229,23 @@ def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, e
     dist.barrier()
     if dist.is_main():
         atomic_write_json(os.path.join(tmp, "trainer_state.json"), train_state)
-        replace_dir(tmp, os.path.join(output_dir, "checkpoint"))
+        ckpt, keep_as = os.path.join(output_dir, "checkpoint"), None
+        previous = read_json(os.path.join(ckpt, "trainer_state.json"))
+        if keep > 1 and previous is not None:
+            keep_as = os.path.join(output_dir, f"checkpoint-{previous['step']}")
+            claim(output_dir, [os.path.basename(keep_as)])  # ours before it exists (rundir.foreign_files)
+            shutil.rmtree(keep_as, ignore_errors=True)
+        replace_dir(tmp, ckpt, keep_as)
+        for old in step_checkpoints(output_dir)[:-(keep - 1) or None]:
+            shutil.rmtree(old)
     dist.barrier()
+
+
+def step_checkpoints(output_dir) -> list[str]:
+    """OUTPUT/checkpoint-STEP folders this program wrote (--save-total-limit; in the manifest), oldest first."""
+    names = [n for n in manifest(output_dir)["files"] if re.fullmatch(r"checkpoint-\d+", n)
+             and os.path.isdir(os.path.join(output_dir, n))]
+    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[1]))]
 
 
 def load_training_state(policy, optimizer, ckpt, device):

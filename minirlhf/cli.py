@@ -75,6 +75,8 @@ def add_common_arguments(p, batch_size, grad_accum):
     p.add_argument("--name", default=None, help="label of the progress lines (default: the objective)")
     # checkpoints and the output folder (minirlhf/rundir.py)
     p.add_argument("--save-steps", type=int, default=500, help="save OUTPUT/checkpoint every N steps (0: at the end)")
+    p.add_argument("--save-total-limit", type=positive_int, default=1, help="checkpoints kept while training: "
+                   "OUTPUT/checkpoint (the latest, which --resume reads) and the N-1 before it as checkpoint-STEP/")
     p.add_argument("--save-dtype", default="input", choices=list(SAVE_DTYPES),
                    help="dtype of the saved weights: that of the --model checkpoint, or the one named")
     p.add_argument("--keep-optimizer", action="store_true", help="keep OUTPUT/checkpoint's optimizer shards after "

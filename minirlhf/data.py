@@ -326,14 +326,18 @@ def collate_pairs(examples, pad_id) -> dict[str, torch.Tensor]:
                              [Sequence(e.prompt_ids, e.rejected_ids) for e in examples], pad_id)
 
 
-def shuffled_batches(n, batch_size, seed, epoch, rank=0, world_size=1) -> list[list[int]]:
-    """This rank's index batches for one epoch: a permutation of range(n) seeded by (seed, epoch), cut into global
-    batches of batch_size * world_size, rank r taking slice [r*batch_size, (r+1)*batch_size) of each; so the ranks'
-    step s together is one process's step at batch_size * world_size. The remainder (another each epoch) is dropped."""
-    global_batch = batch_size * world_size
-    if not 0 <= rank < world_size or n < global_batch:
-        raise ValueError(f"need 0 <= rank < world_size and n ({n}) >= batch_size * world_size ({global_batch})")
+def epoch_windows(n, window_size, seed, epoch) -> list[list[int]]:
+    """One epoch's optimizer-step windows of example indices, for both trainers: a permutation of range(n)
+    seeded by (seed, epoch), cut into windows of batch_size x grad_accum x world_size; the last one may be short
+    (nothing is dropped), and the permutation changes every epoch."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
-    start = rank * batch_size
-    return [perm[s + start:s + start + batch_size] for s in range(0, n - global_batch + 1, global_batch)]
+    return [perm[s:s + window_size] for s in range(0, n, window_size)]
+
+
+def micro_batches(window, batch_size, rank, world_size) -> list[list[int]]:
+    """This rank's micro-batches of a window: micro-step k covers window[k*B*W:(k+1)*B*W] and rank r takes its
+    slice [r*B:(r+1)*B], so the union over ranks is what one process with batch B*W sees. In a short window a
+    rank's slice may be empty: it then runs a zero-weight forward to keep FSDP's collectives in step."""
+    return [window[s + rank * batch_size:s + (rank + 1) * batch_size]
+            for s in range(0, len(window), batch_size * world_size)]

@@ -285,7 +285,7 @@ def start(out, args, names, *, resume=False, overwrite=False, allow_changed_args
     undone first); without it an unfinished run's checkpoint is refused unless `overwrite` (no kill is lost by
     forgetting --resume), a finished one's is cleared. Not staged (iterate.py): args.json is compared, rewritten."""
     from minirlhf import tracking  # both import this module
-    from minirlhf.checkpoint import recover_dir
+    from minirlhf.checkpoint import recover_dir, step_checkpoints
     out, report_to, ignore = str(out), args.get("report_to"), (*ignore, "report_to")
     names = [*names, report_to] if staged and report_to not in (None, "none") else names  # tensorboard/, wandb/
     error, run = None, Run(out, False)
@@ -312,7 +312,8 @@ def start(out, args, names, *, resume=False, overwrite=False, allow_changed_args
                     if state is not None and not finished and not overwrite:
                         raise UserError(f"{ckpt} holds an unfinished run (step {state['step']}): pass --resume to "
                                         "continue it, or --overwrite to start over (its checkpoint is deleted)")
-                    shutil.rmtree(ckpt, ignore_errors=True)
+                    for old in [ckpt, *step_checkpoints(out)]:  # --save-total-limit's checkpoint-STEP too
+                        shutil.rmtree(old, ignore_errors=True)
                     shutil.rmtree(os.path.join(out, STAGING), ignore_errors=True)
                 claim(out, [*names, STAGING, "checkpoint", DONE])
                 atomic_write_json(os.path.join(out, STAGING, "args.json"), args)

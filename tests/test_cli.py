@@ -76,7 +76,7 @@ def test_the_two_trainers_share_one_vocabulary():
     rm, dpo = ({a.dest: a.default for a in m.build_parser()._actions} for m in (train_rm, train_dpo))
     shared = rm.keys() & dpo.keys()
     assert {"eval_fraction", "eval_every", "chat_template", "tokenizer", "max_prompt_length", "seed", "save_dtype",
-            "keep_optimizer", "name"} <= shared
+            "keep_optimizer", "name", "save_total_limit"} <= shared
     assert {k for k in shared if rm[k] != dpo[k]} == {"grad_accum", "epochs", "weight_decay"}
     for module in (train_rm, train_dpo):  # the same resolved defaults: a prompt limit, a held-out split
         args = cli.resolve_common(module.build_parser().parse_args(["--model", "m", "--train-data", "d",

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from minirlhf.data import (DataError, Pair, Sequence, collate_pairs, collate_sequences, load_dataset_any,
-                           load_preferences, load_sft, shuffled_batches, tokenize_preferences, write_jsonl)
+                           epoch_windows, load_preferences, load_sft, micro_batches, tokenize_preferences,
+                           write_jsonl)
 from minirlhf.tokenizer import encode_pair, encode_prompt
 
 CONTENT = [("what is two plus two?", "four.", "five."), ("name a colour", "blue", "the sky"),
@@ -223,19 +224,18 @@ def test_collate_pairs_right_pads_and_masks_only_response_tokens():
     assert all(v.dtype == torch.long for v in batch.values())
 
 
-def test_shuffled_batches_deterministic_and_sharded_like_one_process():
-    n, B, W = 23, 2, 3
-    single = shuffled_batches(n, B * W, seed=1, epoch=4)
-    assert single == shuffled_batches(n, B * W, seed=1, epoch=4) != shuffled_batches(n, B * W, seed=1, epoch=5)
-    assert single != shuffled_batches(n, B * W, seed=2, epoch=4)
-    per_rank = [shuffled_batches(n, B, seed=1, epoch=4, rank=r, world_size=W) for r in range(W)]
-    assert all(len(batches) == n // (B * W) == 3 for batches in per_rank)  # remainder 23 - 18 = 5 dropped
-    for step, global_batch in enumerate(single):
-        assert sum((per_rank[r][step] for r in range(W)), []) == global_batch and len(global_batch) == B * W
-    seen = sum(single, [])
-    assert len(set(seen)) == len(seen) == 18 and set(seen) <= set(range(n))
-    with pytest.raises(ValueError):
-        shuffled_batches(5, B, seed=0, epoch=0, world_size=W)
+def test_epoch_windows_keep_every_example_and_shard_like_one_process():
+    n, B, A, W = 19, 2, 2, 3  # windows of 12 pairs: 12 + a short last one of 7
+    windows = epoch_windows(n, B * A * W, seed=1, epoch=4)
+    assert windows == epoch_windows(n, B * A * W, seed=1, epoch=4) != epoch_windows(n, B * A * W, seed=1, epoch=5)
+    assert windows != epoch_windows(n, B * A * W, seed=2, epoch=4)
+    assert [len(w) for w in windows] == [12, 7] and sorted(sum(windows, [])) == list(range(n))  # nothing dropped
+    for window in windows:
+        per_rank = [micro_batches(window, B, r, W) for r in range(W)]
+        assert all(len(m) == A for m in per_rank)  # every rank runs as many forwards (FSDP's collectives)
+        for k in range(A):  # micro-step k over all ranks = window[k*B*W:(k+1)*B*W], in rank order
+            assert sum((per_rank[r][k] for r in range(W)), []) == window[k * B * W:(k + 1) * B * W]
+    assert micro_batches(windows[1], B, 1, W)[1] == [] == micro_batches(windows[1], B, 2, W)[1]  # short window
 
 
 def test_write_jsonl_round_trip(tmp_path):

@@ -186,21 +186,27 @@ def test_gradient_accumulation_equals_one_big_batch(setup, tmp_path, data):
 def test_resume_after_kill_equals_uninterrupted_run(setup, tmp_path, monkeypatch):
     """A run killed after step 3 (last checkpoint at step 2) and resumed ends with the uninterrupted weights:
     optimizer moments, LR schedule (cosine with warmup) and data position all come back; the reference
-    log-probs are read from disk, not recomputed."""
+    log-probs are read from disk, not recomputed. --save-total-limit 3 keeps the last two checkpoints before the
+    final one as checkpoint-STEP (a finished run drops the final one's optimizer state, not those)."""
     d = setup
     args = ["--train-data", d / "train.jsonl", "--batch-size", 4, "--grad-accum", 2, "--epochs", 2,
             "--warmup-ratio", 0.2, "--save-steps", 2, "--adam-eps", 1e-3]  # eps: see the accumulation test
     full = run(d, tmp_path / "full", *args)
-    killed_after(3, d, tmp_path / "killed", args, monkeypatch)
+    killed_after(3, d, tmp_path / "killed", [*args, "--save-total-limit", 3], monkeypatch)
     assert json.loads((tmp_path / "killed/checkpoint/trainer_state.json").read_text())["step"] == 2
     ref_file = tmp_path / "killed/staging/ref_logps.safetensors"  # the run in progress, published at its end
     mtime = ref_file.stat().st_mtime_ns
-    resumed = run(d, tmp_path / "killed", *args, "--resume")
+    resumed = run(d, tmp_path / "killed", *args, "--resume", "--save-total-limit", 3)
+    assert sorted(p.name for p in tmp_path.glob("killed/checkpoint*")) == ["checkpoint-10", "checkpoint-12"]
+    assert json.loads((tmp_path / "killed/checkpoint-12/trainer_state.json").read_text())["step"] == 12
+    assert not list(tmp_path.glob("full/checkpoint*"))
     assert (tmp_path / "killed/ref_logps.safetensors").stat().st_mtime_ns == mtime  # moved in, not recomputed
     assert resumed["step"] == full["step"] == 14
     assert_same_weights(tmp_path / "full", tmp_path / "killed", atol=1e-6)
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 15))
+    run(d, tmp_path / "killed", *args, "--max-steps", 1)  # a new run into the finished folder clears them
+    assert not list(tmp_path.glob("killed/checkpoint*"))
 
 
 def test_nonfinite_step_leaves_a_good_checkpoint_to_resume_with_a_lower_lr(setup, tmp_path, monkeypatch):

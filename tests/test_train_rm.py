@@ -182,8 +182,11 @@ def free_port():
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bt", "pairwise"])
 def test_two_fsdp_processes_match_one(setup, kind):
-    """Global batch 8 = 2 ranks x 4 = 1 process x 8 (x grad accum 2): same loss curve and eval in fp32."""
-    common = ["--lr", "3e-3", "--grad-accum", "2", "--max-steps", "4", "--warmup-ratio", "0.25"]
+    """Global batch 8 = 2 ranks x 4 = 1 process x 8 (x grad accum 2): same loss curve and eval in fp32. 36 pairs
+    make windows of 16, 16 and 4 (step 3: rank 1 has nothing and runs a zero-weight forward), then epoch 2."""
+    write_jsonl(setup / "train36.jsonl", preference_rows(36, 0))
+    common = ["--lr", "3e-3", "--grad-accum", "2", "--max-steps", "4", "--warmup-ratio", "0.25",
+              "--train-data", str(setup / "train36.jsonl")]
     one = train_rm.main(flags(setup, kind, "one", *common, "--batch-size", "8"))
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}",
