@@ -34,7 +34,7 @@ from collections import Counter
 import torch
 from torch.distributed.tensor import DTensor
 
-from minirlhf import checkpoint, cli, data, dist, losses, rewards, rundir
+from minirlhf import checkpoint, cli, data, dist, lora, losses, rewards, rundir
 from minirlhf.tokenizer import check_chat_template, encode_prompt, pad_token_id
 
 DEFAULT_LR = {"bt": 2e-6, "pairwise": 5e-6}
@@ -204,8 +204,10 @@ def train(args, run, rank, world_size, device):
     cli.warn_few_steps(total_steps, args.batch_size, args.grad_accum, world_size, len(train))
 
     # model: sharded over ranks by FSDP2 (bf16 compute, fp32 master weights and reductions on GPU)
-    model = checkpoint.load_model(ckpt if run.resume else args.model, kind="reward" if args.kind == "bt" else "causal",
+    full = run.resume and not args.lora_rank  # resuming LoRA: the base, then the checkpoint's adapter (and head)
+    model = checkpoint.load_model(ckpt if full else args.model, kind="reward" if args.kind == "bt" else "causal",
                                   device="cpu" if world_size > 1 else device, seed=args.seed)
+    model = lora.from_args(model, args, args.model, ckpt if run.resume and args.lora_rank else None)
     model.model.gradient_checkpointing = args.gradient_checkpointing
     model = dist.apply_fsdp(model, bf16=device.type == "cuda").to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -231,6 +233,7 @@ def train(args, run, rank, world_size, device):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, margin
+            rng = checkpoint.rng_state() if save_due else None  # what --resume redraws this step's dropout from
             micro = batches[w * args.grad_accum:(w + 1) * args.grad_accum]
             for i, indices in enumerate(micro):
                 if world_size > 1:  # reduce-scatter gradients only after the last micro-batch of the window
@@ -248,7 +251,8 @@ def train(args, run, rank, world_size, device):
                 raise FloatingPointError(rundir.nonfinite_message(step + 1, loss, grad_norm, ckpt, saved))
             if save_due:  # step `step`'s weights just gave a finite loss and gradient (rundir.nonfinite_message)
                 checkpoint.save_training_state(model, optimizer, tokenizer, out,
-                                               {"step": step, "world_size": world_size}, pairwise_config(args))
+                                               {"step": step, "world_size": world_size}, pairwise_config(args),
+                                               rng=rng)
                 saved, save_due = step, False
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -274,7 +278,7 @@ def train(args, run, rank, world_size, device):
     result |= {"step": step, "kind": args.kind, "output_dir": os.path.abspath(out)}
     dist.print0(f"eval: {json.dumps(result)}")
     checkpoint.save_training_state(model, optimizer, tokenizer, out, {"step": step, "world_size": world_size},
-                                   pairwise_config(args), dtype=cli.save_dtype(args))
+                                   pairwise_config(args), dtype=cli.save_dtype(args), merge=args.merge_lora)
     run.publish(ckpt, {"eval.json": result}, keep_checkpoint=args.keep_optimizer)  # then done.json
     dist.barrier()
     return result

@@ -80,10 +80,13 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def full_state_dict(model):
-    """The full (unsharded) state dict on CPU, on every rank: a collective, so every rank must call it."""
+def full_state_dict(model, names=None):
+    """The full (unsharded) state dict (or its entries `names`) on CPU, on every rank: a collective, so every rank
+    must call it."""
     out = {}
     for name, tensor in model.state_dict().items():
+        if names is not None and name not in names:
+            continue
         if isinstance(tensor, DTensor):
             tensor = tensor.full_tensor()  # all-gather of the shards
         out[name] = tensor.detach().to("cpu", copy=True)
