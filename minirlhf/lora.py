@@ -1,17 +1,15 @@
 """LoRA (Hu et al. 2021) and QLoRA's 4-bit NormalFloat frozen base (Dettmers et al. 2023), by hand.
 
-LoRA freezes a linear layer's W (out, in) and learns a low-rank update: y = W x + scaling * B A dropout(x), with A
-(r, in) Kaiming-uniform, B (out, r) zero, so the adapted model starts equal to the base; scaling = alpha / r
-(rsLoRA, Kalajdzievski 2023: alpha / sqrt(r)). Only A, B (and a reward model's `score` head) train, so the
-optimizer state and the checkpoints hold only them. Adapters are saved in PEFT's layout (adapter_config.json,
-adapter_model.safetensors with keys `base_model.model.<module>.lora_A.weight`), which `peft.PeftModel` loads, and
-PEFT's adapters load here; merging writes W + scaling * B A back as a plain checkpoint.
+LoRA freezes a linear W (out, in) and learns y = W x + scaling * B A dropout(x) (Hu et al. eq. 3), A (r, in)
+Kaiming-uniform, B (out, r) zero, so the model starts equal to the base; scaling = alpha / r (rsLoRA: alpha /
+sqrt(r)). Only A, B (and a reward model's `score` head) train: the optimizer state and checkpoints hold only them.
+Adapters are saved in PEFT's layout (adapter_config.json; adapter_model.safetensors, keys
+`base_model.model.<module>.lora_A.weight`): `peft.PeftModel` loads ours, and PEFT's load here.
 
-QLoRA stores every frozen block linear as NF4: the weight flattened row-major into blocks of 64, each scaled by
-its absmax into [-1, 1] and rounded to the nearest of 16 levels (quantiles of N(0, 1), QLoRA sec. 3), two codes
-per byte, high nibble first, as bitsandbytes lays it out; `double_quant` stores the absmaxes themselves in 8 bits
-(blocks of 256, bitsandbytes' dynamic map, after subtracting their mean). The forward dequantises the weight on
-the fly (plain torch ops, CPU or GPU, no Triton) and multiplies in the compute dtype; LoRA sits on top.
+QLoRA keeps the frozen block linears in NF4 (QLoRA sec. 3), laid out as bitsandbytes does: the weight flattened
+row-major in blocks of 64, each scaled by the reciprocal of its absmax and rounded to the nearest of 16 N(0, 1)
+quantiles, two codes a byte, high nibble first; `double_quant` keeps the absmaxes minus their mean in 8 bits
+(bitsandbytes' dynamic map, blocks of 256). The forward dequantises in plain torch (CPU or GPU, no Triton).
 """
 import contextlib
 import json
@@ -47,14 +45,16 @@ def dynamic_map():
     return torch.tensor(sorted(values))
 
 
+DYNAMIC_MAP = dynamic_map()
+
+
 def blockwise_quantize(x, levels, block):
     """Flat x -> (codes (n,) int64 into `levels`, absmax (ceil(n/block),) fp32): each block scaled by the
     reciprocal of its absmax, then rounded to the nearest level (a tie goes to the lower one, as in bitsandbytes)."""
-    n = x.numel()
+    n, levels = x.numel(), levels.to(x.device)
     blocks = F.pad(x.float().flatten(), (0, -n % block)).view(-1, block)
     absmax = blocks.abs().amax(1)
     scaled = (blocks * (1 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
-    levels = levels.to(x.device)
     return torch.bucketize(scaled, (levels[1:] + levels[:-1]) / 2).flatten()[:n], absmax
 
 
@@ -67,7 +67,7 @@ def nf4_quantize(weight, double_quant=False) -> dict:
     out = {"codes": (codes[:, 0] << 4 | codes[:, 1]).to(torch.uint8), "absmax": absmax}
     if double_quant:
         offset = absmax.mean()
-        qabsmax, scale = blockwise_quantize(absmax - offset, dynamic_map(), ABSMAX_BLOCK)
+        qabsmax, scale = blockwise_quantize(absmax - offset, DYNAMIC_MAP, ABSMAX_BLOCK)
         out.update(absmax=qabsmax.to(torch.uint8), absmax_scale=scale, absmax_offset=offset)
     return out
 
@@ -78,7 +78,7 @@ def nf4_absmax(q):
     absmax = q["absmax"]
     if "absmax_offset" not in q:
         return absmax
-    n, scaled = absmax.numel(), dynamic_map().to(absmax.device)[absmax.long()]
+    n, scaled = absmax.numel(), DYNAMIC_MAP.to(absmax.device)[absmax.long()]
     return (F.pad(scaled, (0, -n % ABSMAX_BLOCK)).view(-1, ABSMAX_BLOCK) * q["absmax_scale"][:, None]).flatten()[:n] \
         + q["absmax_offset"]
 
@@ -96,68 +96,56 @@ class NF4Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, double_quant=False):
         super().__init__()
-        self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, linear.weight.dtype
+        self.in_features, self.out_features, self.bias = linear.in_features, linear.out_features, linear.bias
+        self.weight_dtype = linear.weight.dtype
         for name, tensor in nf4_quantize(linear.weight.detach(), double_quant).items():
             self.register_buffer(name, tensor)
-        self.bias = linear.bias
 
-    def dequantized(self, dtype):
-        return nf4_dequantize(dict(self.named_buffers()), (self.out_features, self.in_features), dtype)
-
-    def forward(self, x):
-        return F.linear(x, self.dequantized(x.dtype), self.bias)
+    def forward(self, x):  # the weight dequantised in the compute dtype for this product only
+        return F.linear(x, nf4_dequantize(dict(self.named_buffers()), (self.out_features, self.in_features), x.dtype),
+                        self.bias)
 
 
 class LoRALinear(nn.Module):
-    """base_layer(x) + scaling * lora_B(lora_A(dropout(x))); `enabled = False` gives the base alone. Names
+    """base_layer(x) + scaling * lora_B(lora_A(dropout(x))), or the base alone while `enabled` is False. Names
     mirror PEFT's modules, so state_dict keys are PEFT's on-disk keys without their prefix."""
 
     def __init__(self, base_layer, r, alpha, dropout, rslora, generator):
         super().__init__()
-        plain = isinstance(base_layer, nn.Linear)
-        kw = dict(device=(base_layer.weight if plain else base_layer.codes).device,
-                  dtype=base_layer.weight.dtype if plain else base_layer.dtype)
-        self.base_layer, self.enabled = base_layer, True
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, **kw)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, **kw)
-        with torch.no_grad():  # PEFT's (and nn.Linear's) init for A, zero B: the adapted model equals the base
+        ref = base_layer.weight if isinstance(base_layer, nn.Linear) else base_layer.absmax
+        kw = dict(bias=False, device=ref.device, dtype=getattr(base_layer, "weight_dtype", ref.dtype))
+        self.base_layer, self.enabled, self.scaling = base_layer, True, alpha / (math.sqrt(r) if rslora else r)
+        self.lora_A = nn.Linear(base_layer.in_features, r, **kw)
+        self.lora_B = nn.Linear(r, base_layer.out_features, **kw)
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        with torch.no_grad():  # A: nn.Linear's (and PEFT's) init from `generator`; B = 0: the model starts as the base
             self.lora_A.weight.copy_(nn.init.kaiming_uniform_(torch.empty(r, base_layer.in_features), a=math.sqrt(5),
                                                               generator=generator))
             self.lora_B.weight.zero_()
-        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.scaling = alpha / (math.sqrt(r) if rslora else r)
 
     def forward(self, x):
         y = self.base_layer(x)
-        if not self.enabled:
-            return y
-        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling if self.enabled else y
 
 
 def add_lora(model, rank, alpha=None, targets=DEFAULT_TARGETS, dropout=0.0, rslora=False, quantize=None,
              double_quant=False, base_model_name_or_path=None, seed=0):
-    """Freeze `model`, store its block linears as NF4 if `quantize == "nf4"`, wrap the `targets` (module-name
-    suffixes, as PEFT matches them) in LoRALinear; a reward model's `score` head trains in full. In place."""
+    """In place: freeze `model`, keep its block linears in NF4 if `quantize == "nf4"`, wrap the `targets` (name
+    suffixes, matched as PEFT does) in LoRALinear; a reward model's `score` head trains in full."""
     targets = [t for t in (targets.split(",") if isinstance(targets, str) else targets) if t]
-    alpha = rank if alpha is None else alpha
+    alpha, generator, matched = rank if alpha is None else alpha, torch.Generator().manual_seed(seed), set()
     model.requires_grad_(False)
-    generator, matched = torch.Generator().manual_seed(seed), set()
     for name, module in list(model.model.layers.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
+        for child_name, child in [(n, c) for n, c in module.named_children() if isinstance(c, nn.Linear)]:
             layer = NF4Linear(child, double_quant) if quantize == "nf4" else child
-            full = f"{name}.{child_name}"
-            hit = [t for t in targets if full == t or full.endswith("." + t)]
+            hit = [t for t in targets if f".{name}.{child_name}".endswith("." + t)]
             matched.update(hit)
             setattr(module, child_name, LoRALinear(layer, rank, alpha, dropout, rslora, generator) if hit else layer)
     if set(targets) - matched:
-        raise UserError(f"--lora-targets {sorted(set(targets) - matched)} match no linear layer of the model "
-                        f"(its layers: {DEFAULT_TARGETS})")
-    reward = isinstance(model, RewardModel)
-    if reward:
+        raise UserError(f"--lora-targets {sorted(set(targets) - matched)} match no linear layer ({DEFAULT_TARGETS})")
+    if reward := isinstance(model, RewardModel):
         model.score.requires_grad_(True)
-    model.lora_config = {
+    model.lora_config = {  # adapter_config.json
         "peft_type": "LORA", "task_type": "SEQ_CLS" if reward else "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
         "target_modules": targets, "lora_dropout": dropout, "bias": "none", "use_rslora": rslora,
         "fan_in_fan_out": False, "modules_to_save": ["score"] if reward else None, "init_lora_weights": True,
@@ -165,17 +153,13 @@ def add_lora(model, rank, alpha=None, targets=DEFAULT_TARGETS, dropout=0.0, rslo
     return model
 
 
-def is_lora(model):
-    return hasattr(model, "lora_config")
-
-
 @contextlib.contextmanager
 def adapters_off(model):
     """The base network (adapters switched off), e.g. as the DPO reference: no second model in memory."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    for m in layers:
-        m.enabled = False
     try:
+        for m in layers:
+            m.enabled = False
         yield model
     finally:
         for m in layers:
@@ -187,7 +171,7 @@ def trainable_names(model):
 
 
 def adapter_files(model, state):
-    """(adapter_config.json dict, adapter_model.safetensors tensors) from a full or trainable-only state dict."""
+    """(adapter_config.json, adapter_model.safetensors' tensors) from a full or trainable-only state dict."""
     return model.lora_config, {PEFT_PREFIX + k: state[k] for k in trainable_names(model)}
 
 
@@ -199,16 +183,15 @@ def write_adapter(folder, config, tensors, dtype=None):
 
 
 def read_adapter_config(folder):
-    """adapter_config.json of a PEFT LoRA folder, checked for what this module implements."""
-    path = os.path.join(folder, "adapter_config.json")
-    with open(path) as f:
+    """adapter_config.json of a PEFT LoRA folder; what this module does not implement is an error."""
+    with open(path := os.path.join(folder, "adapter_config.json")) as f:
         cfg = json.load(f)
-    unsupported = [k for k in ("rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out", "layers_to_transform",
-                               "lora_bias") if cfg.get(k)]
-    if cfg.get("peft_type") != "LORA" or unsupported or cfg.get("bias", "none") != "none" \
-            or not isinstance(cfg.get("target_modules"), list):
-        raise UserError(f"{path}: only plain LoRA adapters load (peft_type LORA, bias none, target_modules a "
-                        f"list); unsupported: {unsupported or [cfg.get('peft_type'), cfg.get('bias'), cfg.get('target_modules')]}")
+    bad = [k for k in ("rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out", "lora_bias", "layers_to_transform")
+           if cfg.get(k)] + [k for k, ok in (("peft_type", cfg.get("peft_type") == "LORA"), ("bias", cfg.get(
+               "bias", "none") == "none"), ("target_modules", isinstance(cfg.get("target_modules"), list))) if not ok]
+    if bad:
+        raise UserError(f"{path}: only plain LoRA loads (peft_type LORA, bias none, a list of target_modules): "
+                        f"unsupported {bad}")
     return cfg
 
 
@@ -216,17 +199,13 @@ def load_adapter(model, folder):
     """adapter_model.safetensors of `folder` into a LoRA `model`: every trainable tensor must be there (PEFT
     itself loads with strict=False and would leave a misnamed B at zero)."""
     path = os.path.join(folder, "adapter_model.safetensors")
-    tensors = {k.removeprefix(PEFT_PREFIX).replace(".default.", "."): v for k, v in load_file(path).items()}
-    expected = set(trainable_names(model))
-    if expected != set(tensors):
-        raise UserError(f"{path}: tensors do not match the adapter config: missing "
-                        f"{sorted(expected - set(tensors))[:4]}, unexpected {sorted(set(tensors) - expected)[:4]}")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in tensors.items():
-            if v.shape != params[k].shape:
-                raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(params[k].shape)}")
-            params[k].copy_(v)
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(path).items()}
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if params.keys() != tensors.keys() or any(v.shape != params[k].shape for k, v in tensors.items()):
+        raise UserError(f"{path}: tensors {[(k, tuple(v.shape)) for k, v in tensors.items()][:4]}... do not match "
+                        f"the adapter config's {[(k, tuple(p.shape)) for k, p in params.items()][:4]}...")
+    for k, v in tensors.items():
+        params[k].data.copy_(v)
     return model
 
 
@@ -236,7 +215,7 @@ def merged_state_dict(model, state):
     for name, m in modules.items():
         if isinstance(m, NF4Linear):
             q = {k: out.pop(f"{name}.{k}") for k, _ in m.named_buffers()}
-            out[f"{name}.weight"] = nf4_dequantize(q, (m.out_features, m.in_features), m.dtype)
+            out[f"{name}.weight"] = nf4_dequantize(q, (m.out_features, m.in_features), m.weight_dtype)
     for name, m in modules.items():
         if isinstance(m, LoRALinear):
             for k in [k for k in out if k.startswith(f"{name}.base_layer.")]:
@@ -255,8 +234,7 @@ def merge_lora(model):
 
 
 def from_args(model, args, model_path, resume_ckpt=None):
-    """The trainers' --lora-* / --quantize flags applied to a loaded `model` (unchanged without --lora-rank);
-    with `resume_ckpt`, the adapter saved there."""
+    """The trainers' --lora-* flags applied to a loaded `model` (none: unchanged); with `resume_ckpt`, its adapter."""
     if not args.lora_rank:
         if args.quantize != "none" or args.merge_lora:
             raise UserError("--quantize and --merge-lora need --lora-rank (QLoRA / LoRA)")
