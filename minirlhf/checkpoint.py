@@ -250,7 +250,7 @@ def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, e
     renamed into place, so a kill at any moment leaves the previous checkpoint whole. A LoRA policy saves its
     adapter (the trainable tensors only) and, with `merge`, the merged model beside it. `rng`: the RNG state
     to resume from (`rng_state()` taken when the step began: its dropout draws must be redone alike)."""
-    adapted = lora.is_lora(policy)
+    adapted = hasattr(policy, "lora_config")  # lora.add_lora
     full = dist.full_state_dict(policy, None if merge or not adapted else lora.trainable_names(policy))  # collective
     name = dist.all_gather_objects(uuid.uuid4().hex[:8])[0]
     tmp, rank = os.path.join(output_dir, f".checkpoint.tmp-{name}"), dist.get_rank()
