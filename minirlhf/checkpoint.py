@@ -46,18 +46,15 @@ def read_config(path) -> dict:
         return json.load(f)
 
 
-def is_adapter(path):
+def is_adapter(path):  # a PEFT adapter folder (a folder with both is read as the merged model in config.json)
     return not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
 def adapter_base(path):
-    """The base checkpoint folder of an adapter folder: base_model_name_or_path, as given or beside the adapter."""
-    base = lora.read_adapter_config(path).get("base_model_name_or_path") or ""
-    for candidate in (base, os.path.join(path, base)):
-        if base and os.path.isdir(candidate):
-            return candidate
-    raise UserError(f"{os.path.join(path, 'adapter_config.json')}: base_model_name_or_path {base!r} is not a local "
-                    "checkpoint folder (minirlhf downloads nothing: point it at the base model's folder)")
+    """An adapter folder's base_model_name_or_path: a checkpoint folder (absolute, or from the working directory)."""
+    if not os.path.isdir(base := lora.read_adapter_config(path).get("base_model_name_or_path") or ""):
+        raise UserError(f"{path}/adapter_config.json: base_model_name_or_path {base!r} is not a checkpoint folder here")
+    return base
 
 
 def weight_files(path) -> list[str]:
@@ -149,8 +146,8 @@ def hf_config_for(model, tokenizer=None, dtype=None) -> dict:
 def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=5 * 2**30, extra_files=None,
                dtype=None, adapter=None):
     """Write `model` (or a gathered full `state_dict` of it) as a Hugging Face folder, atomically, in `dtype`
-    (default: the tensors' own). `adapter`: (config, tensors) of a LoRA adapter (lora.adapter_files) written
-    beside it in PEFT's layout; with an empty `state_dict`, the adapter alone.
+    (default: the tensors' own). `adapter`: a LoRA model's state dict, its adapter written beside in PEFT's layout
+    (lora.write_adapter); with an empty `state_dict`, the adapter alone.
 
     `extra_files` maps file names to JSON-able objects written into the same folder (e.g. training state).
     """
@@ -165,7 +162,7 @@ def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=
     try:
         with writing(out_dir):  # disk full: an error naming the folder, and no temporary left
             if adapter is not None:
-                lora.write_adapter(tmp, *adapter, dtype)
+                lora.write_adapter(tmp, model, adapter, dtype)
             shards, current, size = [], {}, 0
             for name, tensor in state.items():
                 nbytes = tensor.numel() * tensor.element_size()
@@ -248,16 +245,14 @@ def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, e
     shard and RNG state per
     rank, trainer_state.json. Written in a temporary folder (a name unique to this save, the same on every rank)
     renamed into place, so a kill at any moment leaves the previous checkpoint whole. A LoRA policy saves its
-    adapter (the trainable tensors only) and, with `merge`, the merged model beside it. `rng`: the RNG state
-    to resume from (`rng_state()` taken when the step began: its dropout draws must be redone alike)."""
+    adapter, with `merge` the merged model too. `rng`: the RNG state to resume from (default: now)."""
     adapted = hasattr(policy, "lora_config")  # lora.add_lora
     full = dist.full_state_dict(policy, None if merge or not adapted else lora.trainable_names(policy))  # collective
     name = dist.all_gather_objects(uuid.uuid4().hex[:8])[0]
     tmp, rank = os.path.join(output_dir, f".checkpoint.tmp-{name}"), dist.get_rank()
     if dist.is_main():
-        adapter = lora.adapter_files(policy, full) if adapted else None
-        full = (lora.merged_state_dict(policy, full) if merge else {}) if adapted else full
-        save_model(policy, tmp, tokenizer, state_dict=full, extra_files=extra_files, dtype=dtype, adapter=adapter)
+        merged = (lora.merged_state_dict(policy, full) if merge else {}) if adapted else full
+        save_model(policy, tmp, tokenizer, merged, extra_files=extra_files, dtype=dtype, adapter=full if adapted else None)
     dist.barrier()
     state = {f"{name}/{k}": (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
              for name, p in policy.named_parameters() for k, v in optimizer.state.get(p, {}).items()}

@@ -35,8 +35,7 @@ NF4_BLOCK, ABSMAX_BLOCK = 64, 256
 
 
 def dynamic_map():
-    """bitsandbytes' signed 8-bit dynamic map (Dettmers 2015): for e = 0..6, the midpoints of 2^e equal steps of
-    [0.1, 1] times 10^(e-6), both signs, plus 0 and 1; 256 sorted values."""
+    """bitsandbytes' 8-bit dynamic map: for e = 0..6 the midpoints of 2^e steps of [0.1, 1] times +-10^(e-6); 0, 1."""
     values = [0.0, 1.0]
     for e in range(7):
         edges = torch.linspace(0.1, 1, 2 ** e + 1)
@@ -49,8 +48,7 @@ DYNAMIC_MAP = dynamic_map()
 
 
 def blockwise_quantize(x, levels, block):
-    """Flat x -> (codes (n,) int64 into `levels`, absmax (ceil(n/block),) fp32): each block scaled by the
-    reciprocal of its absmax, then rounded to the nearest level (a tie goes to the lower one, as in bitsandbytes)."""
+    """x -> (codes (n,) into `levels`, absmax (blocks,)): x * (1 / absmax) to the nearest level, ties down (bnb)."""
     n, levels = x.numel(), levels.to(x.device)
     blocks = F.pad(x.float().flatten(), (0, -n % block)).view(-1, block)
     absmax = blocks.abs().amax(1)
@@ -73,8 +71,7 @@ def nf4_quantize(weight, double_quant=False) -> dict:
 
 
 def nf4_absmax(q):
-    """The fp32 absmax per block of 64; with double quantisation dynamic_map[code] * the scale of its block of
-    256, plus the mean."""
+    """fp32 absmax per block of 64; double-quantised: DYNAMIC_MAP[code] * its 256-block's scale + the mean."""
     absmax = q["absmax"]
     if "absmax_offset" not in q:
         return absmax
@@ -107,8 +104,7 @@ class NF4Linear(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """base_layer(x) + scaling * lora_B(lora_A(dropout(x))), or the base alone while `enabled` is False. Names
-    mirror PEFT's modules, so state_dict keys are PEFT's on-disk keys without their prefix."""
+    """base_layer(x) + scaling * lora_B(lora_A(dropout(x))) (the base alone while not `enabled`); PEFT's names."""
 
     def __init__(self, base_layer, r, alpha, dropout, rslora, generator):
         super().__init__()
@@ -170,15 +166,11 @@ def trainable_names(model):
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def adapter_files(model, state):
-    """(adapter_config.json, adapter_model.safetensors' tensors) from a full or trainable-only state dict."""
-    return model.lora_config, {PEFT_PREFIX + k: state[k] for k in trainable_names(model)}
-
-
-def write_adapter(folder, config, tensors, dtype=None):
+def write_adapter(folder, model, state, dtype=None):
+    """`model`'s adapter, its trainable tensors read from a full or trainable-only `state`, in PEFT's layout."""
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    save_file({k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in tensors.items()},
+        json.dump(model.lora_config, f, indent=2)
+    save_file({PEFT_PREFIX + k: state[k].detach().to("cpu", dtype).contiguous() for k in trainable_names(model)},
               os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
@@ -187,17 +179,14 @@ def read_adapter_config(folder):
     with open(path := os.path.join(folder, "adapter_config.json")) as f:
         cfg = json.load(f)
     bad = [k for k in ("rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out", "lora_bias", "layers_to_transform")
-           if cfg.get(k)] + [k for k, ok in (("peft_type", cfg.get("peft_type") == "LORA"), ("bias", cfg.get(
-               "bias", "none") == "none"), ("target_modules", isinstance(cfg.get("target_modules"), list))) if not ok]
-    if bad:
-        raise UserError(f"{path}: only plain LoRA loads (peft_type LORA, bias none, a list of target_modules): "
-                        f"unsupported {bad}")
+           if cfg.get(k)] + [k for k, v in (("peft_type", "LORA"), ("bias", "none")) if cfg.get(k, v) != v]
+    if bad or not isinstance(cfg.get("target_modules"), list):
+        raise UserError(f"{path}: only plain LoRA on a list of target_modules loads; unsupported: {bad}")
     return cfg
 
 
 def load_adapter(model, folder):
-    """adapter_model.safetensors of `folder` into a LoRA `model`: every trainable tensor must be there (PEFT
-    itself loads with strict=False and would leave a misnamed B at zero)."""
+    """`folder`'s adapter into a LoRA `model`, every tensor checked (PEFT would leave a misnamed B at zero)."""
     path = os.path.join(folder, "adapter_model.safetensors")
     tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(path).items()}
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}

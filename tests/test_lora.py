@@ -55,6 +55,7 @@ def test_init_equals_base_only_adapters_train_and_merge_reproduces(base):
         with lora.adapters_off(model):
             assert torch.equal(model(ids, mask), expected)
         merged = lora.merge_lora(model)(ids, mask)
+    print(f"max |logits diff| merged vs adapted: {(merged - adapted).abs().max():.2e}")
     assert (merged - adapted).abs().max() < 1e-5
     reward = lora.add_lora(load_model(d / "model", kind="reward"), rank=2, targets="o_proj")
     assert lora.trainable_names(reward)[-1] == "score.weight"  # the head trains in full
@@ -70,7 +71,7 @@ def test_adapters_round_trip_with_peft(base, tmp_path):
     model = lora.add_lora(load_model(d / "model"), rank=4, alpha=16, targets="q_proj,k_proj,v_proj,o_proj,up_proj",
                           rslora=True, base_model_name_or_path=str(d / "model"))
     randomise_adapters(model)
-    save_model(model, tmp_path / "ours", state_dict={}, adapter=lora.adapter_files(model, model.state_dict()))
+    save_model(model, tmp_path / "ours", state_dict={}, adapter=model.state_dict())
     assert sorted(os.listdir(tmp_path / "ours")) == ["adapter_config.json", "adapter_model.safetensors"]
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in load_file(
         tmp_path / "ours/adapter_model.safetensors")
@@ -87,7 +88,7 @@ def test_adapters_round_trip_with_peft(base, tmp_path):
         theirs.save_pretrained(tmp_path / "peft")
         expected = theirs(input_ids=ids, attention_mask=mask).logits
         config = json.loads((tmp_path / "peft/adapter_config.json").read_text())
-        config["base_model_name_or_path"] = "../base2"  # PEFT wrote the model's name; ours resolves beside it
+        config["base_model_name_or_path"] = str(tmp_path / "base2")  # PEFT wrote the model's name_or_path
         (tmp_path / "peft/adapter_config.json").write_text(json.dumps(config))
         diff_ours = (load_model(tmp_path / "peft")(ids, mask) - expected)[real].abs().max().item()
     print(f"max |logits diff|: PEFT loading ours {diff_peft:.2e}, ours loading PEFT's {diff_ours:.2e}")
