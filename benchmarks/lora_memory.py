@@ -10,6 +10,10 @@ steps (policy forward and backward over 2 x --pairs sequences of --length tokens
 once from the same network with adapters off, AdamW over the trainable parameters). Reported:
 - weights: bytes of every parameter and buffer (NF4 codes and absmaxes included);
 - optimizer state: bytes of AdamW's tensors after the steps (2 fp32 moments per trainable parameter);
+- saved for backward: bytes of the tensors autograd keeps from the forward to the backward (counted with
+  torch.autograd.graph.saved_tensors_hooks, each storage once, weights aside): the activations;
+- weights + optimizer + gradients + saved: a bound on the tensors alive at once in a step (the gradients, half
+  the AdamW state, appear during the backward while the saved tensors go);
 - peak: on CUDA torch.cuda.max_memory_allocated over the steps, everything the allocator held; on CPU the
   peak resident set (VmHWM) over the steps minus the resident set after imports. Before the steps, freed heap
   is handed back (malloc_trim) and VmHWM is reset (/proc/self/clear_refs), so the one-time fp32 model that QLoRA
@@ -72,8 +76,16 @@ def run_one(args):
             f.write("5")  # VmHWM := VmRSS
     else:
         torch.cuda.reset_peak_memory_stats()
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved = {}  # storage -> bytes of every tensor autograd keeps for backward (the weights themselves aside)
+
+    def keep(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
     for _ in range(args.steps):
-        with autocast:
+        saved.clear()
+        with autocast, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             logps = sequence_logps(model, ids, mask, loss_mask)[0].float().view(2, -1)
         loss = losses.PREFERENCE_LOSSES["dpo"](*logps, *ref, 0.1, 0.0)[0].mean()
         loss.backward()
@@ -85,7 +97,7 @@ def run_one(args):
     return {"config": args.run, "params": sum(p.numel() for p in model.parameters()) + sum(
                 b.numel() * 2 for n, b in model.named_buffers() if n.endswith("codes")),  # 2 NF4 weights a byte
             "trainable": sum(p.numel() for p in trainable), "weights_mb": nbytes / 2**20,
-            "optimizer_mb": state / 2**20, "peak_mb": peak}
+            "optimizer_mb": state / 2**20, "saved_mb": sum(saved.values()) / 2**20, "peak_mb": peak}
 
 
 def main():
@@ -110,12 +122,14 @@ def main():
     full = rows[0]
     peak = "peak allocated (CUDA)" if args.device == "cuda" else "peak RSS over imports"
     print(f"{args.shape}, {args.device}, {args.pairs} pairs x 2 x {args.length} tokens, {torch.__version__}")
-    print(f"| config | params | trainable | weights MB | optimizer state MB | {peak} MB |")
-    print("|---|---|---|---|---|---|")
+    print(f"| config | params | trainable | weights MB | optimizer state MB | saved for backward MB | "
+          f"weights + optimizer + gradients + saved MB | {peak} MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ratios = [r[k] / full[k] for k in ("weights_mb", "optimizer_mb", "peak_mb")]
-        print(f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['trainable'] / 1e6:.2f}M | {r['weights_mb']:.0f} "
-              f"({ratios[0]:.2f}x) | {r['optimizer_mb']:.1f} ({ratios[1]:.3f}x) | {r['peak_mb']:.0f} ({ratios[2]:.2f}x) |")
+        r["sum_mb"] = r["weights_mb"] + 1.5 * r["optimizer_mb"] + r["saved_mb"]  # gradients: half the AdamW state
+        ratios = {k: f"({r[k] / full[k]:.2f}x)" for k in ("weights_mb", "optimizer_mb", "saved_mb", "sum_mb", "peak_mb")}
+        print(f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['trainable'] / 1e6:.2f}M | " + " | ".join(
+            f"{r[k]:.0f} {ratio}" for k, ratio in ratios.items()) + " |")
 
 
 if __name__ == "__main__":

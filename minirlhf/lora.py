@@ -98,9 +98,26 @@ class NF4Linear(nn.Module):
         for name, tensor in nf4_quantize(linear.weight.detach(), double_quant).items():
             self.register_buffer(name, tensor)
 
-    def forward(self, x):  # the weight dequantised in the compute dtype for this product only
-        return F.linear(x, nf4_dequantize(dict(self.named_buffers()), (self.out_features, self.in_features), x.dtype),
-                        self.bias)
+    def weight(self, dtype):
+        return nf4_dequantize(dict(self.named_buffers()), (self.out_features, self.in_features), dtype)
+
+    def forward(self, x):
+        y = NF4Matmul.apply(x, self)
+        return y if self.bias is None else y + self.bias
+
+
+class NF4Matmul(torch.autograd.Function):
+    """x @ W.T with W dequantised for the product and again in backward, never saved: autograd would otherwise
+    keep every layer's full-precision weight until backward (bitsandbytes' MatMul4Bit does the same)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return F.linear(x, layer.weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):  # (..., out) -> (..., in); the frozen weight gets no gradient
+        return grad @ ctx.layer.weight(grad.dtype), None
 
 
 class LoRALinear(nn.Module):

@@ -111,6 +111,11 @@ def test_nf4_round_trip_and_bitsandbytes(double_quant):
     bound = (levels[1:] - levels[:-1]).max() / 2 * absmax * (1 + 1e-6) + absmax_error
     assert ((back - weight).flatten().view(-1, 64).abs() <= bound[:, None]).all()
     assert q["codes"].numel() == weight.numel() // 2 and q["codes"].dtype == torch.uint8
+    layer = lora.NF4Linear(torch.nn.Linear(200, 48), double_quant)  # its backward dequantises again: same gradient
+    x = torch.randn(3, 200, generator=g, requires_grad=True)
+    grads = [torch.autograd.grad(f(x).square().sum(), x)[0] for f in (layer, lambda x: torch.nn.functional.linear(
+        x, lora.nf4_dequantize(dict(layer.named_buffers()), (48, 200)), layer.bias))]
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-6)
     bnb = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes not installable here (CPU builds "
                                                                 "from 0.46)")
     packed, state = bnb.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
