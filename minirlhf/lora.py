@@ -102,21 +102,20 @@ class NF4Linear(nn.Module):
         return nf4_dequantize(dict(self.named_buffers()), (self.out_features, self.in_features), dtype)
 
     def forward(self, x):
-        y = NF4Matmul.apply(x, self)
-        return y if self.bias is None else y + self.bias
+        return NF4Matmul.apply(x, self)
 
 
 class NF4Matmul(torch.autograd.Function):
-    """x @ W.T with W dequantised for the product and again in backward, never saved: autograd would otherwise
-    keep every layer's full-precision weight until backward (bitsandbytes' MatMul4Bit does the same)."""
+    """F.linear(x, W, bias) with W dequantised for the product and again in backward, never saved: autograd would
+    otherwise keep every layer's full-precision weight until backward (bitsandbytes' MatMul4Bit does the same)."""
 
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
-        return F.linear(x, layer.weight(x.dtype))
+        return F.linear(x, layer.weight(x.dtype), layer.bias)
 
     @staticmethod
-    def backward(ctx, grad):  # (..., out) -> (..., in); the frozen weight gets no gradient
+    def backward(ctx, grad):  # (..., out) -> (..., in); the frozen weight and bias get no gradient
         return grad @ ctx.layer.weight(grad.dtype), None
 
 

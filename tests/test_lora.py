@@ -1,8 +1,8 @@
 """LoRA and QLoRA (minirlhf/lora.py) against their definitions and against PEFT and bitsandbytes: the adapted
 model starts equal to the base and trains only its adapters, merging reproduces it, adapters round-trip with
 PEFT (same logits both ways), NF4 round-trips within half a level step and matches bitsandbytes bit for bit,
-QLoRA DPO learns, LoRA resumes exactly, and the OpenBezoar chain (QLoRA SFT, merge, SFT, merge, DPO) runs
-through the scripts."""
+the OpenBezoar chain (QLoRA SFT, merge, SFT, merge, DPO) learns through the scripts, LoRA resumes exactly and
+runs under FSDP2, and a LoRA reward model trains its head and loads in PEFT."""
 import json
 import os
 import subprocess
@@ -10,9 +10,11 @@ import sys
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 import train_dpo
+import train_rm
 from minirlhf import lora
 from minirlhf.checkpoint import load_model, save_model
 from minirlhf.data import write_jsonl
@@ -211,3 +213,22 @@ def test_qlora_under_two_fsdp_processes_equals_one(base, tmp_path):
         assert one.keys() == two.keys()
         for k in one:
             torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_lora_reward_model_trains_its_head_and_loads_in_peft(base, tmp_path):
+    """train_rm.py with QLoRA: the score head trains in full beside the adapters, saved as PEFT's modules_to_save,
+    and PeftModel (SEQ_CLS) on our adapter scores as our load_model of it does."""
+    peft = pytest.importorskip("peft", reason="peft not installed (pip install -e '.[test]')")
+    d, _ = base
+    write_jsonl(tmp_path / "prefs.jsonl", synthetic_rows(40, seed=0))
+    result = train_rm.main(list(map(str, [
+        "--model", d / "model", "--train-data", tmp_path / "prefs.jsonl", "--output-dir", tmp_path / "rm", "--lr", 1e-2,
+        "--lora-rank", 4, "--quantize", "nf4", "--batch-size", 8, "--grad-accum", 1, "--epochs", 3, "--max-length", 64,
+        "--max-prompt-length", 32, "--eval-fraction", 0.2])))
+    assert result["accuracy"] > 0.8
+    assert json.loads((tmp_path / "rm/adapter_config.json").read_text())["modules_to_save"] == ["score"]
+    ids, mask = ragged_batch([7, 5, 3], "right")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(d / "model", num_labels=1)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "rm").eval()(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(load_model(tmp_path / "rm", kind="reward")(ids, mask), theirs[:, 0], atol=1e-5, rtol=0)
