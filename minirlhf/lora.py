@@ -34,17 +34,11 @@ NF4_LEVELS = torch.tensor([  # bitsandbytes get_4bit_type("nf4"): 7 negative, 0,
 NF4_BLOCK, ABSMAX_BLOCK = 64, 256
 
 
-def dynamic_map():
-    """bitsandbytes' 8-bit dynamic map: for e = 0..6 the midpoints of 2^e steps of [0.1, 1] times +-10^(e-6); 0, 1."""
-    values = [0.0, 1.0]
-    for e in range(7):
-        edges = torch.linspace(0.1, 1, 2 ** e + 1)
-        mids = (10 ** (e - 6)) * ((edges[:-1] + edges[1:]) / 2.0)
-        values += mids.tolist() + (-mids).tolist()
-    return torch.tensor(sorted(values))
-
-
-DYNAMIC_MAP = dynamic_map()
+# bitsandbytes' signed 8-bit dynamic map (Dettmers 2015) for double quantisation: for e = 0..6 the midpoints of 2^e
+# equal steps of [0.1, 1] times +-10^(e-6), plus 0 and 1; 256 sorted values
+_edges = [torch.linspace(0.1, 1, 2 ** e + 1) for e in range(7)]
+_mids = [10 ** (e - 6) * ((edges[:-1] + edges[1:]) / 2.0) for e, edges in enumerate(_edges)]
+DYNAMIC_MAP = torch.cat([torch.tensor([0.0, 1.0]), *_mids, *[-m for m in _mids]]).sort().values
 
 
 def blockwise_quantize(x, levels, block):
@@ -58,7 +52,7 @@ def blockwise_quantize(x, levels, block):
 
 def nf4_quantize(weight, double_quant=False) -> dict:
     """weight (out, in) -> {"codes": (ceil(n/64)*32,) uint8, two NF4 codes a byte, "absmax": fp32 per block of
-    64}; with `double_quant` "absmax" is uint8 codes of (absmax - absmax_offset) into `dynamic_map` scaled per
+    64}; with `double_quant` "absmax" is uint8 codes of (absmax - absmax_offset) into DYNAMIC_MAP scaled per
     256 by "absmax_scale" (bitsandbytes' compress_statistics)."""
     codes, absmax = blockwise_quantize(weight, NF4_LEVELS, NF4_BLOCK)
     codes = F.pad(codes, (0, -codes.numel() % NF4_BLOCK)).view(-1, 2)
@@ -70,19 +64,12 @@ def nf4_quantize(weight, double_quant=False) -> dict:
     return out
 
 
-def nf4_absmax(q):
-    """fp32 absmax per block of 64; double-quantised: DYNAMIC_MAP[code] * its 256-block's scale + the mean."""
-    absmax = q["absmax"]
-    if "absmax_offset" not in q:
-        return absmax
-    n, scaled = absmax.numel(), DYNAMIC_MAP.to(absmax.device)[absmax.long()]
-    return (F.pad(scaled, (0, -n % ABSMAX_BLOCK)).view(-1, ABSMAX_BLOCK) * q["absmax_scale"][:, None]).flatten()[:n] \
-        + q["absmax_offset"]
-
-
 def nf4_dequantize(q, shape, dtype=torch.float32):
     """Inverse of `nf4_quantize`: level[code] * absmax of its block, in fp32, cast to `dtype` -> (out, in)."""
-    absmax = nf4_absmax(q)
+    absmax, n = q["absmax"], q["absmax"].numel()
+    if "absmax_offset" in q:  # 8-bit absmaxes: DYNAMIC_MAP[code] * the scale of their block of 256, + the mean
+        scaled = F.pad(DYNAMIC_MAP.to(absmax.device)[absmax.long()], (0, -n % ABSMAX_BLOCK)).view(-1, ABSMAX_BLOCK)
+        absmax = (scaled * q["absmax_scale"][:, None]).flatten()[:n] + q["absmax_offset"]
     codes = torch.stack([q["codes"] >> 4, q["codes"] & 15], 1).long()  # (bytes, 2): high nibble first
     values = NF4_LEVELS.to(absmax.device)[codes].view(-1, NF4_BLOCK) * absmax[:, None]
     return values.flatten()[:math.prod(shape)].view(shape).to(dtype)
