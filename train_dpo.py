@@ -5,7 +5,9 @@ DPO (Rafailov et al. 2023, eq. 7) fits the policy pi to pairs (x, y_c, y_r) with
 The reference terms are constants, so they are computed once, in one pass, before training (and saved as
 ref_logps.safetensors); the reference model is then freed and training holds one model, under FSDP too.
 --loss ipo|hinge picks another loss of losses.PREFERENCE_LOSSES, --nll-coef adds RPO's chosen NLL, and
---loss sft trains the NLL of the response tokens only (the SFT model the workflow starts from).
+--loss sft trains the NLL of the response tokens only (the SFT model the workflow starts from). --lora-rank r
+trains LoRA adapters on the frozen --model instead (minirlhf/lora.py; --quantize nf4: QLoRA), and the reference,
+when it is --model, is the policy with its adapters off: no second model, even for the one pass.
 
 Defaults are the paper's recipe for real models (Dong et al. 2024 sec. 5; RLHFlow/Online-RLHF's configs): DPO
 beta 0.1, lr 5e-7, 2 epochs; SFT lr 2e-5, 1 epoch; AdamW without weight decay, cosine, 3% warmup, clip 1.0,

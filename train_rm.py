@@ -23,7 +23,8 @@ pairwise) next to args.json, metrics.jsonl (one line per optimizer step), eval.j
 mean margin, number of pairs) and done.json, published together from OUTPUT/staging/ at the end
 (minirlhf/rundir.py); checkpoint/ holds what --resume needs, as in train_dpo.py (same world size).
 `rewards.load_reward_source(OUTPUT)` scores with it. --max-length counts the judge's prompt for --kind pairwise.
-Flags shared with train_dpo.py (data, held-out split, seed, --save-dtype, --keep-optimizer): minirlhf/cli.py.
+Flags shared with train_dpo.py (data, held-out split, seed, --save-dtype, --keep-optimizer, --lora-rank and the
+other LoRA / QLoRA flags, under which the `score` head still trains in full): minirlhf/cli.py.
 Test hook: MINIRLHF_FAIL_AFTER_STEP=k raises after step k.
 """
 import json
