@@ -134,7 +134,7 @@ def build_parser():
     p.add_argument("--task-eval-prompts", type=int, default=500, help="held-out prompts for the final evaluation")
     p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also send "
                    "metrics.jsonl's scalars and the arguments to TensorBoard or wandb (minirlhf/tracking.py)")
-    return p
+    return cli.add_lora_arguments(p)  # every stage trains LoRA adapters then, merged for the next stage
 
 
 def resolve_defaults(args):
@@ -168,7 +168,7 @@ def common_flags(args, name):
     return ["--name", name, "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--max-length",
             str(args.max_length), "--seed", str(args.seed), "--save-steps", str(args.save_steps), "--eval-fraction",
             "0", "--save-dtype", args.save_dtype, "--report-to", args.report_to] + ["--resume"] * args.resume + [
-                "--keep-optimizer"] * args.keep_optimizer
+                "--keep-optimizer"] * args.keep_optimizer + cli.lora_flags(args) + ["--merge-lora"] * bool(args.lora_rank)
 
 
 def dpo_flags(args, name, model, ref_model, data, out, loss=None, epochs=None, lr=None):

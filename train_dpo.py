@@ -5,7 +5,9 @@ DPO (Rafailov et al. 2023, eq. 7) fits the policy pi to pairs (x, y_c, y_r) with
 The reference terms are constants, so they are computed once, in one pass, before training (and saved as
 ref_logps.safetensors); the reference model is then freed and training holds one model, under FSDP too.
 --loss ipo|hinge picks another loss of losses.PREFERENCE_LOSSES, --nll-coef adds RPO's chosen NLL, and
---loss sft trains the NLL of the response tokens only (the SFT model the workflow starts from).
+--loss sft trains the NLL of the response tokens only (the SFT model the workflow starts from). --lora-rank r
+trains LoRA adapters on the frozen --model instead (minirlhf/lora.py; --quantize nf4: QLoRA), and the reference,
+when it is --model, is the policy with its adapters off: no second model, even for the one pass.
 
 Defaults are the paper's recipe for real models (Dong et al. 2024 sec. 5; RLHFlow/Online-RLHF's configs): DPO
 beta 0.1, lr 5e-7, 2 epochs; SFT lr 2e-5, 1 epoch; AdamW without weight decay, cosine, 3% warmup, clip 1.0,
@@ -38,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
-from minirlhf import checkpoint, cli, data, dist, losses, rundir
+from minirlhf import checkpoint, cli, data, dist, lora, losses, rundir
 from minirlhf.logprobs import length_normalize, sequence_logps
 from minirlhf.tokenizer import pad_token_id
 
@@ -98,12 +100,13 @@ def compute_logps(model, examples, batch_size, device, pad_id):
 
 
 def reference_logps(ref_model_path, examples, eval_examples, path, batch_size, device, pad_id, reuse=False,
-                    strict=False):
+                    strict=False, model=None):
     """{chosen,rejected}_{logps,tokens} (N,) per example of `examples` (rows of --train-data) and eval_* per
     example of `eval_examples`: read from `path` (a safetensors file) if `reuse` and its fingerprint (reference
     path + every token id) matches, else from one pass of the reference model, which is then freed; saved to
     `path` with metadata {"ref_model": absolute path, "fingerprint"}. `strict`: a fingerprint that does not match
-    (the data changed under the same path since the run began) is an error."""
+    (the data changed under the same path since the run began) is an error. `model`: a LoRA policy whose base
+    is the reference, run with its adapters off instead of loading a second model."""
     key = hashlib.sha256(os.path.abspath(ref_model_path).encode())
     for e in examples + eval_examples:
         key.update(repr((e.prompt_ids, e.chosen_ids, e.rejected_ids)).encode())
@@ -115,14 +118,15 @@ def reference_logps(ref_model_path, examples, eval_examples, path, batch_size, d
         if strict:
             raise rundir.UserError(f"{path}: the data or the reference model differ from those the run began with "
                                    "(their token ids): resume with the same data, or pass --allow-changed-args")
-    ref_model = checkpoint.load_model(ref_model_path, device="cpu" if dist.world_size() > 1 else device)
-    ref_model = dist.apply_fsdp(ref_model, bf16=device.type == "cuda").to(device)
+    ref_model = model if model is not None else dist.apply_fsdp(checkpoint.load_model(
+        ref_model_path, device="cpu" if dist.world_size() > 1 else device), bf16=device.type == "cuda").to(device)
     out = {}
-    for prefix, exs in (("", examples), ("eval_", eval_examples)):
-        if exs:
-            logps, n_tokens = compute_logps(ref_model, exs, batch_size, device, pad_id)
-            out |= {f"{prefix}chosen_logps": logps[:, 0], f"{prefix}rejected_logps": logps[:, 1],
-                    f"{prefix}chosen_tokens": n_tokens[:, 0], f"{prefix}rejected_tokens": n_tokens[:, 1]}
+    with lora.adapters_off(ref_model):  # no-op for a plain model
+        for prefix, exs in (("", examples), ("eval_", eval_examples)):
+            if exs:
+                logps, n_tokens = compute_logps(ref_model, exs, batch_size, device, pad_id)
+                out |= {f"{prefix}chosen_logps": logps[:, 0], f"{prefix}rejected_logps": logps[:, 1],
+                        f"{prefix}chosen_tokens": n_tokens[:, 0], f"{prefix}rejected_tokens": n_tokens[:, 1]}
     del ref_model  # training holds one model
     if device.type == "cuda":
         gc.collect()
@@ -164,6 +168,16 @@ def evaluate(args, policy, eval_examples, ref_eval, device, pad_id):
     return {"eval_loss": pair_losses.mean().item(), "eval_accuracy": (margin > 0).float().mean().item(),
             "eval_margin": margin.mean().item(), "eval_chosen_reward": chosen_r.mean().item(),
             "eval_rejected_reward": rejected_r.mean().item(), "n_eval": len(eval_examples)}
+
+
+def load_policy(args, resume_ckpt, device):
+    """--model with the --lora-* flags applied (resuming: the checkpoint's weights, or its adapter), sharded by
+    FSDP2 (bf16 compute, fp32 master weights and gradient reduction on GPU)."""
+    full = resume_ckpt and not args.lora_rank
+    policy = checkpoint.load_model(resume_ckpt if full else args.model, device="cpu" if dist.world_size() > 1 else device)
+    policy = lora.from_args(policy, args, args.model, resume_ckpt if args.lora_rank else None)
+    policy.model.gradient_checkpointing = args.gradient_checkpointing
+    return dist.apply_fsdp(policy, bf16=device.type == "cuda").to(device)
 
 
 def load_examples(args, tokenizer, path, split):
@@ -223,20 +237,22 @@ def train(args, run, rank, world_size, device):
     total_steps = args.epochs * steps_per_epoch if args.max_steps is None else args.max_steps
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
 
-    # reference log-probs: one pass, then the reference model is gone (the values stay on disk for resume)
-    ref_train = ref_eval = None
+    # reference log-probs: one pass, then the reference model is gone (the values stay on disk for resume); under
+    # LoRA a reference equal to --model is the policy itself with its adapters off
+    ref_train = ref_eval = policy = None
+    if args.lora_rank and os.path.abspath(args.ref_model) == os.path.abspath(args.model):
+        policy = load_policy(args, ckpt if resume else None, device)
     if not sft:
         ref = reference_logps(args.ref_model, examples, eval_examples if args.eval_data else [],
                               os.path.join(run.staging, "ref_logps.safetensors"), args.batch_size, device, pad_id,
-                              reuse=resume, strict=not args.allow_changed_args)
+                              reuse=resume, strict=not args.allow_changed_args, model=policy)
         ref_train = ref_table(ref, "", args.length_normalize).to(device)  # (N, 2), indexed by row of --train-data
         ref_eval = ref_table(ref, "eval_", args.length_normalize) if args.eval_data else ref_train[eval_rows].cpu()
 
-    # policy: sharded over ranks by FSDP2 (bf16 compute, fp32 master weights and gradient reduction on GPU)
-    policy = checkpoint.load_model(ckpt if resume else args.model, device="cpu" if world_size > 1 else device)
-    policy.model.gradient_checkpointing = args.gradient_checkpointing
-    policy = dist.apply_fsdp(policy, bf16=device.type == "cuda").to(device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, eps=args.adam_eps)
+    # policy: sharded over ranks by FSDP2; the optimizer holds the trainable weights only (LoRA: the adapters)
+    policy = load_policy(args, ckpt if resume else None, device) if policy is None else policy
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay, eps=args.adam_eps)
     step = 0
     if resume:
         step = checkpoint.load_training_state(policy, optimizer, ckpt, device)["step"]
@@ -250,7 +266,7 @@ def train(args, run, rank, world_size, device):
     fail_after = int(os.environ.get("MINIRLHF_FAIL_AFTER_STEP", -1))
     last, tokens_per_sec, epoch_windows = {}, [], (None, [])
     while step < total_steps:
-        t0 = time.perf_counter()
+        t0, rng = time.perf_counter(), checkpoint.rng_state() if save_due else None  # what --resume redraws from
         epoch, w = divmod(step, steps_per_epoch)
         if epoch_windows[0] != epoch:
             epoch_windows = (epoch, data.epoch_windows(len(train_rows), window_size, args.seed, epoch))
@@ -285,7 +301,8 @@ def train(args, run, rank, world_size, device):
             raise FloatingPointError(rundir.nonfinite_message(step + 1, loss, grad_norm, ckpt, saved))
         if save_due:  # the weights of step `step` just gave a finite loss and gradient: only now a good checkpoint
             checkpoint.save_training_state(policy, optimizer, tokenizer, args.output_dir,
-                                           {"step": step, "world_size": world_size}, keep=args.save_total_limit)
+                                           {"step": step, "world_size": world_size}, keep=args.save_total_limit,
+                                           rng=rng)
             saved, save_due = step, False
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -315,7 +332,7 @@ def train(args, run, rank, world_size, device):
         dist.print0(json.dumps({k: v for k, v in summary.items() if k.startswith("eval")}))
     checkpoint.save_training_state(policy, optimizer, tokenizer, args.output_dir,
                                    {"step": step, "world_size": world_size}, dtype=cli.save_dtype(args),
-                                   keep=args.save_total_limit)
+                                   keep=args.save_total_limit, merge=args.merge_lora)
     run.publish(ckpt, {"eval.json": summary}, keep_checkpoint=args.keep_optimizer)  # then done.json
     dist.barrier()
     return summary

@@ -24,7 +24,8 @@ pairwise) next to args.json, metrics.jsonl (one line per optimizer step), eval.j
 mean margin, number of pairs) and done.json, published together from OUTPUT/staging/ at the end
 (minirlhf/rundir.py); checkpoint/ holds what --resume needs, as in train_dpo.py (same world size).
 `rewards.load_reward_source(OUTPUT)` scores with it. --max-length counts the judge's prompt for --kind pairwise.
-Flags shared with train_dpo.py (data, held-out split, seed, --save-dtype, --keep-optimizer): minirlhf/cli.py.
+Flags shared with train_dpo.py (data, held-out split, seed, --save-dtype, --keep-optimizer, --lora-rank and the
+other LoRA / QLoRA flags, under which the `score` head still trains in full): minirlhf/cli.py.
 Test hook: MINIRLHF_FAIL_AFTER_STEP=k raises after step k.
 """
 import json
@@ -35,7 +36,7 @@ from collections import Counter
 import torch
 from torch.distributed.tensor import DTensor
 
-from minirlhf import checkpoint, cli, data, dist, losses, rewards, rundir
+from minirlhf import checkpoint, cli, data, dist, lora, losses, rewards, rundir
 from minirlhf.tokenizer import check_chat_template, encode_prompt, pad_token_id
 
 DEFAULT_LR = {"bt": 2e-6, "pairwise": 5e-6}
@@ -204,8 +205,10 @@ def train(args, run, rank, world_size, device):
     cli.warn_few_steps(total_steps, args.batch_size, args.grad_accum, world_size, len(train))
 
     # model: sharded over ranks by FSDP2 (bf16 compute, fp32 master weights and reductions on GPU)
-    model = checkpoint.load_model(ckpt if run.resume else args.model, kind="reward" if args.kind == "bt" else "causal",
+    full = run.resume and not args.lora_rank  # resuming LoRA: the base, then the checkpoint's adapter (and head)
+    model = checkpoint.load_model(ckpt if full else args.model, kind="reward" if args.kind == "bt" else "causal",
                                   device="cpu" if world_size > 1 else device, seed=args.seed)
+    model = lora.from_args(model, args, args.model, ckpt if run.resume and args.lora_rank else None)
     model.model.gradient_checkpointing = args.gradient_checkpointing
     model = dist.apply_fsdp(model, bf16=device.type == "cuda").to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -233,6 +236,7 @@ def train(args, run, rank, world_size, device):
             sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, margin
             n_window = len(windows[w])  # pairs in this step over all ranks (the last step of an epoch may be short)
             micro = data.micro_batches(windows[w], args.batch_size, rank, world_size)
+            rng = checkpoint.rng_state() if save_due else None  # what --resume redraws this step's dropout from
             for i, indices in enumerate(micro):
                 if world_size > 1:  # reduce-scatter gradients only after the last micro-batch of the window
                     model.set_requires_gradient_sync(i == len(micro) - 1)
@@ -251,7 +255,7 @@ def train(args, run, rank, world_size, device):
             if save_due:  # step `step`'s weights just gave a finite loss and gradient (rundir.nonfinite_message)
                 checkpoint.save_training_state(model, optimizer, tokenizer, out, {"step": step,
                                                "world_size": world_size}, pairwise_config(args),
-                                               keep=args.save_total_limit)
+                                               keep=args.save_total_limit, rng=rng)
                 saved, save_due = step, False
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -278,7 +282,8 @@ def train(args, run, rank, world_size, device):
     result |= {"step": step, "kind": args.kind, "output_dir": os.path.abspath(out)}
     dist.print0(f"eval: {json.dumps(result)}")
     checkpoint.save_training_state(model, optimizer, tokenizer, out, {"step": step, "world_size": world_size},
-                                   pairwise_config(args), dtype=cli.save_dtype(args), keep=args.save_total_limit)
+                                   pairwise_config(args), dtype=cli.save_dtype(args), keep=args.save_total_limit,
+                                   merge=args.merge_lora)
     run.publish(ckpt, {"eval.json": result}, keep_checkpoint=args.keep_optimizer)  # then done.json
     dist.barrier()
     return result

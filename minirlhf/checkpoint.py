@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
-from minirlhf import dist
+from minirlhf import dist, lora
 from minirlhf.rundir import UserError, atomic_write_json, claim, durable_replace, manifest, read_json, writing
 from minirlhf.model import CausalLM, RewardModel, config_from_hf
 
@@ -45,6 +45,17 @@ def read_config(path) -> dict:
         raise UserError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
     with open(config_path) as f:
         return json.load(f)
+
+
+def is_adapter(path):  # a PEFT adapter folder (a folder with both is read as the merged model in config.json)
+    return not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def adapter_base(path):
+    """An adapter folder's base_model_name_or_path: a checkpoint folder (absolute, or from the working directory)."""
+    if not os.path.isdir(base := lora.read_adapter_config(path).get("base_model_name_or_path") or ""):
+        raise UserError(f"{path}/adapter_config.json: base_model_name_or_path {base!r} is not a checkpoint folder here")
+    return base
 
 
 def weight_files(path) -> list[str]:
@@ -74,7 +85,13 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0):
 
     A reward model may start from a causal LM checkpoint: the backbone is loaded and the new `score` head is
     drawn from N(0, initializer_range^2) with a generator seeded by `seed`, as `transformers` initialises it.
+    A PEFT LoRA adapter folder (adapter_config.json, no config.json) loads as its base with the adapter merged.
     """
+    if is_adapter(path):
+        cfg = lora.read_adapter_config(path)
+        model = lora.add_lora(load_model(adapter_base(path), kind, dtype, device, seed), cfg["r"], cfg.get("lora_alpha", 8),
+                              cfg["target_modules"], rslora=cfg.get("use_rslora", False))
+        return lora.merge_lora(lora.load_adapter(model, path))
     hf = read_config(path)
     cfg = config_from_hf(hf, source=os.path.join(path, "config.json"))
     with torch.device("meta"):
@@ -128,12 +145,14 @@ def hf_config_for(model, tokenizer=None, dtype=None) -> dict:
 
 
 def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=5 * 2**30, extra_files=None,
-               dtype=None):
+               dtype=None, adapter=None):
     """Write `model` (or a gathered full `state_dict` of it) as a Hugging Face folder, atomically, in `dtype`
-    (default: the tensors' own); `extra_files` {file name: JSON-able object} go into the same folder."""
+    (default: the tensors' own); `extra_files` {file name: JSON-able object} go into the same folder. `adapter`: a
+    LoRA model's state dict, its adapter written beside in PEFT's layout (lora.write_adapter); with an empty
+    `state_dict`, the adapter alone."""
     state = state_dict if state_dict is not None else model.state_dict()
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
-    dtype = next(iter(state.values())).dtype
+    dtype = next(iter(state.values())).dtype if state else dtype
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -141,6 +160,8 @@ def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=
     os.makedirs(tmp)
     try:
         with writing(out_dir):  # disk full: an error naming the folder, and no temporary left
+            if adapter is not None:
+                lora.write_adapter(tmp, model, adapter, dtype)
             shards, current, size = [], {}, 0
             for name, tensor in state.items():
                 nbytes = tensor.numel() * tensor.element_size()
@@ -150,9 +171,9 @@ def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=
                 current[name] = tensor
                 size += nbytes
             shards.append(current)
-            if len(shards) == 1:
+            if len(shards) == 1 and state:
                 save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-            else:
+            elif state:
                 weight_map = {}
                 for i, shard in enumerate(shards):
                     fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -161,8 +182,9 @@ def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=
                 total = sum(t.numel() * t.element_size() for t in state.values())
                 with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(hf_config_for(model, tokenizer, dtype), f, indent=2)
+            if state:
+                with open(os.path.join(tmp, "config.json"), "w") as f:
+                    json.dump(hf_config_for(model, tokenizer, dtype), f, indent=2)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             for fname, obj in (extra_files or {}).items():
@@ -205,27 +227,36 @@ def _old_name(out_dir):
 
 def weights_dtype(path) -> torch.dtype:
     """The dtype a checkpoint folder's weights are stored in (that of its first tensor, read from the header)."""
+    if is_adapter(path):
+        return weights_dtype(adapter_base(path))
     with safe_open(weight_files(path)[0], framework="pt") as f:
         code = f.get_slice(next(iter(f.keys()))).get_dtype()
     return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(code, torch.float32)
 
 
-def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, extra_files=None, dtype=None, keep=1):
+def rng_state():
+    return {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+
+
+def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, extra_files=None, dtype=None, keep=1,
+                        merge=False, rng=None):
     """OUTPUT/checkpoint: HF model (rank 0, in `dtype`: a run's final save keeps the input's, mid-run ones the fp32
     master weights --resume needs), optimizer shard and RNG state per rank, trainer_state.json. Written in a
     temporary folder renamed into place, so a kill at any moment leaves the previous checkpoint whole. `keep` > 1
-    (--save-total-limit): the previous one stays as OUTPUT/checkpoint-STEP, the oldest beyond keep - 1 go."""
-    full = dist.full_state_dict(policy)  # collective: every rank gathers
+    (--save-total-limit): the previous one stays as OUTPUT/checkpoint-STEP, the oldest beyond keep - 1 go. A LoRA
+    policy saves its adapter, with `merge` the merged model too. `rng`: the RNG state to resume from (default: now)."""
+    adapted = hasattr(policy, "lora_config")  # lora.add_lora
+    full = dist.full_state_dict(policy, None if merge or not adapted else lora.trainable_names(policy))  # collective
     name = dist.all_gather_objects(uuid.uuid4().hex[:8])[0]
     tmp, rank = os.path.join(output_dir, f".checkpoint.tmp-{name}"), dist.get_rank()
     if dist.is_main():
-        save_model(policy, tmp, tokenizer, state_dict=full, extra_files=extra_files, dtype=dtype)
+        merged = (lora.merged_state_dict(policy, full) if merge else {}) if adapted else full
+        save_model(policy, tmp, tokenizer, merged, extra_files=extra_files, dtype=dtype, adapter=full if adapted else None)
     dist.barrier()
     state = {f"{name}/{k}": (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
              for name, p in policy.named_parameters() for k, v in optimizer.state.get(p, {}).items()}
     save_file(state, os.path.join(tmp, f"optimizer.rank{rank}.safetensors"))
-    rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
-    save_file(rng, os.path.join(tmp, f"rng.rank{rank}.safetensors"))
+    save_file(rng or rng_state(), os.path.join(tmp, f"rng.rank{rank}.safetensors"))
     dist.barrier()
     if dist.is_main():
         atomic_write_json(os.path.join(tmp, "trainer_state.json"), train_state)

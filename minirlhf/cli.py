@@ -13,7 +13,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from minirlhf import checkpoint, dist
+from minirlhf import checkpoint, dist, lora
 from minirlhf import tokenizer as tokenizers
 from minirlhf.rundir import UserError, positive_int
 
@@ -88,7 +88,30 @@ def add_common_arguments(p, batch_size, grad_accum):
                    "write (same-named ones are replaced), or restart an unfinished run without --resume")
     p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also send "
                    "metrics.jsonl's scalars and the arguments to TensorBoard or wandb (minirlhf/tracking.py)")
+    return add_lora_arguments(p)
+
+
+def add_lora_arguments(p):
+    """LoRA / QLoRA flags (minirlhf/lora.py) of both trainers; iterate.py passes them on (`lora_flags`)."""
+    g = p.add_argument_group("LoRA and QLoRA (minirlhf/lora.py)")
+    g.add_argument("--lora-rank", type=int, default=0, help="train rank-r LoRA adapters on the frozen base instead of "
+                   "every weight (0: full fine-tuning); OUTPUT then holds a PEFT adapter")
+    g.add_argument("--lora-alpha", type=float, default=None, help="updates scaled by alpha / rank (default alpha = rank)")
+    g.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(rank) instead (rsLoRA)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    g.add_argument("--lora-targets", default=lora.DEFAULT_TARGETS, help="comma-separated linear layers to adapt")
+    g.add_argument("--quantize", default="none", choices=["none", "nf4"], help="QLoRA: the frozen block linears in "
+                   "4-bit NormalFloat (blocks of 64), dequantised in the forward")
+    g.add_argument("--double-quant", action="store_true", help="with --quantize nf4: the absmaxes in 8 bits too")
+    g.add_argument("--merge-lora", action="store_true", help="also save the merged model (W + scaling B A)")
     return p
+
+
+def lora_flags(args):
+    """The LoRA flags `args` sets, as a trainer's command line (iterate.py passes them on)."""
+    defaults = vars(add_lora_arguments(parser("")).parse_args([]))
+    changed = {k: getattr(args, k) for k, v in defaults.items() if getattr(args, k) != v}
+    return [x for k, v in changed.items() for x in [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])]
 
 
 def defaults_table(modes):

@@ -73,10 +73,11 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def full_state_dict(model):
-    """The full (unsharded) state dict on CPU, on every rank: a collective, so every rank must call it."""
+def full_state_dict(model, names=None):
+    """The full (unsharded) state dict (or its entries `names`) on CPU, on every rank: a collective, so every rank
+    must call it."""
     return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu", copy=True)  # all-gather
-            for name, t in model.state_dict().items()}
+            for name, t in model.state_dict().items() if names is None or name in names}
 
 
 def all_gather_objects(obj):
