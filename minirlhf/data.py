@@ -8,6 +8,9 @@ Row formats (TRL's column layouts; column names are arguments that scripts expos
   implicit prompt chosen and rejected are whole conversations (RLHFlow, UltraFeedback-binarized): the prompt is
                   every message before the last assistant message, which must be the same in both; anything
                   after the last assistant message is dropped and a prompt column, if present, is ignored
+Rating rows (HelpSteer2, for a regression reward model): prompt, response (string or messages) and one number per
+attribute; a missing or null rating is unrated (MISSING, masked out of the loss), a value that is not a number in
+the declared range is a bad row.
 SFT rows: prompt/completion (strings or messages), a `messages` conversation (train on its last assistant turn),
 or a preference row (train on chosen).
 Everything goes through the chat template (minirlhf.tokenizer): a string prompt is one user message, so the same
@@ -296,6 +299,36 @@ def tokenize_sft(rows, tokenizer, prompt_column="prompt", completion_column="com
     out, skipped = _tokenize_rows(rows, tokenizer, prompt_column, [column], max_length, max_prompt_length,
                                   chat_template, skip_bad, source)
     return [Sequence(p, r) for _, p, (r,) in out], skipped
+
+
+MISSING = -100.0  # the label of an unrated attribute (NeMo-Aligner's loss_mask_val)
+
+
+def tokenize_ratings(rows, tokenizer, prompt_column, response_column, attributes, value_range, max_length=None,
+                     max_prompt_length=None, skip_bad=False, source="<rows>") -> list[tuple[Sequence, list[float]]]:
+    """Rating rows -> [(the conversation as a reward model reads it, [rating per attribute or MISSING])]."""
+    missing = [a for a in attributes if a not in rows.column_names]
+    if missing:  # a misspelt --attributes would otherwise mask every row silently
+        raise DataError(f"{source}: no rating column(s) {missing} (columns: {rows.column_names}); set --attributes")
+    out, skipped = _tokenize_rows(rows, tokenizer, prompt_column, [response_column], max_length, max_prompt_length,
+                                  None, skip_bad, source, whole=True)
+    (lo, hi), examples, bad = value_range, [], Counter()
+    for i, prompt_ids, (response_ids,) in out:
+        try:
+            labels = [rows[i][a] for a in attributes]
+            for a, v in zip(attributes, labels):
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi):
+                    raise BadRow("rating", a, f"expected a number in [{lo}, {hi}] or null (unrated), got {v!r}")
+            if all(v is None for v in labels):
+                raise BadRow("rating", attributes[0], f"no rating at all (every one of {attributes} is null)")
+        except BadRow as b:
+            if not skip_bad:
+                raise b.error(source, i) from None
+            bad[b.args[0]] += 1
+            continue
+        examples.append((Sequence(prompt_ids, response_ids), [MISSING if v is None else float(v) for v in labels]))
+    report_skipped(source, bad, len(out), len(examples))
+    return examples
 
 
 def load_preferences(path, tokenizer, split="train", **kwargs) -> tuple[list[Pair], dict[str, int]]:
