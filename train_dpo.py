@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
-from minirlhf import checkpoint, cli, data, dist, losses, rundir
+from minirlhf import checkpoint, cli, data, dist, losses, perplexity, rundir
 from minirlhf.logprobs import length_normalize, sequence_logps
 from minirlhf.tokenizer import pad_token_id
 
@@ -181,13 +181,18 @@ def micro_batches(window, batch_size, rank, world_size):
             for s in range(0, len(window), batch_size * world_size)]
 
 
-def load_examples(args, tokenizer, path, split):
+def load_examples(args, tokenizer, path, split, out_dir=None, device=None):
+    """SFT sequences or preference pairs; the pairs of --train-data that pass the perplexity filter (when asked for:
+    minirlhf/perplexity.py)."""
     kw = dict(prompt_column=args.prompt_column, chosen_column=args.chosen_column, max_length=args.max_length,
               max_prompt_length=args.max_prompt_length, skip_bad=args.skip_bad_rows)
     if args.loss == "sft":
         return data.load_sft(path, tokenizer, split, completion_column=args.completion_column,
                              messages_column=args.messages_column, **kw)[0]
-    return data.load_preferences(path, tokenizer, split, rejected_column=args.rejected_column, **kw)[0]
+    rows = data.load_dataset_any(path, split)
+    keep = perplexity.filter_rows(args, rows, path, out_dir, device) if path == args.train_data else None
+    pairs = data.tokenize_preferences(rows, tokenizer, rejected_column=args.rejected_column, source=str(path), **kw)[0]
+    return [pair for pair in pairs if keep is None or pair.row in keep]
 
 
 # arguments that cannot change the trained weights: they may differ on --resume
@@ -202,6 +207,8 @@ def main(argv=None):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.ref_model = args.ref_model or args.model
     cli.resolve_common(args)
+    if perplexity.check_arguments(args) and sft:
+        raise rundir.UserError("the perplexity filter keeps preference pairs: not for --loss sft")
     if args.label_smoothing and (args.loss != "dpo" or not 0 <= args.label_smoothing < 0.5):
         raise rundir.UserError(f"--label-smoothing {args.label_smoothing}: conservative DPO needs --loss dpo (got "
                                f"{args.loss}) and a flip rate in [0, 0.5) (0.5 or more inverts the preference)")
@@ -209,7 +216,7 @@ def main(argv=None):
     if args.loss == "ipo" and not args.length_normalize:
         dist.print0("note: IPO on summed log-probs (the paper's form); TRL averages them per token "
                     "(--length-normalize), so a beta tuned in TRL does not carry over")
-    names = ["ref_logps.safetensors", "metrics.jsonl", "eval.json", "args.json"]  # what this script writes
+    names = ["ref_logps.safetensors", "metrics.jsonl", "eval.json", "args.json", perplexity.FILE]  # what this script writes
     run = rundir.start(args.output_dir, vars(args), names, resume=args.resume, overwrite=args.overwrite,
                        allow_changed_args=args.allow_changed_args, ignore=NOT_RESULTS)
     try:
@@ -225,7 +232,7 @@ def train(args, run, rank, world_size, device):
     # data: every rank tokenises everything (deterministic) and takes its slice of each window
     tokenizer = cli.load_tokenizer(args)
     pad_id = pad_token_id(tokenizer)
-    examples = load_examples(args, tokenizer, args.train_data, args.train_split)
+    examples = load_examples(args, tokenizer, args.train_data, args.train_split, run.staging, device)
     train_rows, eval_rows = list(range(len(examples))), []
     if args.eval_fraction > 0 and not args.eval_data:
         perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()

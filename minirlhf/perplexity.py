@@ -28,7 +28,7 @@ FILE = "filtered.jsonl"
 
 
 @torch.no_grad()
-def pair_perplexities(model, pairs, pad_id, device="cpu", batch_size=8) -> torch.Tensor:
+def pair_perplexities(model, pairs, pad_id, device=torch.device("cpu"), batch_size=8) -> torch.Tensor:
     """data.Pairs -> (N, 2) fp32 [PPL(chosen), PPL(rejected)] under `model`."""
     model.eval()
     out = []
