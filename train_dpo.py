@@ -23,7 +23,9 @@ minirlhf/rundir.py), and checkpoint/ (model, one optimizer shard and RNG state p
 trainer_state.json; safetensors and JSON, no pickle). --resume continues from checkpoint/ and needs the same
 world size, since each rank saved its own FSDP optimizer shard; a finished run deletes checkpoint/ (its optimizer
 state is twice the weights) unless --keep-optimizer. The weights are saved in the --model checkpoint's dtype
-(--save-dtype). OUTPUT must be on a filesystem every node sees. Flags shared with train_rm.py: minirlhf/cli.py.
+(--save-dtype). OUTPUT must be on a filesystem every node sees. Flags shared with train_rm.py: minirlhf/cli.py;
+--max-perplexity / --perplexity-quantile keep the pairs the policy could have written (minirlhf/perplexity.py, a
+reconstruction of Kutalev & Markoff 2024) and write them to OUTPUT/filtered.jsonl.
 Test hook: MINIRLHF_FAIL_AFTER_STEP=k raises after step k (a simulated kill).
 """
 import gc

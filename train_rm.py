@@ -30,7 +30,8 @@ pairwise) next to args.json, metrics.jsonl (one line per optimizer step), eval.j
 mean margin, number of pairs) and done.json, published together from OUTPUT/staging/ at the end
 (minirlhf/rundir.py); checkpoint/ holds what --resume needs, as in train_dpo.py (same world size).
 `rewards.load_reward_source(OUTPUT)` scores with it. --max-length counts the judge's prompt for --kind pairwise.
-Flags shared with train_dpo.py (data, held-out split, seed, --save-dtype, --keep-optimizer): minirlhf/cli.py.
+Flags shared with train_dpo.py (data, held-out split, seed, --save-dtype, --keep-optimizer, and the perplexity filter
+of --train-data's pairs, a reconstruction of Kutalev & Markoff 2024: minirlhf/perplexity.py): minirlhf/cli.py.
 Test hook: MINIRLHF_FAIL_AFTER_STEP=k raises after step k.
 """
 import itertools
@@ -207,7 +208,7 @@ def evaluate_regression(model, examples, args, pad_id, device):
     dist.all_reduce_sum(predictions)  # sync point: each row was filled by one rank
     model.train()
     mask = labels != data.MISSING
-    result = {"loss": losses.regression_loss(predictions, labels, mask).sum().item() / mask.sum().item()}
+    result = {"loss": losses.regression_loss(predictions, labels, mask).sum().item() / max(1, mask.sum().item())}
     for k, name in enumerate(args.attributes):
         y, p = labels[mask[:, k], k], predictions[mask[:, k], k]
         variance = (y - y.mean()).square().sum().item() if len(y) else 0.0
@@ -321,8 +322,8 @@ def train(args, run, rank, world_size, device):
                 group["lr"] = lr
             sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, margin
             micro = batches[w * args.grad_accum:(w + 1) * args.grad_accum]
-            n = window if args.kind != "regression" else dist.all_reduce_sum(torch.tensor(  # rated entries, all ranks
-                float(sum((train[j][1] != data.MISSING).sum() for b in micro for j in b)), dtype=torch.float64)).item()
+            n = window if args.kind != "regression" else max(1.0, dist.all_reduce_sum(torch.tensor(  # rated entries
+                float(sum((train[j][1] != data.MISSING).sum() for b in micro for j in b)), dtype=torch.float64)).item())
             for i, indices in enumerate(micro):
                 if world_size > 1:  # reduce-scatter gradients only after the last micro-batch of the window
                     model.set_requires_gradient_sync(i == len(micro) - 1)

@@ -77,9 +77,8 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0, n
     """
     hf = read_config(path)
     cfg = config_from_hf(hf, source=os.path.join(path, "config.json"))
-    if kind == "reward" and num_labels is None:
-        num_labels = len(hf.get("id2label") or [0]) if hf.get("architectures", [""])[0].endswith(
-            "ForSequenceClassification") else 1
+    if kind == "reward" and num_labels is None:  # str(): "architectures" is null in some hub configs
+        num_labels = len(hf.get("id2label") or [0]) if "SequenceClassification" in str(hf.get("architectures")) else 1
     with torch.device("meta"):
         model = CausalLM(cfg) if kind == "causal" else RewardModel(cfg, num_labels)
     expected = model.state_dict()

@@ -307,27 +307,22 @@ MISSING = -100.0  # the label of an unrated attribute (NeMo-Aligner's loss_mask_
 def tokenize_ratings(rows, tokenizer, prompt_column, response_column, attributes, value_range, max_length=None,
                      max_prompt_length=None, skip_bad=False, source="<rows>") -> list[tuple[Sequence, list[float]]]:
     """Rating rows -> [(the conversation as a reward model reads it, [rating per attribute or MISSING])]."""
-    missing = [a for a in attributes if a not in rows.column_names]
-    if missing:  # a misspelt --attributes would otherwise mask every row silently
+    if missing := [a for a in attributes if a not in rows.column_names]:  # a misspelt one: every row unrated
         raise DataError(f"{source}: no rating column(s) {missing} (columns: {rows.column_names}); set --attributes")
     out, skipped = _tokenize_rows(rows, tokenizer, prompt_column, [response_column], max_length, max_prompt_length,
                                   None, skip_bad, source, whole=True)
     (lo, hi), examples, bad = value_range, [], Counter()
     for i, prompt_ids, (response_ids,) in out:
-        try:
-            labels = [rows[i][a] for a in attributes]
-            for a, v in zip(attributes, labels):
-                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi):
-                    raise BadRow("rating", a, f"expected a number in [{lo}, {hi}] or null (unrated), got {v!r}")
-            if all(v is None for v in labels):
-                raise BadRow("rating", attributes[0], f"no rating at all (every one of {attributes} is null)")
-        except BadRow as b:
-            if not skip_bad:
-                raise b.error(source, i) from None
-            bad[b.args[0]] += 1
-            continue
-        examples.append((Sequence(prompt_ids, response_ids), [MISSING if v is None else float(v) for v in labels]))
-    report_skipped(source, bad, len(out), len(examples))
+        labels = [rows[i][a] for a in attributes]
+        wrong = [(a, v) for a, v in zip(attributes, labels)  # a bool is not a rating; NaN fails the range
+                 if v is not None and (type(v) not in (int, float) or not lo <= v <= hi)]
+        if wrong and not skip_bad:
+            raise DataError(f"{source}: row {i}: field {wrong[0][0]!r}: expected a number in [{lo}, {hi}] or null "
+                            f"(unrated), got {wrong[0][1]!r}")
+        bad["rating"] += bool(wrong)
+        if not wrong:
+            examples.append((Sequence(prompt_ids, response_ids), [MISSING if v is None else float(v) for v in labels]))
+    report_skipped(source, +bad, len(out), len(examples))
     return examples
 
 

@@ -12,9 +12,8 @@ fraction kept). DPO and the reward model then learn from responses the policy co
 another model's style. train_dpo.py and train_rm.py filter --train-data with it (never --eval-data) before their
 held-out split; --filter-model defaults to --model, the policy being trained. The kept rows, with
 chosen_perplexity and rejected_perplexity added, go to OUTPUT/filtered.jsonl (atomically, published with the run).
-Every rank scores every pair (under FSDP the forwards stay in step), so all ranks keep the same rows.
+Every rank scores every pair (FSDP's forwards stay in step) and keeps the same rows.
 """
-import math
 import os
 
 import torch
@@ -30,7 +29,6 @@ FILE = "filtered.jsonl"
 @torch.no_grad()
 def pair_perplexities(model, pairs, pad_id, device=torch.device("cpu"), batch_size=8) -> torch.Tensor:
     """data.Pairs -> (N, 2) fp32 [PPL(chosen), PPL(rejected)] under `model`."""
-    model.eval()
     out = []
     for s in range(0, len(pairs), batch_size):
         batch = {k: v.to(device) for k, v in data.collate_pairs(pairs[s:s + batch_size], pad_id).items()}
@@ -43,16 +41,12 @@ def pair_perplexities(model, pairs, pad_id, device=torch.device("cpu"), batch_si
 
 def check_arguments(args):
     """The filter's flags make sense together; returns whether the filter is on."""
-    on = args.max_perplexity is not None or args.perplexity_quantile is not None
-    if args.max_perplexity is not None and args.perplexity_quantile is not None:
-        raise UserError("--max-perplexity and --perplexity-quantile each set the threshold: give one")
-    if args.filter_model and not on:
-        raise UserError("--filter-model needs a threshold: --max-perplexity X or --perplexity-quantile q")
-    if not (args.max_perplexity is None or args.max_perplexity > 0) or not (
-            args.perplexity_quantile is None or 0 < args.perplexity_quantile <= 1):
-        raise UserError(f"--max-perplexity must be > 0 and --perplexity-quantile in (0, 1], got "
-                        f"{args.max_perplexity} / {args.perplexity_quantile}")
-    return on
+    x, q = args.max_perplexity, args.perplexity_quantile
+    if (x is not None and q is not None) or (args.filter_model and x is None and q is None) or not (
+            (x is None or x > 0) and (q is None or 0 < q <= 1)):
+        raise UserError(f"the perplexity filter needs one threshold, --max-perplexity X > 0 (got {x}) or "
+                        f"--perplexity-quantile q in (0, 1] (got {q}): give one")
+    return x is not None or q is not None
 
 
 def filter_rows(args, rows, source, out_dir, device) -> set[int] | None:
@@ -65,10 +59,9 @@ def filter_rows(args, rows, source, out_dir, device) -> set[int] | None:
     pairs, _ = data.tokenize_preferences(rows, tokenizer, args.prompt_column, args.chosen_column,
                                          args.rejected_column, args.max_length, args.max_prompt_length,
                                          skip_bad=args.skip_bad_rows, source=str(source))
-    model = checkpoint.load_model(path, device="cpu" if dist.world_size() > 1 else device)
-    model = dist.apply_fsdp(model, bf16=device.type == "cuda").to(device)
-    ppl = pair_perplexities(model, pairs, pad_token_id(tokenizer), device, args.batch_size)
-    del model
+    model = checkpoint.load_model(path, device="cpu" if dist.world_size() > 1 else device).eval()
+    ppl = pair_perplexities(dist.apply_fsdp(model, bf16=device.type == "cuda").to(device), pairs,
+                            pad_token_id(tokenizer), device, args.batch_size)
     score = ppl.max(1).values.double()  # (N,) the less natural response of each pair decides
     tau = args.max_perplexity or torch.quantile(score, args.perplexity_quantile).item()
     keep = [i for i in range(len(pairs)) if score[i] <= tau]
@@ -78,7 +71,7 @@ def filter_rows(args, rows, source, out_dir, device) -> set[int] | None:
     if dist.is_main():
         data.write_jsonl(os.path.join(out_dir, FILE), [
             dict(rows[pairs[i].row]) | {"chosen_perplexity": ppl[i, 0].item(), "rejected_perplexity": ppl[i, 1].item()}
-            for i in keep if math.isfinite(ppl[i].sum().item())])
+            for i in keep])
     dist.print0(f"{source}: perplexity filter under {path}: kept {len(keep)} of {len(pairs)} pairs "
                 f"(max perplexity {tau:.4g}) -> {FILE}")
     return {pairs[i].row for i in keep}

@@ -249,12 +249,12 @@ def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pa
     tokenizer, config = load_tokenizer(spec), read_config(spec)
     if config.get("architectures", [""])[0].endswith("ForSequenceClassification"):
         reward_model = load_model(spec, kind="reward", device=device).eval()
-        weights = config.get("attribute_weights")  # a regression model's, saved by train_rm.py --kind regression
-        if reward_model.score.out_features > 1 and (not isinstance(weights, list) or len(weights) != len(
-                config["id2label"]) or not all(isinstance(w, (int, float)) for w in weights)):
-            raise UserError(f"{spec}/config.json: a reward model with {reward_model.score.out_features} outputs needs "
-                            f"\"attribute_weights\", one number per label of id2label, to merge them; got {weights!r}")
-        weights = torch.tensor(weights, dtype=torch.float32) if reward_model.score.out_features > 1 else None
+        K, weights = reward_model.score.out_features, config.get("attribute_weights")  # train_rm.py --kind regression
+        if K > 1 and not (isinstance(weights, list) and len(weights) == K and
+                          all(type(w) in (int, float) for w in weights)):
+            raise UserError(f"{spec}/config.json: a reward model with {K} outputs needs \"attribute_weights\", one "
+                            f"number per output, to merge them into one reward; got {weights!r}")
+        weights = torch.tensor(weights, dtype=torch.float32) if K > 1 else None
 
         def score_with_reward_model(prompts, responses):
             sequences = [sum(encode_pair(tokenizer, p, r, whole=True), []) for p, rs in zip(prompts, responses)
