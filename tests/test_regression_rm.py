@@ -98,7 +98,7 @@ def test_learns_known_linear_attributes(tmp_path, model_dir, tokenizer):
     out = tmp_path / "rm"
     result = train_rm.main(["--kind", "regression", "--model", str(model_dir), "--train-data",
                             str(tmp_path / "train.jsonl"), "--eval-data", str(tmp_path / "eval.jsonl"), "--output-dir",
-                            str(out), "--max-length", "64", "--lr", "6e-3", "--batch-size", "16", "--epochs", "4",
+                            str(out), "--max-length", "64", "--lr", "6e-3", "--batch-size", "8", "--epochs", "2",
                             "--warmup-ratio", "0"])
     print(json.dumps(result))
     assert all(result[f"{a}_r2"] > 0.9 for a in ATTRIBUTES), result
@@ -164,12 +164,12 @@ def test_verbosity_is_disentangled(tmp_path, model_dir):
     the shorter; a BT model trained on pairs where the better response was also the longer prefers the longer."""
     write_jsonl(tmp_path / "ratings.jsonl", length_rows(256, 0))
     write_jsonl(tmp_path / "pairs.jsonl", length_rows(256, 1, confounded_pairs=True))
-    common = ["--model", str(model_dir), "--max-length", "64", "--lr", "6e-3", "--batch-size", "16",
+    common = ["--model", str(model_dir), "--max-length", "64", "--lr", "6e-3", "--batch-size", "8",
               "--warmup-ratio", "0", "--eval-fraction", "0"]
-    train_rm.main(common + ["--kind", "regression", "--epochs", "3", "--train-data", str(tmp_path / "ratings.jsonl"), "--attributes",
+    train_rm.main(common + ["--kind", "regression", "--epochs", "3", "--batch-size", "16", "--train-data", str(tmp_path / "ratings.jsonl"), "--attributes",
                             "helpfulness,verbosity", "--attribute-weights", "0.65,-0.4", "--output-dir",
                             str(tmp_path / "reg")])
-    train_rm.main(common + ["--kind", "bt", "--epochs", "2", "--train-data", str(tmp_path / "pairs.jsonl"), "--output-dir",
+    train_rm.main(common + ["--kind", "bt", "--epochs", "1", "--train-data", str(tmp_path / "pairs.jsonl"), "--output-dir",
                             str(tmp_path / "bt")])
     r = random.Random(2)
     tests = []
