@@ -6,9 +6,9 @@ import random
 
 import pytest
 import torch
-import transformers
 
 import train_dpo
+import train_rm
 from minirlhf import perplexity
 from minirlhf.checkpoint import load_model
 from minirlhf.data import collate_pairs, load_preferences, write_jsonl
@@ -41,7 +41,8 @@ def sampled_rows(model_dir, tokenizer, prompts, seed):
     gen = generate(load_model(model_dir).eval(), [encode_prompt(tokenizer, p) for p in prompts], 12, n=2,
                    eos_token_id=tokenizer.eos_token_id, seed=seed)
     texts = [[decode_response(tokenizer, r) for r in rs] for rs in gen.responses]
-    return [dict(prompt=p, chosen=a, rejected=b) for p, (a, b) in zip(prompts, texts) if a.strip() and b.strip() and a != b]
+    return [dict(prompt=p, chosen=a, rejected=b) for p, (a, b) in zip(prompts, texts)
+            if a.strip() and b.strip() and a != b]
 
 
 def test_filter_keeps_the_policys_own_responses(tmp_path, tokenizer):
@@ -74,3 +75,26 @@ def test_filter_keeps_the_policys_own_responses(tmp_path, tokenizer):
     with pytest.raises(UserError, match="give one"):
         train_dpo.main(["--model", str(tmp_path / "policy"), "--train-data", str(tmp_path / "pool.jsonl"),
                         "--output-dir", str(tmp_path / "x"), "--max-perplexity", "3", "--perplexity-quantile", "0.5"])
+
+
+def test_train_rm_filters_its_pairs(tmp_path, tokenizer):
+    """train_rm.py's bt and pairwise kinds train on the same kept rows: those of filtered.jsonl, about a fraction q."""
+    save_tiny(tmp_path / "policy", "llama3", vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(tmp_path / "policy")
+    r = random.Random(0)
+    rows = [dict(prompt=f"q{i}", rejected="no" * r.randint(1, 3),
+                 chosen=" ".join(r.choice(["cat", "sat", "mat", "zzq"]) for _ in range(r.randint(1, 5))))
+            for i in range(20)]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    kept, examples = {}, {}
+    for kind in ("bt", "pairwise"):
+        args = train_rm.build_parser().parse_args([
+            "--kind", kind, "--model", str(tmp_path / "policy"), "--train-data", str(tmp_path / "pairs.jsonl"),
+            "--output-dir", str(tmp_path / "out"), "--max-length", "128", "--perplexity-quantile", "0.5"])
+        (tmp_path / kind).mkdir()
+        examples[kind] = train_rm.load_examples(args, tokenizer, args.train_data, "train", tmp_path / kind,
+                                                torch.device("cpu"))
+        kept[kind] = [json.loads(line) for line in open(tmp_path / kind / perplexity.FILE)]
+        assert len(examples[kind]) == len(kept[kind]) == 10
+    assert kept["bt"] == kept["pairwise"]
+    assert [row["prompt"] for row in kept["bt"]] == [rows[pair.row]["prompt"] for pair, _ in examples["bt"]]

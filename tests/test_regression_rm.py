@@ -11,8 +11,7 @@ import transformers
 import train_rm
 from minirlhf import losses, rewards
 from minirlhf.checkpoint import load_model
-from minirlhf.data import MISSING, DataError, Sequence, collate_sequences, load_dataset_any, tokenize_ratings, \
-    write_jsonl
+from minirlhf.data import MISSING, DataError, collate_sequences, load_dataset_any, tokenize_ratings, write_jsonl
 from tiny import save_tiny
 
 ATTRIBUTES = train_rm.HELPSTEER2.split(",")
@@ -166,9 +165,9 @@ def test_verbosity_is_disentangled(tmp_path, model_dir):
     write_jsonl(tmp_path / "pairs.jsonl", length_rows(256, 1, confounded_pairs=True))
     common = ["--model", str(model_dir), "--max-length", "64", "--lr", "6e-3", "--batch-size", "8",
               "--warmup-ratio", "0", "--eval-fraction", "0"]
-    train_rm.main(common + ["--kind", "regression", "--epochs", "3", "--batch-size", "16", "--train-data", str(tmp_path / "ratings.jsonl"), "--attributes",
-                            "helpfulness,verbosity", "--attribute-weights", "0.65,-0.4", "--output-dir",
-                            str(tmp_path / "reg")])
+    train_rm.main(common + ["--kind", "regression", "--epochs", "3", "--batch-size", "16", "--train-data",
+                            str(tmp_path / "ratings.jsonl"), "--attributes", "helpfulness,verbosity",
+                            "--attribute-weights", "0.65,-0.4", "--output-dir", str(tmp_path / "reg")])
     train_rm.main(common + ["--kind", "bt", "--epochs", "1", "--train-data", str(tmp_path / "pairs.jsonl"), "--output-dir",
                             str(tmp_path / "bt")])
     r = random.Random(2)
@@ -181,7 +180,8 @@ def test_verbosity_is_disentangled(tmp_path, model_dir):
         tests.append((f"q{r.randint(0, 999)}", " ".join(words), " ".join(longer)))
     prefer_short = {}
     for kind in ("reg", "bt"):
-        scores = rewards.load_reward_source(tmp_path / kind)([p for p, _, _ in tests], [[s, l] for _, s, l in tests])
+        scores = rewards.load_reward_source(tmp_path / kind)([p for p, _, _ in tests],
+                                                             [[s, l] for _, s, l in tests])
         prefer_short[kind] = sum(s[0] > s[1] for s in scores) / len(scores)
     print("share of equal-quality pairs where the shorter wins", prefer_short)
     assert prefer_short["reg"] >= 0.85 and prefer_short["bt"] <= 0.15
