@@ -25,7 +25,9 @@ minirlhf/rundir.py), and checkpoint/ (model, one optimizer shard and RNG state p
 trainer_state.json; safetensors and JSON, no pickle). --resume continues from checkpoint/ and needs the same
 world size, since each rank saved its own FSDP optimizer shard; a finished run deletes checkpoint/ (its optimizer
 state is twice the weights) unless --keep-optimizer. The weights are saved in the --model checkpoint's dtype
-(--save-dtype). OUTPUT must be on a filesystem every node sees. Flags shared with train_rm.py: minirlhf/cli.py.
+(--save-dtype). OUTPUT must be on a filesystem every node sees. Flags shared with train_rm.py: minirlhf/cli.py;
+--max-perplexity / --perplexity-quantile keep the pairs the policy could have written (minirlhf/perplexity.py, a
+reconstruction of Kutalev & Markoff 2024) and write them to OUTPUT/filtered.jsonl.
 Test hook: MINIRLHF_FAIL_AFTER_STEP=k raises after step k (a simulated kill).
 """
 import gc
@@ -40,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
-from minirlhf import checkpoint, cli, data, dist, lora, losses, rundir
+from minirlhf import checkpoint, cli, data, dist, lora, losses, perplexity, rundir
 from minirlhf.logprobs import length_normalize, sequence_logps
 from minirlhf.tokenizer import pad_token_id
 
@@ -180,13 +182,18 @@ def load_policy(args, resume_ckpt, device):
     return dist.apply_fsdp(policy, bf16=device.type == "cuda").to(device)
 
 
-def load_examples(args, tokenizer, path, split):
+def load_examples(args, tokenizer, path, split, out_dir=None, device=None):
+    """SFT sequences or preference pairs; the pairs of --train-data that pass the perplexity filter (when asked for:
+    minirlhf/perplexity.py)."""
     kw = dict(prompt_column=args.prompt_column, chosen_column=args.chosen_column, max_length=args.max_length,
               max_prompt_length=args.max_prompt_length, skip_bad=args.skip_bad_rows)
     if args.loss == "sft":
         return data.load_sft(path, tokenizer, split, completion_column=args.completion_column,
                              messages_column=args.messages_column, **kw)[0]
-    return data.load_preferences(path, tokenizer, split, rejected_column=args.rejected_column, **kw)[0]
+    rows = data.load_dataset_any(path, split)
+    keep = perplexity.filter_rows(args, rows, path, out_dir, device) if path == args.train_data else None
+    pairs = data.tokenize_preferences(rows, tokenizer, rejected_column=args.rejected_column, source=str(path), **kw)[0]
+    return [pair for pair in pairs if keep is None or pair.row in keep]
 
 
 # arguments that cannot change the trained weights: they may differ on --resume
@@ -201,6 +208,8 @@ def main(argv=None):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.ref_model = args.ref_model or args.model
     cli.resolve_common(args)
+    if perplexity.check_arguments(args) and sft:
+        raise rundir.UserError("the perplexity filter keeps preference pairs: not for --loss sft")
     if args.label_smoothing and (args.loss != "dpo" or not 0 <= args.label_smoothing < 0.5):
         raise rundir.UserError(f"--label-smoothing {args.label_smoothing}: conservative DPO needs --loss dpo (got "
                                f"{args.loss}) and a flip rate in [0, 0.5) (0.5 or more inverts the preference)")
@@ -208,7 +217,7 @@ def main(argv=None):
     if args.loss == "ipo" and not args.length_normalize:
         dist.print0("note: IPO on summed log-probs (the paper's form); TRL averages them per token "
                     "(--length-normalize), so a beta tuned in TRL does not carry over")
-    names = ["ref_logps.safetensors", "metrics.jsonl", "eval.json", "args.json"]  # what this script writes
+    names = ["ref_logps.safetensors", "metrics.jsonl", "eval.json", "args.json", perplexity.FILE]  # what this script writes
     run = rundir.start(args.output_dir, vars(args), names, resume=args.resume, overwrite=args.overwrite,
                        allow_changed_args=args.allow_changed_args, ignore=NOT_RESULTS)
     try:
@@ -224,7 +233,7 @@ def train(args, run, rank, world_size, device):
     # data: every rank tokenises everything (deterministic) and takes its slice of each window
     tokenizer = cli.load_tokenizer(args)
     pad_id = pad_token_id(tokenizer)
-    examples = load_examples(args, tokenizer, args.train_data, args.train_split)
+    examples = load_examples(args, tokenizer, args.train_data, args.train_split, run.staging, device)
     train_rows, eval_rows = list(range(len(examples))), []
     if args.eval_fraction > 0 and not args.eval_data:
         perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()

@@ -80,12 +80,13 @@ def weight_files(path) -> list[str]:
                             "(minirlhf reads safetensors only, never pickled .bin weights)")
 
 
-def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0):
+def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0, num_labels=None):
     """Load a checkpoint as a `CausalLM` (kind="causal") or a `RewardModel` (kind="reward").
 
     A reward model may start from a causal LM checkpoint: the backbone is loaded and the new `score` head is
     drawn from N(0, initializer_range^2) with a generator seeded by `seed`, as `transformers` initialises it.
     A PEFT LoRA adapter folder (adapter_config.json, no config.json) loads as its base with the adapter merged.
+    Its outputs: `num_labels`, else those of a *ForSequenceClassification checkpoint's id2label, else 1.
     """
     if is_adapter(path):
         cfg = lora.read_adapter_config(path)
@@ -94,8 +95,10 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0):
         return lora.merge_lora(lora.load_adapter(model, path))
     hf = read_config(path)
     cfg = config_from_hf(hf, source=os.path.join(path, "config.json"))
+    if kind == "reward" and num_labels is None:  # str(): "architectures" is null in some hub configs
+        num_labels = len(hf.get("id2label") or [0]) if "SequenceClassification" in str(hf.get("architectures")) else 1
     with torch.device("meta"):
-        model = (CausalLM if kind == "causal" else RewardModel)(cfg)
+        model = CausalLM(cfg) if kind == "causal" else RewardModel(cfg, num_labels)
     expected = model.state_dict()
     state = {}
     for file in weight_files(path):
@@ -114,7 +117,8 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0):
     if kind == "reward" and "score.weight" not in state:
         std = hf.get("initializer_range", 0.02)
         generator = torch.Generator().manual_seed(seed)
-        state["score.weight"] = (torch.randn(1, cfg.hidden_size, generator=generator) * std).to(dtype).to(device)
+        state["score.weight"] = (torch.randn(num_labels, cfg.hidden_size, generator=generator) * std).to(dtype).to(
+            device)
     missing = [name for name in expected if name not in state]
     if missing:
         raise UserError(f"{path}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -137,8 +141,10 @@ def hf_config_for(model, tokenizer=None, dtype=None) -> dict:
     hf["architectures"] = [ARCHITECTURES[cfg.model_type][1 if is_reward else 0]]
     if dtype is not None:
         hf["dtype"] = str(dtype).removeprefix("torch.")
-    if is_reward:
-        hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    if is_reward:  # K > 1: the attribute names a regression model's config carries (train_rm.py)
+        K = model.score.out_features
+        names = [(hf.get("id2label") or {}).get(str(i), f"LABEL_{i}") if K > 1 else "LABEL_0" for i in range(K)]
+        hf.update(num_labels=K, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     if hf.get("pad_token_id") is None and tokenizer is not None and tokenizer.pad_token_id is not None:
         hf["pad_token_id"] = tokenizer.pad_token_id  # transformers' reward models need it to find the last token
     return hf

@@ -62,6 +62,12 @@ def add_common_arguments(p, batch_size, grad_accum):
     p.add_argument("--max-prompt-length", type=int, default=None, help="longer prompts are bad rows (default: "
                                                                        "--max-length / 4)")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) bad rows instead of failing")
+    # perplexity filter of --train-data's pairs (a reconstruction of Kutalev & Markoff 2024: minirlhf/perplexity.py)
+    p.add_argument("--filter-model", default=None, help="the policy that scores perplexities (default: --model)")
+    p.add_argument("--max-perplexity", type=float, default=None, help="keep the pairs whose two responses both have "
+                                                                      "perplexity <= X (default: no filter)")
+    p.add_argument("--perplexity-quantile", type=float, default=None, help="keep the pairs up to the q-quantile of "
+                   "max(PPL chosen, PPL rejected): about a fraction q of them (default: no filter)")
     # optimisation
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs; sizes the "
                                                                "schedule)")

@@ -8,6 +8,9 @@ Row formats (TRL's column layouts; column names are arguments that scripts expos
   implicit prompt chosen and rejected are whole conversations (RLHFlow, UltraFeedback-binarized): the prompt is
                   every message before the last assistant message, which must be the same in both; anything
                   after the last assistant message is dropped and a prompt column, if present, is ignored
+Rating rows (HelpSteer2, for a regression reward model): prompt, response (string or messages) and one number per
+attribute; a missing or null rating is unrated (MISSING, masked out of the loss), a value that is not a number in
+the declared range is a bad row.
 SFT rows: prompt/completion (strings or messages), a `messages` conversation (train on its last assistant turn),
 or a preference row (train on chosen).
 Everything goes through the chat template (minirlhf.tokenizer): a string prompt is one user message, so the same
@@ -293,6 +296,31 @@ def tokenize_sft(rows, tokenizer, prompt_column="prompt", completion_column="com
     out, skipped = _tokenize_rows(rows, tokenizer, prompt_column, [column], max_length, max_prompt_length,
                                   chat_template, skip_bad, source)
     return [Sequence(p, r) for _, p, (r,) in out], skipped
+
+
+MISSING = -100.0  # the label of an unrated attribute (NeMo-Aligner's loss_mask_val)
+
+
+def tokenize_ratings(rows, tokenizer, prompt_column, response_column, attributes, value_range, max_length=None,
+                     max_prompt_length=None, skip_bad=False, source="<rows>") -> list[tuple[Sequence, list[float]]]:
+    """Rating rows -> [(the conversation as a reward model reads it, [rating per attribute or MISSING])]."""
+    if missing := [a for a in attributes if a not in rows.column_names]:  # a misspelt one: every row unrated
+        raise DataError(f"{source}: no rating column(s) {missing} (columns: {rows.column_names}); set --attributes")
+    out, skipped = _tokenize_rows(rows, tokenizer, prompt_column, [response_column], max_length, max_prompt_length,
+                                  None, skip_bad, source, whole=True)
+    (lo, hi), examples, bad = value_range, [], Counter()
+    for i, prompt_ids, (response_ids,) in out:
+        labels = [rows[i][a] for a in attributes]
+        wrong = [(a, v) for a, v in zip(attributes, labels)  # a bool is not a rating; NaN fails the range
+                 if v is not None and (type(v) not in (int, float) or not lo <= v <= hi)]
+        if wrong and not skip_bad:
+            raise DataError(f"{source}: row {i}: field {wrong[0][0]!r}: expected a number in [{lo}, {hi}] or null "
+                            f"(unrated), got {wrong[0][1]!r}")
+        bad["rating"] += bool(wrong)
+        if not wrong:
+            examples.append((Sequence(prompt_ids, response_ids), [MISSING if v is None else float(v) for v in labels]))
+    report_skipped(source, +bad, len(out), len(examples))
+    return examples
 
 
 def load_preferences(path, tokenizer, split="train", **kwargs) -> tuple[list[Pair], dict[str, int]]:

@@ -6,6 +6,8 @@ script uses. Sequence log-probs `logps` come from `logprobs.sequence_logps` (sum
 default, or length-normalised with `average=True`).
 
 - `bradley_terry_loss`: reward model (Bradley & Terry 1952; Ouyang et al. 2022; Dong et al. 2024, eq. 2).
+- `regression_loss`: HelpSteer2's multi-attribute regression reward model (Wang et al. 2024, sec. 3;
+  NeMo-Aligner's reg_loss_func), squared errors of the rated attributes only.
 - `pairwise_preference_loss`, `preference_probability`: the pairwise preference model of RLHFlow
   (Dong et al. 2024, sec. 3.1 / Jiang et al. 2023), an LM that reads (prompt, response A, response B) and
   answers with the label token "A" or "B".
@@ -27,6 +29,13 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None):
     if margin is not None:
         diff = diff - margin
     return -F.logsigmoid(diff)
+
+
+def regression_loss(predictions, labels, mask):
+    """Per-row summed squared error over the rated attributes, (B, K) x 3 -> (B,): l_i = sum_k mask_ik (pred_ik -
+    label_ik)^2. An unrated entry (mask 0: NeMo-Aligner's label -100) adds nothing and passes no gradient, whatever
+    its label (NaN too). `window_mean` over the window's rated entries: NeMo's sum((pred - label)^2 mask) / sum(mask)."""
+    return (predictions - labels.where(mask, predictions.detach())).square().where(mask, 0.0).sum(-1)
 
 
 def pairwise_preference_loss(chosen_first_label_logps, chosen_second_label_logps):

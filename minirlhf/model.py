@@ -324,16 +324,17 @@ class CausalLM(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """Bradley-Terry reward model: backbone + `score` (D -> 1) read at the last non-padding token."""
+    """Reward model: backbone + `score` (D -> num_labels) read at the last non-padding token. num_labels 1: a
+    Bradley-Terry reward; K > 1: one rating per attribute (HelpSteer2's regression model, train_rm.py)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, num_labels=1):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.score = nn.Linear(cfg.hidden_size, num_labels, bias=False)
 
     def forward(self, input_ids, attention_mask=None):
-        """input_ids, attention_mask (B, T) -> rewards (B,) fp32."""
+        """input_ids, attention_mask (B, T) -> rewards (B,) fp32, or (B, num_labels) when num_labels > 1."""
         h = self.model(input_ids, attention_mask)  # (B, T, D)
         B, T = input_ids.shape
         # transformers' rule: the rightmost real token that is not the pad id (when pad = EOS, the token before
@@ -344,7 +345,8 @@ class RewardModel(nn.Module):
         last = (real.long() * torch.arange(T, device=input_ids.device)).argmax(-1)
         # (B, 1) -> (B,) by a sum over the one column: exact, and a new tensor; a view (squeeze) returned by the
         # FSDP2 root makes it warn that in-place changes to it would escape autograd
-        return self.score(h[torch.arange(B, device=h.device), last]).float().sum(-1)
+        scores = self.score(h[torch.arange(B, device=h.device), last]).float()
+        return scores.sum(-1) if scores.shape[-1] == 1 else scores
 
 
 def init_model(hf_config: dict, kind="causal", seed=0, std=None):

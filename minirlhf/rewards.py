@@ -4,6 +4,8 @@
     fn(prompts: list[str | messages], responses: list[list[str]]) -> list[list[float]]
 - a Bradley-Terry reward model folder (Dong et al. 2024, eq. 2; `train_rm.py --kind bt`): r(x, y) is the
   `RewardModel` scalar at the last token of the templated conversation (x, y), batched by `score_sequences`;
+  a regression model folder (HelpSteer2; `train_rm.py --kind regression`) the same way, its K attribute ratings
+  merged by the attribute_weights of its config.json;
 - a pairwise preference model folder (Dong et al. 2024, sec. 3.1, RLHFlow's pair-preference-model;
   `train_rm.py --kind pairwise`): a causal LM reads one user turn, PAIRWISE_TEMPLATE filled with the prompt and
   responses A and B, and answers with a label token ("A" or "B"). P(a > b) renormalises the two label tokens and
@@ -46,13 +48,16 @@ PAIRWISE_CONFIG = "pairwise.json"  # written next to a pairwise model by train_r
 
 
 @torch.no_grad()
-def score_sequences(reward_model, sequences, batch_size=8, device="cpu") -> list[float]:
-    """Bradley-Terry rewards of token sequences (each prompt + response ids), right-padded in batches."""
+def score_sequences(reward_model, sequences, batch_size=8, device="cpu", attribute_weights=None) -> list[float]:
+    """Rewards of token sequences (each prompt + response ids), right-padded in batches: a Bradley-Terry model's
+    scalar, or a regression model's K attribute ratings merged as r = w . a (HelpSteer2 sec. 3; NeMo-Aligner's
+    merge_attributes) with w = `attribute_weights` (K,)."""
     pad_id = reward_model.config.pad_token_id or 0  # padded positions are masked; any id works
     out = []
     for s in range(0, len(sequences), batch_size):
         batch = collate_sequences([Sequence(ids, []) for ids in sequences[s:s + batch_size]], pad_id)
-        out += reward_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+        scores = reward_model(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B,) or (B, K)
+        out += (scores if scores.ndim == 1 else scores @ attribute_weights.to(scores)).tolist()
     return out
 
 
@@ -241,14 +246,20 @@ def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pa
             return _unflatten(flat, responses)
         return score_with_function
 
-    tokenizer = load_tokenizer(spec)
-    if read_config(spec).get("architectures", [""])[0].endswith("ForSequenceClassification"):
+    tokenizer, config = load_tokenizer(spec), read_config(spec)
+    if config.get("architectures", [""])[0].endswith("ForSequenceClassification"):
         reward_model = load_model(spec, kind="reward", device=device).eval()
+        K, weights = reward_model.score.out_features, config.get("attribute_weights")  # train_rm.py --kind regression
+        if K > 1 and not (isinstance(weights, list) and len(weights) == K and
+                          all(type(w) in (int, float) for w in weights)):
+            raise UserError(f"{spec}/config.json: a reward model with {K} outputs needs \"attribute_weights\", one "
+                            f"number per output, to merge them into one reward; got {weights!r}")
+        weights = torch.tensor(weights, dtype=torch.float32) if K > 1 else None
 
         def score_with_reward_model(prompts, responses):
             sequences = [sum(encode_pair(tokenizer, p, r, whole=True), []) for p, rs in zip(prompts, responses)
                          for r in rs]  # the conversation as its template renders it (tokenizer.encode_pair)
-            return _unflatten(score_sequences(reward_model, sequences, batch_size, device), responses)
+            return _unflatten(score_sequences(reward_model, sequences, batch_size, device, weights), responses)
         return score_with_reward_model
 
     judge = load_model(spec, kind="causal", device=device).eval()

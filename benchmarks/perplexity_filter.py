@@ -1,0 +1,111 @@
+"""DPO on perplexity-filtered pairs vs the same number of unfiltered pairs (minirlhf/perplexity.py, a reconstruction
+of Kutalev & Markoff 2024), on tiny random models on CPU.
+
+The target policy (a tiny random Llama) and another tiny random model (other seed) each answer every training
+prompt twice; a pair's preferred response is the one with more "e"s (ties dropped). The candidate pool mixes the
+policy's pairs and the other model's. Per seed, two DPO runs with the same step budget and the same number N of
+pairs: "filtered" keeps the pool's pairs under --perplexity-quantile (about the policy's share), "unfiltered" draws
+N pairs from the pool at random. Both are scored on held-out pairs the policy itself wrote (pairwise accuracy of
+DPO's implicit reward) and by KL(pi || pi_ref), estimated as mean log pi(y|x) - log pi_ref(y|x) over one sample
+y ~ pi at temperature 1 for each held-out prompt.
+
+    python benchmarks/perplexity_filter.py --seeds 0 1 2 --output-dir /tmp/ppl_filter
+"""
+import argparse
+import json
+import os
+import random
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+import train_dpo  # noqa: E402
+from conftest import build_test_tokenizer  # noqa: E402
+from minirlhf.checkpoint import load_model  # noqa: E402
+from minirlhf.data import write_jsonl  # noqa: E402
+from minirlhf.evaluate import response_logps  # noqa: E402
+from minirlhf.sampler import generate  # noqa: E402
+from minirlhf.tokenizer import decode_response, encode_prompt  # noqa: E402
+from tiny import save_tiny  # noqa: E402
+
+WORDS = ["cats", "rivers", "stones", "music", "trees", "light", "water", "paper"]
+
+
+def pairs_from(model_dir, tokenizer, prompts, seed, source):
+    gen = generate(load_model(model_dir).eval(), [encode_prompt(tokenizer, p) for p in prompts], 16, n=2,
+                   eos_token_id=tokenizer.eos_token_id, seed=seed)
+    rows = []
+    for p, rs in zip(prompts, gen.responses):
+        a, b = (decode_response(tokenizer, r) for r in rs)
+        if a.strip() and b.strip() and a.count("e") != b.count("e"):
+            chosen, rejected = (a, b) if a.count("e") > b.count("e") else (b, a)
+            rows.append(dict(prompt=p, chosen=chosen, rejected=rejected, source=source))
+    return rows
+
+
+def kl_to_ref(policy_dir, ref_dir, tokenizer, prompts, seed):
+    policy = load_model(policy_dir).eval()
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    gen = generate(policy, prompt_ids, 16, n=1, eos_token_id=tokenizer.eos_token_id, seed=seed)
+    ref = response_logps(load_model(ref_dir).eval(), tokenizer, prompt_ids, [r[0] for r in gen.responses])
+    return sum(sum(lp[0]) - q for lp, q in zip(gen.token_logps, ref)) / len(prompts)
+
+
+def run_seed(seed, out, n_prompts, steps):
+    os.makedirs(out, exist_ok=True)
+    tokenizer = build_test_tokenizer(os.path.join(out, "tokenizer"))
+    for name, s in (("policy", 2 * seed), ("other", 2 * seed + 1)):
+        save_tiny(os.path.join(out, name), "llama3", seed=s, vocab_size=len(tokenizer))
+        tokenizer.save_pretrained(os.path.join(out, name))
+    r = random.Random(seed)
+    prompts = [f"tell me about {r.choice(WORDS)} {i}" for i in range(n_prompts + 100)]
+    train_prompts, eval_prompts = prompts[:n_prompts], prompts[n_prompts:]
+    own = pairs_from(os.path.join(out, "policy"), tokenizer, train_prompts, seed, "policy")
+    other = pairs_from(os.path.join(out, "other"), tokenizer, train_prompts, seed + 1000, "other")
+    pool = own + other
+    r.shuffle(pool)
+    held_out = pairs_from(os.path.join(out, "policy"), tokenizer, eval_prompts, seed + 2000, "policy")
+    write_jsonl(os.path.join(out, "pool.jsonl"), pool)
+    write_jsonl(os.path.join(out, "eval.jsonl"), held_out)
+    q = len(own) / len(pool)
+    common = ["--model", os.path.join(out, "policy"), "--eval-data", os.path.join(out, "eval.jsonl"), "--max-length",
+              "128", "--lr", "1e-3", "--beta", "0.1", "--batch-size", "8", "--grad-accum", "1", "--max-steps",
+              str(steps), "--warmup-ratio", "0", "--seed", str(seed), "--overwrite"]
+    result = {"pool": len(pool), "policy_pairs": len(own), "held_out_pairs": len(held_out)}
+    filtered = train_dpo.main(common + ["--train-data", os.path.join(out, "pool.jsonl"), "--perplexity-quantile",
+                                        str(q), "--output-dir", os.path.join(out, "filtered")])
+    kept = [json.loads(line) for line in open(os.path.join(out, "filtered", "filtered.jsonl"))]
+    result["kept"] = len(kept)
+    result["kept_policy_share"] = sum(k["source"] == "policy" for k in kept) / len(own)
+    result["kept_other_share"] = sum(k["source"] == "other" for k in kept) / max(1, len(other))
+    write_jsonl(os.path.join(out, "random.jsonl"), r.sample(pool, len(kept)))  # the same number of pairs
+    unfiltered = train_dpo.main(common + ["--train-data", os.path.join(out, "random.jsonl"), "--output-dir",
+                                          os.path.join(out, "unfiltered")])
+    for name, summary in (("filtered", filtered), ("unfiltered", unfiltered)):
+        result[f"{name}_accuracy"] = summary["eval_accuracy"]
+        result[f"{name}_kl"] = kl_to_ref(os.path.join(out, name), os.path.join(out, "policy"), tokenizer,
+                                         eval_prompts, seed)
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--output-dir", default="/tmp/perplexity_filter")
+    p.add_argument("--prompts", type=int, default=200, help="training prompts (each gives <= 2 candidate pairs)")
+    p.add_argument("--steps", type=int, default=40, help="DPO optimizer steps of 8 pairs, both arms")
+    args = p.parse_args()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    results = [run_seed(s, os.path.join(args.output_dir, f"seed{s}"), args.prompts, args.steps) for s in args.seeds]
+    for s, res in zip(args.seeds, results):
+        print(f"seed {s}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
+    for key in ("kept_policy_share", "kept_other_share", "filtered_accuracy", "unfiltered_accuracy", "filtered_kl",
+                "unfiltered_kl"):
+        values = [res[key] for res in results]
+        print(f"mean {key}: {sum(values) / len(values):.4f}  (per seed {', '.join(f'{v:.4f}' for v in values)})")
+
+
+if __name__ == "__main__":
+    main()

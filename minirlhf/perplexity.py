@@ -1,0 +1,77 @@
+"""Perplexity-filtered preference data for a given policy (Kutalev & Markoff 2024, "Investigating on RLHF
+methodology", arXiv 2410.01789).
+
+A RECONSTRUCTION: the paper's method section could not be obtained. Its abstract says only that collecting the
+preference dataset "through perplexity filtering" makes building one for a specific language model cheap. We
+build the evident reading: score each response by its perplexity under the target policy pi,
+    PPL_pi(y | x) = exp(-(1/|y|) sum_t log pi(y_t | x, y_<t))        (token-mean NLL of the response)
+from the fused log-prob op (logprobs.sequence_logps, average=True), and keep a pair (x, y_c, y_r) when
+    max(PPL(y_c), PPL(y_r)) <= tau,
+tau = --max-perplexity, or the --perplexity-quantile q of that score over the candidate pairs (q is then about the
+fraction kept). DPO and the reward model then learn from responses the policy could have written, not from
+another model's style. train_dpo.py and train_rm.py filter --train-data with it (never --eval-data) before their
+held-out split; --filter-model defaults to --model, the policy being trained. The kept rows, with
+chosen_perplexity and rejected_perplexity added, go to OUTPUT/filtered.jsonl (atomically, published with the run).
+Every rank scores every pair (FSDP's forwards stay in step) and keeps the same rows.
+"""
+import os
+
+import torch
+
+from minirlhf import checkpoint, cli, data, dist
+from minirlhf.logprobs import sequence_logps
+from minirlhf.rundir import UserError
+from minirlhf.tokenizer import load_tokenizer, pad_token_id
+
+FILE = "filtered.jsonl"
+
+
+@torch.no_grad()
+def pair_perplexities(model, pairs, pad_id, device=torch.device("cpu"), batch_size=8) -> torch.Tensor:
+    """data.Pairs -> (N, 2) fp32 [PPL(chosen), PPL(rejected)] under `model`."""
+    out = []
+    for s in range(0, len(pairs), batch_size):
+        batch = {k: v.to(device) for k, v in data.collate_pairs(pairs[s:s + batch_size], pad_id).items()}
+        with dist.autocast(device):
+            mean_logps, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                           average=True)  # (2B,) [chosen..., rejected...]
+        out.append((-mean_logps.float()).exp().view(2, -1).T.cpu())
+    return torch.cat(out)
+
+
+def check_arguments(args):
+    """The filter's flags make sense together; returns whether the filter is on."""
+    x, q = args.max_perplexity, args.perplexity_quantile
+    if (x is not None and q is not None) or (args.filter_model and x is None and q is None) or not (
+            (x is None or x > 0) and (q is None or 0 < q <= 1)):
+        raise UserError(f"the perplexity filter needs one threshold, --max-perplexity X > 0 (got {x}) or "
+                        f"--perplexity-quantile q in (0, 1] (got {q}): give one")
+    return x is not None or q is not None
+
+
+def filter_rows(args, rows, source, out_dir, device) -> set[int] | None:
+    """The indices of the rows of `rows` (preference rows of --train-data) that pass the filter, or None when it
+    is off; rank 0 writes the kept rows with their perplexities to out_dir/filtered.jsonl and prints the count."""
+    if not check_arguments(args):
+        return None
+    path = args.filter_model or args.model
+    tokenizer = cli.load_tokenizer(args) if path == args.model else load_tokenizer(path)  # the policy's encoding
+    pairs, _ = data.tokenize_preferences(rows, tokenizer, args.prompt_column, args.chosen_column,
+                                         args.rejected_column, args.max_length, args.max_prompt_length,
+                                         skip_bad=args.skip_bad_rows, source=str(source))
+    model = checkpoint.load_model(path, device="cpu" if dist.world_size() > 1 else device).eval()
+    ppl = pair_perplexities(dist.apply_fsdp(model, bf16=device.type == "cuda").to(device), pairs,
+                            pad_token_id(tokenizer), device, args.batch_size)
+    score = ppl.max(1).values.double()  # (N,) the less natural response of each pair decides
+    tau = args.max_perplexity or torch.quantile(score, args.perplexity_quantile).item()
+    keep = [i for i in range(len(pairs)) if score[i] <= tau]
+    if not keep:
+        raise UserError(f"{source}: the perplexity filter kept no pair (threshold {tau:.4g}, smallest pair "
+                        f"perplexity {score.min().item():.4g} under {path})")
+    if dist.is_main():
+        data.write_jsonl(os.path.join(out_dir, FILE), [
+            dict(rows[pairs[i].row]) | {"chosen_perplexity": ppl[i, 0].item(), "rejected_perplexity": ppl[i, 1].item()}
+            for i in keep])
+    dist.print0(f"{source}: perplexity filter under {path}: kept {len(keep)} of {len(pairs)} pairs "
+                f"(max perplexity {tau:.4g}) -> {FILE}")
+    return {pairs[i].row for i in keep}
