@@ -1,28 +1,18 @@
 """RAIN: align a frozen model at inference time by search, self-evaluation and rewind (Li et al., ICLR 2024).
 
-No gradient, no weight change. Tree nodes are token spans (1, 2, 4, then 10 tokens by their index in the
-response) with a prior p, a fractional visit count n, a value v and an embedding e; the root is the committed
-text. One search (up to T = 50 per committed span): 1. select by PUCT, argmax q + c p sqrt(n_parent) / (1 + n),
-c = 2, q = v min-max normalised (0 if unvisited), first adding a child where the children look alike and all have
-v < 0 (`needs_child`); 2. simulate from the leaf to a sentence end (, . ? : ; newline) or a stop id; 3. evaluate
-the text, s in [-1, 1], cached per text as in the released code; 4. back up: n += 1, v += (s - v) / n, e = running
-mean embedding of span + continuation; 5. similarity update: a sibling X of a path node Y with cos(e_X, e_Y) >
-0.95 gets, with w = 0.2 cos, v_X = (v_X n_X + w s) / (n_X + w), n_X += w; 6. expand the leaf with up to 10 spans,
-priors mixed 0.75 p + 0.25 uniform at the root; 7. rewind. Outer loop: stop once the most-visited child has more
-than T_m = 6 real visits and v > V = 0.8, commit it (ties by v) and keep its subtree as the new root.
-
-KV cache: one row holds the committed text and the current path's spans; a search recomputes only the spans it
-does not share with the previous path. Expansion decodes k spans in k rows at once; the self-evaluator's template
-head is computed once. Unlike the released code (SafeAILab/RAIN): embeddings are our model's final hidden states,
-mean-pooled and L2-normalised, not Sentence-BERT of the text (the 0.95 and 0.03 thresholds were tuned for it); v
-stays in [-1, 1], so q = (v + 1) / 2; no few-shot block is shipped (--eval-template takes one); an added child's
-prior is renormalised with its siblings'. Cost is counted: model calls (`forwards`, a batched call once) and token
-positions computed (`tokens`), as multiples of plain decoding: len(y) calls and len(x) + len(y) - 1 positions.
+No gradient, no weight change. Nodes are token spans (1, 2, 4, then 10 tokens by depth) with prior p, fractional
+visit count n, value v and embedding e; the root is the committed text. Each of up to T = 50 searches per span:
+1. select by PUCT, argmax q + c p sqrt(n_parent) / (1 + n), adding a child where all children look alike and have
+v < 0; 2. simulate to a sentence end; 3. evaluate the text, s in [-1, 1]; 4. back up n += 1, v += (s - v) / n,
+e = mean embedding; 5. siblings X of path nodes Y with cos(e_X, e_Y) > 0.95 move toward s with weight 0.2 cos;
+6. expand the leaf with up to 10 spans; 7. rewind. Commit the most-visited child once visits > 6 and v > 0.8.
+One KV-cache row holds the committed text and the current path; a search recomputes only the spans that differ.
+Unlike the released code (SafeAILab/RAIN): embeddings are our mean-pooled final hidden states, not Sentence-BERT
+(which the 0.95 and 0.03 thresholds were tuned for); q = (v + 1) / 2; no few-shot block ships (--eval-template).
 
     python -m minirlhf.rain --model M --prompts prompts.jsonl --evaluator self --output out.jsonl
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -48,8 +38,7 @@ HARM_TEMPLATE = ("Determine if the assistant's response is harmful. The given co
 
 @dataclass
 class RainConfig:  # each field is also a command-line flag, with this help
-    searches: int = field(default=50, metadata=dict(
-        help="T: searches per committed span, the kept subtree's included (15 new at least, unless stopped early)"))
+    searches: int = field(default=50, metadata=dict(help="T: searches per committed span (>= 15 new unless stopped)"))
     min_searches: int = field(default=6, metadata=dict(help="T_m: an early stop needs more visits of the best child"))
     value_threshold: float = field(default=0.8, metadata=dict(help="V: an early stop needs a higher best-child value"))
     c: float = field(default=2.0, metadata=dict(help="PUCT exploration constant"))
@@ -107,13 +96,11 @@ def similarity_update(path, score, gamma=0.2, threshold=0.95):
             cos = F.cosine_similarity(sibling.embedding, node.embedding, dim=0).item()
             if cos > threshold:
                 w = gamma * cos
-                sibling.value = (sibling.value * sibling.n + w * score) / (sibling.n + w)
-                sibling.n += w
+                sibling.value, sibling.n = (sibling.value * sibling.n + w * score) / (sibling.n + w), sibling.n + w
 
 
 def needs_child(node, span_length, max_children=20, var_scale=0.03):
-    """The released code's `checkadd`: 2 to 19 children, all visited, all v < 0, and alike: ||Var(e)|| < 0.03 *
-    span length. The added child is the next most likely token, or one more sampled span."""
+    """The released code's `checkadd`: 2 to 19 children, all visited, all v < 0, ||Var(e)|| < 0.03 * span length."""
     kids = node.children
     if not 2 <= len(kids) < max_children or any(c.embedding is None for c in kids) or max(c.value for c in kids) >= 0:
         return False
@@ -145,8 +132,7 @@ def extend(model, cache, tokens):
 
 
 def copy_prefix(model, cache, rows, length, extra):
-    """A new cache of `rows` rows holding the first `length` columns of `cache` (one row, broadcast), with room
-    for `extra` more: a copy instead of recomputing the prefix."""
+    """A new `rows`-row cache holding the first `length` columns of one-row `cache`, with room for `extra` more."""
     out = KVCache(model.config, rows, length + extra, cache.k[0].dtype, cache.k[0].device)
     for src, dst in zip(cache.k + cache.v, out.k + out.v):
         dst[:, :, :length] = src[:, :, :length]
@@ -155,8 +141,8 @@ def copy_prefix(model, cache, rows, length, extra):
 
 
 def sample_spans(model, cache, logits, k, length, cfg, stop_ids, generator):
-    """k spans of `length` tokens from the state in `cache` (next-token logits (V,)): row 0 greedy, the others
-    drawn from the top-k -> (token lists cut after a stop id, log prior = sum of the token log-probs)."""
+    """k spans of `length` tokens after `cache` (next-token logits (V,)): row 0 greedy, the others from the top-k
+    -> (token lists cut after a stop id, sum of the token log-probs)."""
     exp = copy_prefix(model, cache, k, cache.pos, length)
     logits, spans, logp = logits.expand(k, -1), [], torch.zeros(k, device=logits.device)
     done = torch.zeros(k, dtype=torch.bool, device=logits.device)
@@ -188,30 +174,27 @@ def search(model, prompt_ids, evaluate, cfg, generator, stop_ids, sentence_end, 
     root, committed = Node([], 1.0, -1), []
 
     def score_of(response):
-        key = tuple(response)
-        if key not in scores:
+        if (key := tuple(response)) not in scores:
             scores[key], cost.evaluations = float(evaluate(response)), cost.evaluations + 1
         return scores[key]
 
     def goto(path):
         """Fill the cache with the spans of `path` (nodes below the root), reusing the shared head."""
-        k = 0
-        while k < min(len(path), len(cached)) and cached[k] is path[k]:
-            k += 1
+        k = next((i for i, (a, b) in enumerate(zip(path, cached)) if a is not b), min(len(path), len(cached)))
         del cached[k:], ends[k + 1:], logits[k + 1:]
         cache.pos = ends[k]
         if k < len(path):
             tokens, start = [t for node in path[k:] for t in node.tokens], cache.pos
             hidden[start:start + len(tokens)] = extend(model, cache, torch.tensor([tokens], device=device))[0]
-            for node in path[k:]:
-                cached.append(node)
-                ends.append(ends[-1] + len(node.tokens))
+            cached.extend(path[k:])
+            ends.extend([start + sum(len(n.tokens) for n in path[k:i]) for i in range(k + 1, len(path) + 1)])
             logits.extend(model.logits(hidden[[e - 1 for e in ends[k + 1:]]]))  # (spans, V): at each span's end
 
-    def make_children(node, k, response_len):
-        """Up to k new spans after `node` (the cache is at its end) -> child nodes: the top-k tokens, or for longer
-        spans the greedy one and distinct ones drawn from the top-15; p = product of the top-k renormalised token
-        probabilities, the greedy one clipped to [max + min, sum] of the others (as the released code)."""
+    def expand(path, k, response_len, keep=None):
+        """Add to the leaf of `path` up to `keep` of k new spans: the top-k tokens, or the greedy span and distinct
+        ones drawn from the top-k; p = product of top-k renormalised token probabilities (greedy's clipped)."""
+        goto(path[1:])
+        node = path[-1]
         length = min(SPAN_LENGTHS[min(node.depth + 1, 3)], cfg.max_new_tokens - response_len)
         if length == 1:
             probs = logits[-1].float().softmax(-1)
@@ -223,75 +206,60 @@ def search(model, prompt_ids, evaluate, cfg, generator, stop_ids, sentence_end, 
             if len(cands) > 1:  # the released code's clip of the greedy prior against the distinct sampled ones
                 rest = [p for _, p in cands[1:]]
                 cands[0] = (cands[0][0], max(min(cands[0][1], sum(rest)), max(rest) + min(rest)))
-        seen = {tuple(c.tokens) for c in node.children}
-        return [Node(t, p, node.depth + 1, t[-1] in stops or response_len + len(t) >= cfg.max_new_tokens)
-                for t, p in cands if tuple(t) not in seen][:k]
+        node.children += [Node(t, p, node.depth + 1, t[-1] in stops or response_len + len(t) >= cfg.max_new_tokens)
+                          for t, p in cands if tuple(t) not in {tuple(c.tokens) for c in node.children}][:k][:keep]
+        set_priors(node, node is path[0])
 
     def one_search():
         node, path, base = root, [root], len(committed)
         while node.children:  # 1. selection, with dynamic node addition
             length = SPAN_LENGTHS[min(node.depth + 1, 3)]
             if needs_child(node, length):
-                goto(path[1:])
-                node.children += make_children(node, 1 if length == 1 else 2, base)[:1]
-                set_priors(node, node is root)
-            node = puct_select(node, cfg.c)
-            path.append(node)
+                expand(path, 1 if length == 1 else 2, base, keep=1)
+            path.append(node := puct_select(node, cfg.c))
             base += len(node.tokens)
         goto(path[1:])
-        sim = []
-        if not node.terminal:  # 2. simulation to the end of the sentence
-            step_logits = logits[-1]
-            while base + len(sim) < cfg.max_new_tokens and len(sim) < cfg.max_sim_tokens:
-                token = sample(step_logits[None], generator)[0].item()
-                sim.append(token)
-                if token in stops or token in sentence_end:
-                    break
-                col = cache.pos
-                hidden[col] = extend(model, cache, torch.tensor([[token]], device=device))[0, -1]
-                step_logits = model.logits(hidden[col])
+        sim, step_logits = [], logits[-1]  # 2. simulation to the end of the sentence (none from a terminal leaf)
+        while not node.terminal and base + len(sim) < cfg.max_new_tokens and len(sim) < cfg.max_sim_tokens:
+            token = sample(step_logits[None], generator)[0].item()
+            sim.append(token)
+            if token in stops or token in sentence_end:
+                break
+            h = extend(model, cache, torch.tensor([[token]], device=device))[0, -1]
+            hidden[cache.pos - 1], step_logits = h, model.logits(h)
         score = score_of(committed + [t for n in path[1:] for t in n.tokens] + sim)  # 3. evaluation
         embeddings = [None] + [F.normalize(hidden[e:cache.pos].float().mean(0), dim=0) for e in ends[:len(path) - 1]]
         backup(path, score, embeddings)  # 4.
         similarity_update(path, score, cfg.gamma, cfg.similarity)  # 5.
         if not node.terminal:  # 6. expansion (the cache is rewound to the leaf's end first)
-            goto(path[1:])
-            node.children = make_children(node, cfg.children, base)
-            set_priors(node, node is root)
+            expand(path, cfg.children, base)
 
-    while True:
-        start = root.visits
-        for _ in range(start, max(cfg.searches, start + 15)):
+    while not root.terminal:
+        for _ in range(root.visits, max(cfg.searches, root.visits + 15)):
             one_search()
-            best = most_visited(root) if root.children else None
-            if best is not None and best.visits > cfg.min_searches and best.value > cfg.value_threshold:
+            if (best := most_visited(root)).visits > cfg.min_searches and best.value > cfg.value_threshold:
                 break
-        best = most_visited(root)
-        goto(list(cached) if cached and cached[0] is best else [best])  # commit: best's span joins the fixed head
-        committed += best.tokens
+        root = most_visited(root)
+        goto(list(cached) if cached and cached[0] is root else [root])  # commit: its span joins the fixed head
+        committed += root.tokens
         del cached[0], ends[0], logits[0]
-        root = best
-        if root.terminal:
-            break
-        if root.children:
-            set_priors(root, True)
+        set_priors(root, True)  # the kept subtree's root gets root priors
     return committed, score_of(committed)
 
 
 def self_evaluator(model, tokenizer, template=HARM_TEMPLATE, options=("harmless", "harmful")):
-    """The paper's self-evaluation -> evaluate(prompt, response) in {-1, 0, 1}. `template` holds {conversation},
-    then {option_a} and {option_b}, and ends where the model answers with the letter A or B; options = (good,
-    bad). The head before {conversation} is computed once and its cache copied into each call."""
+    """The paper's self-evaluation -> evaluate(prompt, response) in {-1, 0, 1}. `template`: {conversation}, then
+    {option_a}, {option_b}, ending where the model answers A or B; options = (good, bad). The head is cached once."""
     head, sep, tail = template.partition("{conversation}")
     if not sep or "{option_a}" in head or "{option_b}" in head:
         raise ValueError("the evaluation template needs {conversation} before {option_a} and {option_b}")
     tails = [tail.replace("{option_a}", a).replace("{option_b}", b) for a, b in (options, options[::-1])]
-    label_ids = []
-    for letter in "AB":  # the letter as the model reads it right after the template's end
-        end, with_letter = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (tails[0], tails[0] + letter))
+    # the letters as the model reads them right after the template's end
+    end, *with_letters = (tokenizer(tails[0] + s, add_special_tokens=False)["input_ids"] for s in ("", "A", "B"))
+    for letter, with_letter in zip("AB", with_letters):
         if with_letter[:-1] != end:
             raise ValueError(f"{letter!r} is not one token after the evaluation template's end {tails[0][-20:]!r}")
-        label_ids.append(with_letter[-1])
+    label_ids = [w[-1] for w in with_letters]
     if label_ids[0] == label_ids[1] or label_ids[0] == tokenizer.unk_token_id:
         raise ValueError(f"the letters A and B read as the token ids {label_ids} after the evaluation template")
     device = model.output_weight().device
@@ -309,24 +277,21 @@ def self_evaluator(model, tokenizer, template=HARM_TEMPLATE, options=("harmless"
         ids = torch.tensor([r + [r[-1]] * (T - len(r)) for r in rows], device=device)  # right padding: never read
         cache = copy_prefix(model, head_cache, 2, len(head_ids), T)
         h = extend(model, cache, ids)[torch.arange(2), torch.tensor([len(r) - 1 for r in rows])]  # (2, D)
-        label_logits = model.logits(h)[:, label_ids]  # (order, [A, B])
-        # order 0 shows the good option as (A), order 1 as (B)
+        label_logits = model.logits(h)[:, label_ids]  # (order, [A, B]): order 0 shows the good option as (A)
         return swap_score(label_logits[0, 0] > label_logits[0, 1], label_logits[1, 1] > label_logits[1, 0])
     return evaluate
 
 
 def reward_evaluator(spec, model, tokenizer, max_new_tokens, scale=1.0):
-    """A reward source of `rewards.py` -> evaluate(prompt, response) = 2 P(response > reference) - 1, where the
-    reference is `model`'s greedy response (decoded once per prompt; its forwards count in the cost); P is a
-    pairwise model's probability, or sigmoid((r - r_ref) / scale) for a BT model or a function."""
+    """A reward source of `rewards.py` -> evaluate(prompt, response) = 2 P(response > `model`'s greedy one) - 1; P is
+    a pairwise model's probability, or sigmoid((r - r_ref) / scale) for a BT model or a function."""
     reward_fn = load_reward_source(spec)
     pairwise = os.path.isdir(spec) and not read_config(spec).get("architectures", [""])[0].endswith(
         "ForSequenceClassification")
     references = {}  # prompt -> (greedy response, its reward)
 
     def evaluate(prompt, response):
-        key = json.dumps(prompt)
-        if key not in references:
+        if (key := json.dumps(prompt)) not in references:
             greedy = generate(model, [encode_prompt(tokenizer, prompt)], max_new_tokens, temperature=0,
                               eos_token_id=tokenizer.eos_token_id)
             ref = decode_response(tokenizer, greedy.responses[0][0])
@@ -338,23 +303,17 @@ def reward_evaluator(spec, model, tokenizer, max_new_tokens, scale=1.0):
     return evaluate
 
 
-@contextlib.contextmanager
 def counting(model, cost):
-    """Count the model's calls and the token positions they compute (input_ids (R, T): R * T) into `cost`."""
+    """`with counting(model, cost):` counts the model's calls and token positions (input_ids (R, T): R * T)."""
     def hook(module, args, kwargs, output):
         cost.forwards += 1
         cost.tokens += (args[0] if args else kwargs["input_ids"]).numel()
-    handle = model.register_forward_hook(hook, with_kwargs=True)
-    try:
-        yield cost
-    finally:
-        handle.remove()
+    return model.register_forward_hook(hook, with_kwargs=True)  # the handle removes the hook on exit
 
 
 def align(model, tokenizer, prompts, evaluator, cfg=RainConfig(), seed=0, progress=False):
-    """RAIN-decode `prompts` (strings or messages) with `model` (a frozen CausalLM in eval mode).
-    evaluator(prompt, response text) -> score in [-1, 1] (`self_evaluator`, `reward_evaluator` or any function).
-    -> (responses, scores, costs): text, the evaluator's score of it, and a dict of counted cost per prompt."""
+    """RAIN-decode `prompts` (strings or messages) with a frozen `model`; evaluator(prompt, response text) -> score
+    in [-1, 1]. -> (responses, scores, costs): text, the evaluator's score of it, a cost dict per prompt."""
     generator = torch.Generator(model.output_weight().device).manual_seed(seed)
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])  # a simulation stops after a sentence end
     sentence_end = {i for i, t in enumerate(texts) if t.rstrip(" ")[-1:] in set(SENTENCE_END) and t.strip(" ")}
@@ -365,9 +324,9 @@ def align(model, tokenizer, prompts, evaluator, cfg=RainConfig(), seed=0, progre
             with counting(model, cost):
                 ids, score = search(model, prompt_ids, lambda r: evaluator(prompt, decode_response(tokenizer, r)),
                                     cfg, generator, {tokenizer.eos_token_id}, sentence_end, cost)
-            plain = dict(plain_forwards=len(ids), plain_tokens=len(prompt_ids) + len(ids) - 1)
-            costs.append(asdict(cost) | plain | dict(forward_multiple=cost.forwards / plain["plain_forwards"],
-                                                     token_multiple=cost.tokens / plain["plain_tokens"]))
+            pf, pt = len(ids), len(prompt_ids) + len(ids) - 1
+            costs.append(asdict(cost) | dict(plain_forwards=pf, plain_tokens=pt, forward_multiple=cost.forwards / pf,
+                                             token_multiple=cost.tokens / pt))
             responses.append(decode_response(tokenizer, ids))
             scores.append(score)
     return responses, scores, costs
@@ -380,14 +339,11 @@ def build_parser():
     p.add_argument("--prompts", required=True, help="dataset (.jsonl/.json/.parquet/save_to_disk folder) of prompts")
     p.add_argument("--prompt-column", default="prompt", help="column of --prompts holding a string or chat messages")
     p.add_argument("--limit", type=int, help="decode only the first N prompts")
-    p.add_argument("--evaluator", default="self", help="'self' (the model judges itself, the paper), or a reward "
-                   "source: BT reward model folder, pairwise preference model folder, or module:function")
+    p.add_argument("--evaluator", default="self", help="'self', or a BT/pairwise model folder or module:function")
     p.add_argument("--output", required=True, help="JSONL out: prompt, response, score, cost per prompt")
-    p.add_argument("--eval-template", help="file with the self-evaluation template ({conversation}, {option_a}, "
-                                           "{option_b}; ends before the answer letter); default: the paper's harm one")
+    p.add_argument("--eval-template", help="self-evaluation template file; default: the paper's harm template")
     p.add_argument("--eval-options", default="harmless,harmful", help="self-evaluation option words, good,bad")
-    p.add_argument("--reward-scale", type=float, default=1.0, help="BT/function evaluator: reward difference to the "
-                                                                    "greedy reference that maps to 2 sigmoid(1) - 1")
+    p.add_argument("--reward-scale", type=float, default=1.0, help="BT/function evaluator: reward temperature")
     for f in fields(RainConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, **f.metadata)
     p.add_argument("--seed", type=int, default=0, help="seed of every draw")
@@ -400,8 +356,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device).eval()
-    rows = load_dataset_any(args.prompts)
-    prompts = [split_row(row, args.prompt_column, [])[0] for row in rows][:args.limit]
+    prompts = [split_row(row, args.prompt_column, [])[0] for row in load_dataset_any(args.prompts)][:args.limit]
     if args.evaluator == "self":
         template = open(args.eval_template).read() if args.eval_template else HARM_TEMPLATE
         evaluator = self_evaluator(model, tokenizer, template, tuple(args.eval_options.split(",")))
