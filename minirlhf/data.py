@@ -1,20 +1,17 @@
 """Preference and SFT data: loading, row formats, tokenisation, truncation, collation and sharded shuffling.
 
 Row formats (TRL's column layouts; column names are arguments that scripts expose as flags):
-  standard        prompt, chosen, rejected are strings. Unlike TRL, which tokenises such rows as raw text, we
-                  template them: the prompt is one user message and each response one assistant message
+  standard        prompt, chosen, rejected are strings (unlike TRL, templated: one user, one assistant message)
   conversational  prompt is a list of {"role", "content"} messages (or a string); chosen / rejected are lists
                   of assistant messages
   implicit prompt chosen and rejected are whole conversations (RLHFlow, UltraFeedback-binarized): the prompt is
                   every message before the last assistant message, which must be the same in both; anything
                   after the last assistant message is dropped and a prompt column, if present, is ignored
-Rating rows (HelpSteer2, for a regression reward model): prompt, response (string or messages) and one number per
-attribute; a missing or null rating is unrated (MISSING, masked out of the loss), a value that is not a number in
-the declared range is a bad row.
-SFT rows: prompt/completion (strings or messages), a `messages` conversation (train on its last assistant turn),
-or a preference row (train on chosen).
-Everything goes through the chat template (minirlhf.tokenizer): a string prompt is one user message, so the same
-content gives the same token ids in every format.
+Rating rows (HelpSteer2, regression reward model): prompt, response and one number per attribute; a missing or null
+rating is unrated (MISSING, masked out of the loss), a value that is not a number in the range is a bad row.
+SFT rows: prompt/completion, a `messages` conversation (its last assistant turn), or a preference row (chosen).
+Everything goes through the chat template (minirlhf.tokenizer), so the same content gives the same token ids in
+every format.
 
 Sampled rows (iterate.py's pairs and labels) carry `<column>_ids` beside the text: the prompt as the sampler saw
 it and each response as the policy produced it (stop token included, none if cut off). Such rows train on the ids,
@@ -94,23 +91,17 @@ def _check_json(path, ext):
     """Every line of a .jsonl (or the whole .json) is UTF-8 JSON holding objects, and there is at least one."""
     with open(path, "rb") as f:
         raw = f.read()
-    where = "file"
+    where, items = "file", []
     try:
         if ext == ".json":
-            items = json.loads(raw.decode("utf-8"))
-            items = items if isinstance(items, list) else [items]
-            for i, item in enumerate(items):
-                where = f"item {i}"
-                if not isinstance(item, dict):
-                    raise ValueError(f"a JSON {type(item).__name__}, expected an object {{column: value}}")
-        else:
-            items = []
-            for i, line in enumerate(raw.split(b"\n")):
-                where = f"line {i + 1}"
-                if line.strip():
-                    items.append(json.loads(line.decode("utf-8")))
-                    if not isinstance(items[-1], dict):
-                        raise ValueError(f"a JSON {type(items[-1]).__name__}, expected an object {{column: value}}")
+            whole = json.loads(raw.decode("utf-8"))
+            numbered = ((f"item {i}", x) for i, x in enumerate(whole if isinstance(whole, list) else [whole]))
+        else:  # parsed one line at a time, so the first bad line is the one named
+            numbered = ((f"line {i + 1}", line) for i, line in enumerate(raw.split(b"\n")) if line.strip())
+        for where, item in numbered:
+            items.append(item if ext == ".json" else json.loads(item.decode("utf-8")))
+            if not isinstance(items[-1], dict):
+                raise ValueError(f"a JSON {type(items[-1]).__name__}, expected an object {{column: value}}")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: {where}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") \
             from None
@@ -135,8 +126,7 @@ def load_prompts(path, column):
 
 
 def write_jsonl(path, rows):
-    """Write rows as JSON lines atomically (temporary file + rename), so readers never see half a file; NaN and
-    Infinity are refused (they are not JSON)."""
+    """Write rows as JSON lines atomically (readers never see half a file); NaN and Infinity are refused."""
     atomic_write_text(path, "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
 
 
@@ -261,8 +251,7 @@ def check_prompts(prompts, tokenizer, max_prompt_length, source, column="prompt"
         roles = [m["role"] for m in as_messages(prompt)]
         if "user" not in roles:
             raise DataError(f"{source}: row {i}: field {column!r}: no user message (roles {roles})")
-        n = len(encode_prompt(tokenizer, prompt)) if max_prompt_length else 0
-        if max_prompt_length and n > max_prompt_length:
+        if max_prompt_length and (n := len(encode_prompt(tokenizer, prompt))) > max_prompt_length:
             raise DataError(f"{source}: row {i}: field {column!r}: prompt is {n} tokens > {max_prompt_length}, the "
                             "DPO prompt limit (--max-length / 4): raise --max-length or drop the row")
 
@@ -283,19 +272,6 @@ def tokenize_preferences(rows, tokenizer, prompt_column="prompt", chosen_column=
     out, skipped = _tokenize_rows(rows, tokenizer, prompt_column, [chosen_column, rejected_column], max_length,
                                   max_prompt_length, chat_template, skip_bad, source, whole)
     return [Pair(p, c, r, i) for i, p, (c, r) in out], skipped
-
-
-def tokenize_sft(rows, tokenizer, prompt_column="prompt", completion_column="completion",
-                 messages_column="messages", chosen_column="chosen", max_length=None, max_prompt_length=None,
-                 chat_template=None, skip_bad=False, source="<rows>") -> tuple[list[Sequence], dict[str, int]]:
-    """SFT rows -> (sequences, skipped). The format is chosen from the first row's columns: `messages_column`,
-    else `completion_column`, else `chosen_column` (a preference row: train on chosen)."""
-    rows = list(rows) if not isinstance(rows, datasets.Dataset) else rows
-    first = rows[0] if len(rows) else {}
-    column = next((c for c in (messages_column, completion_column, chosen_column) if c in first), completion_column)
-    out, skipped = _tokenize_rows(rows, tokenizer, prompt_column, [column], max_length, max_prompt_length,
-                                  chat_template, skip_bad, source)
-    return [Sequence(p, r) for _, p, (r,) in out], skipped
 
 
 MISSING = -100.0  # the label of an unrated attribute (NeMo-Aligner's loss_mask_val)
@@ -328,9 +304,17 @@ def load_preferences(path, tokenizer, split="train", **kwargs) -> tuple[list[Pai
     return tokenize_preferences(load_dataset_any(path, split), tokenizer, source=str(path), **kwargs)
 
 
-def load_sft(path, tokenizer, split="train", **kwargs) -> tuple[list[Sequence], dict[str, int]]:
-    """load_dataset_any + tokenize_sft; errors name `path`."""
-    return tokenize_sft(load_dataset_any(path, split), tokenizer, source=str(path), **kwargs)
+def load_sft(path, tokenizer, split="train", prompt_column="prompt", completion_column="completion",
+             messages_column="messages", chosen_column="chosen", max_length=None, max_prompt_length=None,
+             chat_template=None, skip_bad=False) -> tuple[list[Sequence], dict[str, int]]:
+    """SFT rows of a dataset file -> (sequences, skipped). The format is chosen from the first row's columns:
+    `messages_column`, else `completion_column`, else `chosen_column` (a preference row: train on chosen)."""
+    rows = load_dataset_any(path, split)
+    first = rows[0] if len(rows) else {}
+    column = next((c for c in (messages_column, completion_column, chosen_column) if c in first), completion_column)
+    out, skipped = _tokenize_rows(rows, tokenizer, prompt_column, [column], max_length, max_prompt_length,
+                                  chat_template, skip_bad, str(path))
+    return [Sequence(p, r) for _, p, (r,) in out], skipped
 
 
 def collate_sequences(examples, pad_id) -> dict[str, torch.Tensor]:

@@ -58,8 +58,7 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     def fail(what):
         raise UserError(f"{source}: unsupported {what}; minirlhf supports model_type in {SUPPORTED_MODEL_TYPES}")
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    missing = [k for k in required if k not in d]
-    if missing:
+    if missing := [k for k in required if k not in d]:
         raise UserError(f"{source}: missing required field(s) {missing}")
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -73,11 +72,8 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         fail(f"rope_type {rope_type!r} (supported: {SUPPORTED_ROPE_TYPES})")
-    sliding_window = d.get("sliding_window")
-    if model_type in ("qwen2", "qwen3"):
-        if d.get("use_sliding_window"):
-            fail("use_sliding_window=true")
-        sliding_window = None
+    if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+        fail("use_sliding_window=true")
     heads = d["num_attention_heads"]
     attention_bias = bool(d.get("attention_bias", False))
     return ModelConfig(
@@ -88,20 +84,20 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
         rope_theta=float(rope_theta), rope_scaling=rope if rope_type != "default" else None,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias,
-        mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
-        sliding_window=sliding_window, pad_token_id=d.get("pad_token_id"), hf=dict(d))
+        mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=model_type == "qwen3", pad_token_id=d.get("pad_token_id"),
+        sliding_window=None if model_type in ("qwen2", "qwen3") else d.get("sliding_window"), hf=dict(d))
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
     """(head_dim/2,) fp32 inverse frequencies theta^(-2i/d), with Llama 3.1's smooth long-context scaling."""
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim)
-    s = cfg.rope_scaling
-    if s is None:
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim)
+    if (s := cfg.rope_scaling) is None:
         return inv_freq
     if s.get("rope_type", s.get("type")) == "linear":
         return inv_freq / s["factor"]
     # llama3: long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
-    factor, lo, hi, old_len = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
@@ -109,7 +105,6 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
 
 def apply_rope(x, cos, sin):
     """x (B, H, T, hd); cos, sin (B, 1, T, hd), sin with its first half negated (`Backbone.forward`).
-
     The rotate-half convention of the Hugging Face checkpoints, x * cos + cat(-x2, x1) * sin, with the sign
     moved into sin: cat(-x2, x1) * sin == roll(x, hd/2) * cat(-sin1, sin2), bit for bit, one op fewer."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
@@ -164,8 +159,7 @@ class Linear(nn.Linear):
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
         # x * rsqrt(mean(x^2) + eps) in fp32 whatever the activation dtype, cast back, then scaled: the
@@ -185,18 +179,15 @@ class Attention(nn.Module):
         self.v_proj = Linear(D, Hkv * hd, bias=cfg.qkv_bias)
         self.o_proj = Linear(H * hd, D, bias=cfg.o_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_norm_eps), RMSNorm(hd, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, kv_cache):
-        B, T, _ = x.shape
-        hd = self.cfg.head_dim
+        (B, T, _), hd = x.shape, self.cfg.head_dim
         q, k, v = linears(x, (self.q_proj, self.k_proj, self.v_proj), self.qkv_packed)
         q, k, v = q.view(B, T, -1, hd), k.view(B, T, -1, hd), v.view(B, T, -1, hd).transpose(1, 2)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, hd)
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, hd)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)  # (B, H|Hkv, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd), past included
         if T == 1 and mask is not None:  # decoding: a KV group's query heads attend as rows, K/V read once
@@ -212,8 +203,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         D, F_, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = Linear(D, F_, bias=b)
-        self.up_proj = Linear(D, F_, bias=b)
+        self.gate_proj, self.up_proj = Linear(D, F_, bias=b), Linear(D, F_, bias=b)
         self.down_proj = Linear(F_, D, bias=b)
 
     def forward(self, x):
@@ -235,17 +225,13 @@ class Block(nn.Module):
 
 
 def build_attention_mask(attention_mask, T, sliding_window=None):
-    """(B, S) 0/1 key mask -> (B, 1, T, S) bool, True = attend. Queries are the last T of the S keys.
-
-    A query may see a key iff the key is real, not in its future and (Mistral) inside the window. Each query
-    also sees itself, so padded queries get a finite (ignored) output instead of NaN from an empty softmax.
-    """
+    """(B, S) 0/1 key mask -> (B, 1, T, S) bool, True = attend. Queries are the last T of the S keys. A query
+    may see a key iff the key is real, not in its future and (Mistral) inside the window. Each query also sees
+    itself, so padded queries get a finite (ignored) output instead of NaN from an empty softmax."""
     B, S = attention_mask.shape
     q_idx = torch.arange(S - T, S, device=attention_mask.device)[:, None]  # (T, 1)
     k_idx = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
-    allowed = k_idx <= q_idx
-    if sliding_window is not None:
-        allowed = allowed & (k_idx > q_idx - sliding_window)
+    allowed = (k_idx <= q_idx) if sliding_window is None else (k_idx <= q_idx) & (k_idx > q_idx - sliding_window)
     mask = allowed[None] & attention_mask.bool()[:, None, :]  # (B, T, S)
     return (mask | (k_idx == q_idx)[None])[:, None]
 
@@ -297,8 +283,7 @@ class CausalLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.config = cfg
-        self.model = Backbone(cfg)
+        self.config, self.model = cfg, Backbone(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def output_weight(self):
@@ -329,8 +314,7 @@ class RewardModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, num_labels=1):
         super().__init__()
-        self.config = cfg
-        self.model = Backbone(cfg)
+        self.config, self.model = cfg, Backbone(cfg)
         self.score = nn.Linear(cfg.hidden_size, num_labels, bias=False)
 
     def forward(self, input_ids, attention_mask=None):
@@ -349,13 +333,12 @@ class RewardModel(nn.Module):
         return scores.sum(-1) if scores.shape[-1] == 1 else scores
 
 
-def init_model(hf_config: dict, kind="causal", seed=0, std=None):
+def init_model(hf_config: dict, kind="causal", seed=0):
     """A freshly initialised model from a config dict, as `transformers` initialises one: N(0, std^2) for
     linear and embedding weights (std = initializer_range), zero biases, unit norms; seeded, no global RNG."""
-    cfg = config_from_hf(hf_config)
-    std = hf_config.get("initializer_range", 0.02) if std is None else std
+    std = hf_config.get("initializer_range", 0.02)
     with torch.device("meta"):
-        model = (CausalLM if kind == "causal" else RewardModel)(cfg)
+        model = (CausalLM if kind == "causal" else RewardModel)(config_from_hf(hf_config))
     model = model.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

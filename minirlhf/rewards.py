@@ -16,14 +16,11 @@
 A pairwise model has no scalar reward, so `rank_responses` turns comparisons into scores:
 - all pairs when n <= ALL_PAIRS_MAX (8, the paper's n): score_i = mean_j P(i > j), the win rate (Borda count),
   n(n-1)/2 comparisons and a full ranking, each pair compared once (both orders inside the comparison);
-- a knockout tournament when n is larger: winners advance to find the best; every response that lost its first
-  match enters a losers' bracket where the loser advances, to find the worst. 2(n-1) comparisons instead of
-  n(n-1)/2 (n = 64: 126 instead of 2016). The best and the worst are exact for a consistent judge, which is all
-  the max-min pair rule of `pairs.py` needs; the middle of the ranking is coarse (rounds survived), so the
-  scores are ordinal: keep length penalties small with a tournament.
-Label-token log-probs come from the model's `labels=` path (the fused op), never full logits: one row per
-(order, label token), so four rows per comparison, twice the minimum, but one code path that also runs under
-FSDP in train_rm.py.
+- a knockout tournament when n is larger: winners advance to find the best; the first-match losers play a
+  losers' bracket where the loser advances, to find the worst: 2(n-1) comparisons (n = 64: 126, not 2016). Best
+  and worst are exact for a consistent judge, all that `pairs.py`'s max-min rule needs; the middle is coarse
+  (rounds survived), so the scores are ordinal: keep length penalties small with a tournament.
+Label-token log-probs come from the model's `labels=` path (the fused op, also under FSDP), never full logits.
 """
 import importlib
 import json
@@ -112,14 +109,12 @@ def label_token_ids(tokenizer, label_tokens=LABEL_TOKENS) -> list[int]:
 
 
 def label_logps(model, input_ids, attention_mask, label_ids):
-    """log p(label | judge prompt), (N,) fp32, at each row's last real token.
-
-    input_ids, attention_mask (N, T) RIGHT-padded judge prompts; label_ids (N,). Goes through the model's
-    `labels=` path (fused op inside forward: no (N, T, V) logits, works under FSDP)."""
-    N = input_ids.shape[0]
+    """log p(label | judge prompt), (N,) fp32, at each row's last real token. input_ids, attention_mask (N, T)
+    RIGHT-padded judge prompts; label_ids (N,). One row per (order, label token): four rows per comparison, twice
+    the minimum, but one code path through the `labels=` fused op (no (N, T, V) logits, works under FSDP)."""
     last = attention_mask.sum(-1) - 1  # right padding: the last real token predicts the label
     labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[torch.arange(N, device=input_ids.device), last] = label_ids
+    labels[torch.arange(len(input_ids), device=input_ids.device), last] = label_ids
     return model(input_ids, attention_mask=attention_mask, labels=labels).sum(-1)
 
 
@@ -175,7 +170,6 @@ def _knockout(compare, prompts, responses, entrants, generator, keep_winner=True
 
 def rank_responses(compare, prompts, responses, all_pairs_max=ALL_PAIRS_MAX, seed=0) -> list[list[float]]:
     """Scores for the n responses of each prompt from a pairwise judge, higher = better (see the module docstring).
-
     compare(list of (prompt, a, b)) -> list of P(a > b). All pairs (win rates in [0, 1]) for n <= all_pairs_max,
     else a tournament: rounds survived in the winners' bracket (>= 0), or -1 - rounds survived in the losers'
     bracket for the responses that lost their first match (so the worst has the unique minimum)."""
@@ -199,10 +193,8 @@ def rank_responses(compare, prompts, responses, all_pairs_max=ALL_PAIRS_MAX, see
 
 def _unflatten(flat, responses) -> list[list[float]]:
     """Cut a flat list into one list per prompt, shaped like `responses`."""
-    starts = [0]
-    for rs in responses:
-        starts.append(starts[-1] + len(rs))
-    return [flat[a:b] for a, b in zip(starts, starts[1:])]
+    it = iter(flat)
+    return [[next(it) for _ in rs] for rs in responses]
 
 
 def check_finite(scores, indices, source):
@@ -225,14 +217,11 @@ def import_function(spec, what, expected="expected 'module:function'"):
 
 
 def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pairs_max=ALL_PAIRS_MAX, seed=0):
-    """spec: a BT reward model folder (config architectures end in ForSequenceClassification), a pairwise preference
-    model folder (any other checkpoint; its pairwise.json gives template, label tokens and max_length; defaults:
-    RLHFlow's template, "A"/"B", no limit), or "module:function" (importable from sys.path / the working directory).
-    -> fn(prompts, responses: list[list[str]]) -> list[list[float]], one float per response.
-
-    A user function gets flat aligned lists fn(prompts, responses: list[str]) -> list[float]: each prompt repeated
-    for each of its responses, as the user gave it: a string, or the whole conversation (a list of {"role",
-    "content"} messages, system prompt and history included)."""
+    """spec: a BT or regression reward model folder (architectures end in ForSequenceClassification), a pairwise
+    preference model folder (any other checkpoint; its pairwise.json gives template, label tokens and max_length;
+    defaults: RLHFlow's template, "A"/"B", no limit), or "module:function" -> fn(prompts, responses:
+    list[list[str]]) -> list[list[float]]. A user function gets flat aligned lists (each prompt repeated for each
+    of its responses, as given: a string or the whole conversation) and returns one float per response."""
     spec = str(spec)
     if not os.path.isdir(spec):
         user_fn = import_function(spec, "reward source", "not a checkpoint folder and not 'module:function'")
@@ -241,8 +230,7 @@ def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pa
             flat_prompts = [p for p, rs in zip(prompts, responses) for _ in rs]  # as given: the whole conversation
             flat = [float(x) for x in user_fn(flat_prompts, [r for rs in responses for r in rs])]
             if len(flat) != len(flat_prompts):
-                raise UserError(f"reward function {spec} returned {len(flat)} values for {len(flat_prompts)} "
-                                "responses")
+                raise UserError(f"reward function {spec} returned {len(flat)} values for {len(flat_prompts)} responses")
             return _unflatten(flat, responses)
         return score_with_function
 

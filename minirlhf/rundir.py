@@ -31,8 +31,7 @@ LOCK, MANIFEST, STAGING, DONE = ".lock", "manifest.json", "staging", "done.json"
 
 
 class UserError(ValueError):
-    """A mistake in the command line, the data or a folder: the message names the file, row, field or path and
-    what to do. Scripts print it without a traceback (`user_errors`)."""
+    """A mistake in the command line, the data or a folder: the message names what is wrong and what to do."""
 
 
 @contextlib.contextmanager
@@ -168,8 +167,7 @@ def changed_args(recorded, new, ignore=()):
 
 
 def check_args(recorded_path, args, ignore, allow_flag):
-    differences = changed_args(read_json(recorded_path, {}), args, ignore) if os.path.exists(recorded_path) else []
-    if differences:
+    if os.path.exists(recorded_path) and (differences := changed_args(read_json(recorded_path), args, ignore)):
         raise UserError(f"{recorded_path} records other values of arguments that change results:\n  " +
                         "\n  ".join(differences) + "\nrerun with the recorded values or choose another --output-dir" +
                         (f", or pass {allow_flag} to continue with the new ones" if allow_flag else ""))
@@ -238,12 +236,13 @@ class Run:
         staging = self.staging
         for name in os.listdir(ckpt):
             if not name.startswith(("optimizer.", "rng.", "trainer_state")):
+                src, dst = os.path.join(ckpt, name), os.path.join(staging, name)
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(staging, name))
+                    os.remove(dst)
                 try:
-                    os.link(os.path.join(ckpt, name), os.path.join(staging, name))  # no second copy of the weights
+                    os.link(src, dst)  # no second copy of the weights
                 except OSError:
-                    shutil.copy2(os.path.join(ckpt, name), os.path.join(staging, name))
+                    shutil.copy2(src, dst)
         for name, obj in files.items():
             atomic_write_json(os.path.join(staging, name), obj)
         names = sorted(set(os.listdir(staging)) | {DONE})
@@ -293,8 +292,7 @@ def start(out, args, names, *, resume=False, overwrite=False, allow_changed_args
         try:
             os.makedirs(out, exist_ok=True)
             run.lock_file = lock(out)
-            foreign = foreign_files(out)
-            if foreign and not overwrite:
+            if not overwrite and (foreign := foreign_files(out)):
                 raise UserError(f"{out} holds files this program did not write: {foreign}. A run replaces only what "
                                 f"it wrote itself ({MANIFEST}): choose a new or empty --output-dir, or pass "
                                 "--overwrite to run here anyway (files of the same names are then replaced)")
@@ -302,34 +300,28 @@ def start(out, args, names, *, resume=False, overwrite=False, allow_changed_args
             if staged:
                 recover_dir(ckpt)
                 state = read_json(os.path.join(ckpt, "trainer_state.json"))
-                finished = os.path.exists(os.path.join(out, DONE))
                 run.resume = resume and state is not None
                 if run.resume and not allow_changed_args:
                     staged_args = os.path.join(out, STAGING, "args.json")
                     check_args(staged_args if os.path.exists(staged_args) else os.path.join(out, "args.json"),
                                args, ignore, "--allow-changed-args")
                 if not run.resume:
-                    if state is not None and not finished and not overwrite:
+                    if state is not None and not done(out) and not overwrite:
                         raise UserError(f"{ckpt} holds an unfinished run (step {state['step']}): pass --resume to "
                                         "continue it, or --overwrite to start over (its checkpoint is deleted)")
-                    for old in [ckpt, *step_checkpoints(out)]:  # --save-total-limit's checkpoint-STEP too
+                    for old in [ckpt, *step_checkpoints(out), os.path.join(out, STAGING)]:  # checkpoint-STEP too
                         shutil.rmtree(old, ignore_errors=True)
-                    shutil.rmtree(os.path.join(out, STAGING), ignore_errors=True)
-                claim(out, [*names, STAGING, "checkpoint", DONE])
-                atomic_write_json(os.path.join(out, STAGING, "args.json"), args)
             else:
                 check_args(os.path.join(out, "args.json"), args, ignore, None)
-                claim(out, [*names, "args.json"])
-                atomic_write_json(os.path.join(out, "args.json"), args)
+            claim(out, [*names, STAGING, "checkpoint", DONE] if staged else [*names, "args.json"])
+            atomic_write_json(os.path.join(out, STAGING if staged else "", "args.json"), args)
             run.tracker = tracking.start(report_to, out, args, run.resume, group=not staged)
-        except UserError as e:
+        except BaseException as e:
+            run.close()
+            if not isinstance(e, UserError):
+                raise
             error = str(e)
-            run.close()
-        except BaseException:
-            run.close()
-            raise
-    error, resume = dist.all_gather_objects((error, run.resume))[0]  # every rank stops, or resumes, together
+    error, run.resume = dist.all_gather_objects((error, run.resume))[0]  # every rank stops, or resumes, together
     if error:
         raise UserError(error)
-    run.resume = resume
     return run
