@@ -1,18 +1,15 @@
-"""Perplexity-filtered preference data for a given policy (Kutalev & Markoff 2024, "Investigating on RLHF
+"""Perplexity-filtered preference data for a given policy (after Kutalev & Markoff 2024, "Investigating on RLHF
 methodology", arXiv 2410.01789).
 
-A RECONSTRUCTION: the paper's method section could not be obtained. Its abstract says only that collecting the
-preference dataset "through perplexity filtering" makes building one for a specific language model cheap. We
-build the evident reading: score each response by its perplexity under the target policy pi,
-    PPL_pi(y | x) = exp(-(1/|y|) sum_t log pi(y_t | x, y_<t))        (token-mean NLL of the response)
-from the fused log-prob op (logprobs.sequence_logps, average=True), and keep a pair (x, y_c, y_r) when
-    max(PPL(y_c), PPL(y_r)) <= tau,
-tau = --max-perplexity, or the --perplexity-quantile q of that score over the candidate pairs (q is then about the
-fraction kept). DPO and the reward model then learn from responses the policy could have written, not from
-another model's style. train_dpo.py and train_rm.py filter --train-data with it (never --eval-data) before their
-held-out split; --filter-model defaults to --model, the policy being trained. The kept rows, with
-chosen_perplexity and rejected_perplexity added, go to OUTPUT/filtered.jsonl (atomically, published with the run).
-Every rank scores every pair (FSDP's forwards stay in step) and keeps the same rows.
+A RECONSTRUCTION: the paper's method section could not be obtained; its abstract says only that collecting the
+preference set "through perplexity filtering" makes building one for a specific model cheap. The evident reading:
+score each response by its perplexity under the target policy pi (the fused log-prob op, average=True),
+    PPL_pi(y | x) = exp(-(1/|y|) sum_t log pi(y_t | x, y_<t)),
+and keep a pair when max(PPL(y_c), PPL(y_r)) <= tau (--max-perplexity, or the --perplexity-quantile q of that
+score, about the fraction kept), so DPO and the reward model learn from responses the policy could have written.
+train_dpo.py and train_rm.py filter --train-data (never --eval-data) under --filter-model (default --model) and
+publish the kept rows with their perplexities as OUTPUT/filtered.jsonl. Every rank scores every pair (FSDP's
+forwards stay in step) and keeps the same rows.
 """
 import os
 
