@@ -47,17 +47,6 @@ def read_config(path) -> dict:
         return json.load(f)
 
 
-def is_adapter(path):  # a PEFT adapter folder (a folder with both is read as the merged model in config.json)
-    return not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "adapter_config.json"))
-
-
-def adapter_base(path):
-    """An adapter folder's base_model_name_or_path: a checkpoint folder (absolute, or from the working directory)."""
-    if not os.path.isdir(base := lora.read_adapter_config(path).get("base_model_name_or_path") or ""):
-        raise UserError(f"{path}/adapter_config.json: base_model_name_or_path {base!r} is not a checkpoint folder here")
-    return base
-
-
 def weight_files(path) -> list[str]:
     """The safetensors files of a checkpoint folder: one file, or the shards named by the index."""
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
@@ -88,10 +77,9 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0, n
     A PEFT LoRA adapter folder (adapter_config.json, no config.json) loads as its base with the adapter merged.
     Its outputs: `num_labels`, else those of a *ForSequenceClassification checkpoint's id2label, else 1.
     """
-    if is_adapter(path):
-        cfg = lora.read_adapter_config(path)
-        model = lora.add_lora(load_model(adapter_base(path), kind, dtype, device, seed), cfg["r"], cfg.get("lora_alpha", 8),
-                              cfg["target_modules"], rslora=cfg.get("use_rslora", False))
+    if cfg := lora.read_adapter(path):
+        model = lora.add_lora(load_model(cfg["base_model_name_or_path"], kind, dtype, device, seed), cfg["r"],
+                              cfg.get("lora_alpha", 8), cfg["target_modules"], rslora=cfg.get("use_rslora", False))
         return lora.merge_lora(lora.load_adapter(model, path))
     hf = read_config(path)
     cfg = config_from_hf(hf, source=os.path.join(path, "config.json"))
@@ -154,8 +142,7 @@ def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=
                dtype=None, adapter=None):
     """Write `model` (or a gathered full `state_dict` of it) as a Hugging Face folder, atomically, in `dtype`
     (default: the tensors' own); `extra_files` {file name: JSON-able object} go into the same folder. `adapter`: a
-    LoRA model's state dict, its adapter written beside in PEFT's layout (lora.write_adapter); with an empty
-    `state_dict`, the adapter alone."""
+    LoRA model's state dict, its adapter written beside (lora.write_adapter; an empty `state_dict`: it alone)."""
     state = state_dict if state_dict is not None else model.state_dict()
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
     dtype = next(iter(state.values())).dtype if state else dtype
@@ -233,8 +220,8 @@ def _old_name(out_dir):
 
 def weights_dtype(path) -> torch.dtype:
     """The dtype a checkpoint folder's weights are stored in (that of its first tensor, read from the header)."""
-    if is_adapter(path):
-        return weights_dtype(adapter_base(path))
+    if cfg := lora.read_adapter(path):
+        return weights_dtype(cfg["base_model_name_or_path"])
     with safe_open(weight_files(path)[0], framework="pt") as f:
         code = f.get_slice(next(iter(f.keys()))).get_dtype()
     return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(code, torch.float32)

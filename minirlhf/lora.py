@@ -1,15 +1,13 @@
 """LoRA (Hu et al. 2021) and QLoRA's 4-bit NormalFloat frozen base (Dettmers et al. 2023), by hand.
 
-LoRA freezes a linear W (out, in) and learns y = W x + scaling * B A dropout(x) (Hu et al. eq. 3), A (r, in)
-Kaiming-uniform, B (out, r) zero, so the model starts equal to the base; scaling = alpha / r (rsLoRA: alpha /
-sqrt(r)). Only A, B (and a reward model's `score` head) train: the optimizer state and checkpoints hold only them.
-Adapters are saved in PEFT's layout (adapter_config.json; adapter_model.safetensors, keys
-`base_model.model.<module>.lora_A.weight`): `peft.PeftModel` loads ours, and PEFT's load here.
+LoRA freezes a linear W (out, in) and learns y = W x + (alpha / r) B A dropout(x) (Hu et al. eq. 3; rsLoRA: alpha /
+sqrt(r)), A (r, in) Kaiming-uniform, B (out, r) zero, so the model starts equal to the base. Only A, B (and a reward
+model's `score` head) train and are saved, in PEFT's layout: `peft.PeftModel` loads ours, and PEFT's load here.
 
-QLoRA keeps the frozen block linears in NF4 (QLoRA sec. 3), laid out as bitsandbytes does: the weight flattened
-row-major in blocks of 64, each scaled by the reciprocal of its absmax and rounded to the nearest of 16 N(0, 1)
-quantiles, two codes a byte, high nibble first; `double_quant` keeps the absmaxes minus their mean in 8 bits
-(bitsandbytes' dynamic map, blocks of 256). The forward dequantises in plain torch (CPU or GPU, no Triton).
+QLoRA keeps the frozen block linears in NF4 (QLoRA sec. 3) as bitsandbytes does: the weight flattened row-major in
+blocks of 64, each scaled by 1 / absmax and rounded to the nearest of 16 N(0, 1) quantiles, two codes a byte, high
+nibble first; `double_quant` keeps the absmaxes minus their mean in 8 bits (bitsandbytes' dynamic map, blocks of
+256). The forward dequantises in plain torch (CPU or GPU, no Triton).
 """
 import contextlib
 import json
@@ -51,9 +49,8 @@ def blockwise_quantize(x, levels, block):
 
 
 def nf4_quantize(weight, double_quant=False) -> dict:
-    """weight (out, in) -> {"codes": (ceil(n/64)*32,) uint8, two NF4 codes a byte, "absmax": fp32 per block of
-    64}; with `double_quant` "absmax" is uint8 codes of (absmax - absmax_offset) into DYNAMIC_MAP scaled per
-    256 by "absmax_scale" (bitsandbytes' compress_statistics)."""
+    """weight (out, in) -> {"codes": (ceil(n/64)*32,) uint8, "absmax": fp32 per block of 64}; `double_quant`:
+    "absmax" as uint8 codes of (absmax - absmax_offset) into DYNAMIC_MAP, scaled per 256 by "absmax_scale"."""
     codes, absmax = blockwise_quantize(weight, NF4_LEVELS, NF4_BLOCK)
     codes = F.pad(codes, (0, -codes.numel() % NF4_BLOCK)).view(-1, 2)
     out = {"codes": (codes[:, 0] << 4 | codes[:, 1]).to(torch.uint8), "absmax": absmax}
@@ -177,14 +174,20 @@ def write_adapter(folder, model, state, dtype=None):
               os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def read_adapter_config(folder):
-    """adapter_config.json of a PEFT LoRA folder; what this module does not implement is an error."""
-    with open(path := os.path.join(folder, "adapter_config.json")) as f:
+def read_adapter(folder):
+    """adapter_config.json of a PEFT LoRA folder, its base_model_name_or_path a checkpoint folder here; None for a
+    folder without one, or with config.json too (read as the merged model). What we do not implement is an error."""
+    path = os.path.join(folder, "adapter_config.json")
+    if os.path.isfile(os.path.join(folder, "config.json")) or not os.path.isfile(path):
+        return None
+    with open(path) as f:
         cfg = json.load(f)
     bad = [k for k in ("rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out", "lora_bias", "layers_to_transform")
            if cfg.get(k)] + [k for k, v in (("peft_type", "LORA"), ("bias", "none")) if cfg.get(k, v) != v]
     if bad or not isinstance(cfg.get("target_modules"), list):
         raise UserError(f"{path}: only plain LoRA on a list of target_modules loads; unsupported: {bad}")
+    if not os.path.isdir(base := cfg.get("base_model_name_or_path") or ""):
+        raise UserError(f"{path}: base_model_name_or_path {base!r} is not a checkpoint folder here")
     return cfg
 
 
