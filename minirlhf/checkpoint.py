@@ -244,7 +244,8 @@ def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, e
     tmp, rank = os.path.join(output_dir, f".checkpoint.tmp-{name}"), dist.get_rank()
     if dist.is_main():
         merged = (lora.merged_state_dict(policy, full) if merge else {}) if adapted else full
-        save_model(policy, tmp, tokenizer, merged, extra_files=extra_files, dtype=dtype, adapter=full if adapted else None)
+        save_model(policy, tmp, tokenizer, merged, extra_files=extra_files, dtype=dtype,
+                   adapter=full if adapted else None)
     dist.barrier()
     state = {f"{name}/{k}": (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
              for name, p in policy.named_parameters() for k, v in optimizer.state.get(p, {}).items()}

@@ -102,7 +102,7 @@ def add_lora_arguments(p):
     g = p.add_argument_group("LoRA and QLoRA (minirlhf/lora.py)")
     g.add_argument("--lora-rank", type=int, default=0, help="train rank-r LoRA adapters on the frozen base instead of "
                    "every weight (0: full fine-tuning); OUTPUT then holds a PEFT adapter")
-    g.add_argument("--lora-alpha", type=float, default=None, help="updates scaled by alpha / rank (default alpha = rank)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="updates scaled by alpha / rank (default: rank)")
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(rank) instead (rsLoRA)")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
     g.add_argument("--lora-targets", default=lora.DEFAULT_TARGETS, help="comma-separated linear layers to adapt")

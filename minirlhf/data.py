@@ -1,28 +1,23 @@
 """Preference and SFT data: loading, row formats, tokenisation, truncation, collation and sharded shuffling.
 
-Row formats (TRL's column layouts; column names are arguments that scripts expose as flags):
+Row formats (TRL's column layouts; column names are flags of the scripts):
   standard        prompt, chosen, rejected are strings (unlike TRL, templated: one user, one assistant message)
   conversational  prompt is a list of {"role", "content"} messages (or a string); chosen / rejected are lists
                   of assistant messages
   implicit prompt chosen and rejected are whole conversations (RLHFlow, UltraFeedback-binarized): the prompt is
-                  every message before the last assistant message, which must be the same in both; anything
-                  after the last assistant message is dropped and a prompt column, if present, is ignored
-Rating rows (HelpSteer2, regression reward model): prompt, response and one number per attribute; a missing or null
-rating is unrated (MISSING, masked out of the loss), a value that is not a number in the range is a bad row.
+                  every message before the last assistant message, the same in both; anything after the last
+                  assistant message is dropped and a prompt column, if present, is ignored
+Rating rows (HelpSteer2): prompt, response and one number per attribute, a missing or null one unrated (MISSING).
 SFT rows: prompt/completion, a `messages` conversation (its last assistant turn), or a preference row (chosen).
-Everything goes through the chat template (minirlhf.tokenizer), so the same content gives the same token ids in
-every format.
-
-Sampled rows (iterate.py's pairs and labels) carry `<column>_ids` beside the text: the prompt as the sampler saw
-it and each response as the policy produced it (stop token included, none if cut off). Such rows train on the ids,
-not on re-encoded text (which can change tokens, or give a cut-off answer a stop token); the text must be what
-the ids decode to. `<response column>_truncated` on a text row: trained without the template's stop token.
+All go through the chat template (minirlhf.tokenizer): the same content gives the same ids in every format.
+Sampled rows (iterate.py's) carry `<column>_ids` beside the text, the tokens as the sampler saw and produced them,
+and train on those, not on re-encoded text; `<response column>_truncated` on a text row: no stop token.
 
 Truncation: a prompt longer than max_prompt_length, or leaving no room for a response under max_length, makes a
-bad row (cutting a prompt changes the task); responses are cut from the right to fit max_length (losing their
-EOS). Bad rows (missing field, empty prompt, wrong type, prompt too long, chosen identical to rejected, prompts
-that differ or break the template's prefix property) raise DataError naming the file, row and field; with
-skip_bad=True they are skipped and counted per reason. Scripts with their own row checks use split_row and BadRow.
+bad row (cutting a prompt changes the task); responses are cut from the right (losing their EOS). Bad rows
+(missing field, empty prompt, wrong type, prompt too long, chosen identical to rejected, prompts that differ or
+break the template's prefix property) raise DataError naming the file, row and field; with skip_bad=True they are
+skipped and counted per reason. Scripts with their own row checks use split_row and BadRow.
 """
 import json
 import os

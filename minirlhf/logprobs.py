@@ -11,13 +11,10 @@ op keeps only the per-row log-sum-exp between passes:
               z_b = h @ W_b.T (N, Vc); d logp / d z = onehot(y) - exp(z - lse), times the incoming grad g;
               grad_W_b = dz_b.T @ h (one matmul over all rows), grad_h += dz_b @ W_b (fp32 accumulator)
 
-Peak extra memory is O(C x V) instead of O(N x V), for one more matmul. Backward walks V so that each slice of
-grad_W is one matmul summing over all rows in fp32 inside: bf16 weights need no (V, D) fp32 accumulator, only an
-(N, D) one for grad_h. Rows labelled `ignore_index` (prompt, padding) are dropped before the first matmul.
-Plain PyTorch: the same on CPU and GPU, under FSDP2 (called inside the module's forward), with tied embeddings
-(autograd adds grad_W to the embedding's own) and autocast (backward reruns forward's dtype, as custom_bwd). It
-serves DPO, SFT and the pairwise preference model's label token. Default C = 1024: 0.5 GB of fp32 logits per
-chunk at V = 128256.
+Peak extra memory is O(C x V) instead of O(N x V), for one more matmul; walking V in backward makes each slice of
+grad_W one matmul summing all rows in fp32 inside (bf16 weights need no (V, D) fp32 accumulator). Rows labelled
+`ignore_index` are dropped first. Plain PyTorch: CPU and GPU, FSDP2 (called inside the module's forward), tied
+embeddings and autocast (backward reruns forward's dtype). Default C = 1024: 0.5 GB of fp32 logits at V = 128256.
 """
 import torch
 import torch.nn.functional as F

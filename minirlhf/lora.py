@@ -182,8 +182,9 @@ def read_adapter(folder):
         return None
     with open(path) as f:
         cfg = json.load(f)
-    bad = [k for k in ("rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out", "lora_bias", "layers_to_transform")
-           if cfg.get(k)] + [k for k, v in (("peft_type", "LORA"), ("bias", "none")) if cfg.get(k, v) != v]
+    bad = [k for k in ("rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out", "lora_bias",
+                       "layers_to_transform") if cfg.get(k)]
+    bad += [k for k, v in (("peft_type", "LORA"), ("bias", "none")) if cfg.get(k, v) != v]
     if bad or not isinstance(cfg.get("target_modules"), list):
         raise UserError(f"{path}: only plain LoRA on a list of target_modules loads; unsupported: {bad}")
     if not os.path.isdir(base := cfg.get("base_model_name_or_path") or ""):

@@ -34,7 +34,7 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None):
 def regression_loss(predictions, labels, mask):
     """Per-row summed squared error over the rated attributes, (B, K) x 3 -> (B,): l_i = sum_k mask_ik (pred_ik -
     label_ik)^2. An unrated entry (mask 0: NeMo-Aligner's label -100) adds nothing and passes no gradient, whatever
-    its label (NaN too). `window_mean` over the window's rated entries: NeMo's sum((pred - label)^2 mask) / sum(mask)."""
+    its label (NaN too). `window_mean` over the rated entries: NeMo's sum((pred - label)^2 mask) / sum(mask)."""
     return (predictions - labels.where(mask, predictions.detach())).square().where(mask, 0.0).sum(-1)
 
 

@@ -6,14 +6,11 @@ MLP. The families differ only by switches read from the Hugging Face `config.jso
 per-head q/k RMSNorm for Qwen3, a sliding window for Mistral v0.1, tied embeddings for Llama 3.2 and small
 Qwens). Module names mirror `transformers`, so `state_dict()` keys are exactly the hub's keys.
 
-Two heads on the same backbone:
-- `CausalLM` returns logits, or final hidden states, or (given `labels`) per-token log-probs computed by
-  the chunked fused op of `logprobs.py`, so training never holds (B, T, V) logits.
-- `RewardModel` is the Bradley-Terry reward model r(x, y) of the paper (Dong et al. 2024, eq. 2): a scalar
-  `score` head read at the last non-padding token, the layout of `LlamaForSequenceClassification`.
-
-The KV-cache hook is one method: a cache object with `update(layer_idx, k, v) -> (k_all, v_all)`; the
-sampler (`sampler.py`) owns the cache's layout.
+Two heads on the same backbone: `CausalLM` (logits, final hidden states, or given `labels` per-token log-probs
+from the fused op of `logprobs.py`, never (B, T, V) logits) and `RewardModel`, the Bradley-Terry r(x, y) of Dong
+et al. 2024 (eq. 2; K outputs for a regression model) read at the last non-padding token, the layout of
+`LlamaForSequenceClassification`. The KV-cache hook is one method, `cache.update(layer_idx, k, v) -> (k_all,
+v_all)`; the sampler (`sampler.py`) owns the cache's layout.
 """
 import math
 from dataclasses import dataclass

@@ -2,24 +2,18 @@
 
 `load_reward_source(spec)` turns any of three sources into one function
     fn(prompts: list[str | messages], responses: list[list[str]]) -> list[list[float]]
-- a Bradley-Terry reward model folder (Dong et al. 2024, eq. 2; `train_rm.py --kind bt`): r(x, y) is the
-  `RewardModel` scalar at the last token of the templated conversation (x, y), batched by `score_sequences`;
-  a regression model folder (HelpSteer2; `train_rm.py --kind regression`) the same way, its K attribute ratings
-  merged by the attribute_weights of its config.json;
-- a pairwise preference model folder (Dong et al. 2024, sec. 3.1, RLHFlow's pair-preference-model;
-  `train_rm.py --kind pairwise`): a causal LM reads one user turn, PAIRWISE_TEMPLATE filled with the prompt and
-  responses A and B, and answers with a label token ("A" or "B"). P(a > b) renormalises the two label tokens and
-  averages the two orders (`losses.preference_probability`), which cancels the judge's position bias;
-- "module:function": a user function fn(prompts, responses) -> floats over the flat, aligned lists, each prompt
-  as given (a string or the whole conversation).
+- a Bradley-Terry reward model folder (eq. 2; `train_rm.py --kind bt`): the `RewardModel` scalar at the last
+  token of the templated conversation, batched by `score_sequences`; a regression model folder (HelpSteer2) the
+  same way, its K attribute ratings merged by the attribute_weights of its config.json;
+- a pairwise preference model folder (sec. 3.1, RLHFlow's pair-preference-model; `--kind pairwise`): a causal LM
+  reads PAIRWISE_TEMPLATE (prompt, responses A and B) and answers "A" or "B"; P(a > b) renormalises the two label
+  tokens and averages the two orders (`losses.preference_probability`), cancelling the judge's position bias;
+- "module:function": a user function over the flat, aligned lists, each prompt as given (string or conversation).
 
-A pairwise model has no scalar reward, so `rank_responses` turns comparisons into scores:
-- all pairs when n <= ALL_PAIRS_MAX (8, the paper's n): score_i = mean_j P(i > j), the win rate (Borda count),
-  n(n-1)/2 comparisons and a full ranking, each pair compared once (both orders inside the comparison);
-- a knockout tournament when n is larger: winners advance to find the best; the first-match losers play a
-  losers' bracket where the loser advances, to find the worst: 2(n-1) comparisons (n = 64: 126, not 2016). Best
-  and worst are exact for a consistent judge, all that `pairs.py`'s max-min rule needs; the middle is coarse
-  (rounds survived), so the scores are ordinal: keep length penalties small with a tournament.
+`rank_responses` turns a pairwise model's comparisons into scores: for n <= ALL_PAIRS_MAX (8, the paper's n) the
+win rate over all n(n-1)/2 pairs (Borda count); above, a knockout tournament for the best and a losers' bracket
+for the worst, 2(n-1) comparisons (n = 64: 126, not 2016), exact at both ends for a consistent judge (all the
+max-min rule of `pairs.py` needs) and coarse in the middle: keep length penalties small with a tournament.
 Label-token log-probs come from the model's `labels=` path (the fused op, also under FSDP), never full logits.
 """
 import importlib

@@ -1,33 +1,23 @@
-"""Batched sampling from the policy with a preallocated KV cache: the generator of online iterative RLHF.
+"""Batched sampling from the policy with a preallocated KV cache: the generator of online iterative RLHF
+(Dong et al. 2024, Algorithm 1: n responses per prompt y ~ pi_t(. | x), then ranked by the reward model, eq. 2).
 
-Each iteration of the paper's online loop (Dong et al. 2024, Algorithm 1) draws n responses per prompt from
-the current policy, y ~ pi_t(. | x), and ranks them with the reward model r(x, y) (eq. 2) to build
-preference pairs. `generate` does the drawing; `rewards.score_sequences` (the reward-model form of the same
-network, batched the same way) does the ranking. In the spirit of gpt-fast:
+Cache layout (gpt-fast style). One `KVCache` per batch holds, per layer, K and V (B, Hkv, L, hd), L = longest
+prompt + max_new_tokens, allocated once and written in place at a column `pos` shared by every row. Prompts are
+LEFT-padded so all rows write the same column; a (B, L) bool `valid` marks real tokens and each row's position ids
+count its real tokens, so a padded row computes what it would alone, and `valid[:, None, None, :pos + 1]` is the
+decode attention mask itself (Mistral's sliding window adds a comparison).
 
-Cache layout. One `KVCache` per batch holds, per layer, K and V of shape (B, Hkv, L, hd), L = longest prompt +
-max_new_tokens, allocated once and written in place at a column `pos` shared by every row (no torch.cat growth).
-Prompts are LEFT-padded so all rows write the same column; a (B, L) bool `valid` marks real tokens and each row
-gets position ids = real tokens before it, so a padded row computes what it would alone, and
-`valid[:, None, None, :pos + 1]` is the decode attention mask itself (Mistral's sliding window adds a comparison).
-
-Shared prefill: the B prompts run once and each one's keys are copied into its n rows (B * n rows in all). The
-prefill runs in chunks of consecutive prompts (longest first), each padded only to its own longest prompt
-(`prefill_chunks`). A row is done after its first stop id; once half the rows are done the batch is compacted.
-Many prompts go `batch_size` rows at a time, longest first (an out-of-memory shows in the first batch); results
-come back in the caller's order.
-
-MKL-packed weights (CPU, fp32, default): `mkl_packed` packs each weight once per call instead of at every small
-sgemm, q/k/v and gate/up stacked (benchmarks/RESULTS.md).
+Shared prefill: the B prompts run once (in chunks of consecutive prompts, longest first, each padded only to its
+own longest: `prefill_chunks`) and each one's keys are copied into its n rows. A row is done after its first stop
+id; once half the rows are done the batch is compacted. Many prompts go `batch_size` rows at a time, longest first
+(an out-of-memory shows in the first batch); results come back in the caller's order. On CPU in fp32
+`mkl_packed` packs each weight once per call instead of at every small sgemm (benchmarks/RESULTS.md).
 
 Sampling: logits / temperature, then top-k, then top-p (`transformers`' order), drawn by inverting the CDF with
-one uniform per row. `token_logps` are log-probs under that distribution (the policy's own at temperature 1 with
-no top-k/top-p); temperature 0 is greedy, with the temperature-1 log-probs.
+one uniform per row; `token_logps` are log-probs under that distribution (temperature 0: greedy, with the
+temperature-1 log-probs). `generate` needs a plain, unsharded model (FSDP would all-gather every layer at every
+step): iterate.py has rank 0 save the trained policy, and every rank loads it and generates its share.
 
-FSDP: `generate` needs a plain, unsharded model (FSDP would all-gather every layer at every step): iterate.py
-has rank 0 save the trained policy, and every rank loads it and generates for its share of the prompts.
-
-    from minirlhf.sampler import generate
     gen = generate(policy, prompts, max_new_tokens=256, n=4, temperature=0.7, eos_token_id=[2], seed=0)
     gen.responses[i][j]  # token ids of the j-th response to prompt i, stop id included
 """
@@ -227,7 +217,8 @@ def generate_batch(model, prompts, max_new_tokens, n, temperature, top_k, top_p,
     for chunk in prefill_chunks(lengths):
         Pc = max(lengths[chunk])
         cache.pos, cache.prefill = P - Pc, (chunk.start * n, n)
-        h.append(model(input_ids[chunk, P - Pc:], prompt_mask[chunk, P - Pc:], kv_cache=cache, return_hidden=True)[:, -1])
+        h.append(model(input_ids[chunk, P - Pc:], prompt_mask[chunk, P - Pc:], kv_cache=cache,
+                       return_hidden=True)[:, -1])
     cache.prefill = None
     logits = model.logits(torch.cat(h)).repeat_interleave(n, 0)  # (R, V)
     cache.pos = P
