@@ -25,7 +25,7 @@ import train_dpo  # noqa: E402
 from conftest import build_test_tokenizer  # noqa: E402
 from minirlhf.checkpoint import load_model  # noqa: E402
 from minirlhf.data import write_jsonl  # noqa: E402
-from minirlhf.evaluate import response_logps  # noqa: E402
+from minirlhf.evaluate import evaluate_policy  # noqa: E402
 from minirlhf.sampler import generate  # noqa: E402
 from minirlhf.tokenizer import decode_response, encode_prompt  # noqa: E402
 from tiny import save_tiny  # noqa: E402
@@ -46,11 +46,10 @@ def pairs_from(model_dir, tokenizer, prompts, seed, source):
 
 
 def kl_to_ref(policy_dir, ref_dir, tokenizer, prompts, seed):
-    policy = load_model(policy_dir).eval()
-    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    gen = generate(policy, prompt_ids, 16, n=1, eos_token_id=tokenizer.eos_token_id, seed=seed)
-    ref = response_logps(load_model(ref_dir).eval(), tokenizer, prompt_ids, [r[0] for r in gen.responses])
-    return sum(sum(lp[0]) - q for lp, q in zip(gen.token_logps, ref)) / len(prompts)
+    """KL(pi || pi_ref) on one sample per prompt (evaluate_policy's estimate); the proxy reward is unused."""
+    metrics, _ = evaluate_policy(load_model(policy_dir).eval(), load_model(ref_dir).eval(), tokenizer, prompts,
+                                 lambda ps, rs: [[0.0] for _ in rs], 16, seed=seed)
+    return metrics["kl_to_ref"]
 
 
 def run_seed(seed, out, n_prompts, steps):
