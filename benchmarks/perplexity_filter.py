@@ -1,15 +1,17 @@
 """DPO on perplexity-filtered pairs vs the same number of unfiltered pairs (minirlhf/perplexity.py, a reconstruction
-of Kutalev & Markoff 2024), on tiny random models on CPU.
+of Kutalev & Markoff 2024), on tiny models on CPU.
 
-The target policy (a tiny random Llama) and another tiny random model (other seed) each answer every training
-prompt twice; a pair's preferred response is the one with more "e"s (ties dropped). The candidate pool mixes the
-policy's pairs and the other model's. Per seed, two DPO runs with the same step budget and the same number N of
-pairs: "filtered" keeps the pool's pairs under --perplexity-quantile (about the policy's share), "unfiltered" draws
-N pairs from the pool at random. Both are scored on held-out pairs the policy itself wrote (pairwise accuracy of
-DPO's implicit reward) and by KL(pi || pi_ref), estimated as mean log pi(y|x) - log pi_ref(y|x) over one sample
-y ~ pi at temperature 1 for each held-out prompt.
+Two tiny random Llamas are each given a style by SFT (train_dpo.py --loss sft, --sft-steps): the target policy
+answers with words of one set, the other model with words of another. Each answers every training prompt twice; a
+pair's preferred response is the one with more "e"s (ties dropped), a rule both word sets can satisfy. The
+candidate pool mixes the policy's pairs and the other model's. Per seed, two DPO runs from the SFT policy (also the
+reference) with the same step budget and the same number N of pairs: "filtered" keeps the pool's pairs under
+--perplexity-quantile (about the policy's share), "unfiltered" draws N pairs from the pool at random. Both are
+scored on held-out pairs the policy itself wrote (4 samples per held-out prompt, <= 2 pairs each; pairwise accuracy
+of DPO's implicit reward) and by KL(pi || pi_ref), evaluate_policy's estimate: mean log pi(y|x) - log pi_ref(y|x)
+over one sample y ~ pi at temperature 1 for each held-out prompt. --sft-steps 0 keeps both models random.
 
-    python benchmarks/perplexity_filter.py --seeds 0 1 2 --output-dir /tmp/ppl_filter
+    python benchmarks/perplexity_filter.py --seeds 0 1 2 3 4 5 --output-dir /tmp/ppl_filter
 """
 import argparse
 import json
@@ -31,17 +33,34 @@ from minirlhf.tokenizer import decode_response, encode_prompt  # noqa: E402
 from tiny import save_tiny  # noqa: E402
 
 WORDS = ["cats", "rivers", "stones", "music", "trees", "light", "water", "paper"]
+# the two styles: the policy writes with one word set, the other model with another; both sets mix words with
+# few and many "e"s, so the preference (more "e"s) applies in both
+STYLES = {"policy": ["tree", "sea", "cat", "dog", "bee", "sun", "pen", "map"],
+          "other": ["river", "stone", "music", "paper", "leaf", "rock", "green", "owl"]}
 
 
-def pairs_from(model_dir, tokenizer, prompts, seed, source):
-    gen = generate(load_model(model_dir).eval(), [encode_prompt(tokenizer, p) for p in prompts], 16, n=2,
+def sft_style(model_dir, words, prompts, out, seed, steps):
+    """SFT the random model in model_dir (in place) on responses of 3-6 random words of `words`."""
+    r = random.Random(seed)
+    write_jsonl(out + ".jsonl", [dict(prompt=p, completion=" ".join(r.choice(words) for _ in range(r.randint(3, 6))))
+                                 for p in prompts])
+    train_dpo.main(["--loss", "sft", "--model", model_dir, "--train-data", out + ".jsonl", "--output-dir", out,
+                    "--max-length", "128", "--lr", "3e-3", "--batch-size", "16", "--grad-accum", "1", "--max-steps",
+                    str(steps), "--warmup-ratio", "0", "--eval-fraction", "0", "--seed", str(seed), "--overwrite"])
+    return out
+
+
+def pairs_from(model_dir, tokenizer, prompts, seed, source, n=2):
+    """Every two of the n samples per prompt whose "e" counts differ -> a pair, more "e"s preferred."""
+    gen = generate(load_model(model_dir).eval(), [encode_prompt(tokenizer, p) for p in prompts], 16, n=n,
                    eos_token_id=tokenizer.eos_token_id, seed=seed)
     rows = []
     for p, rs in zip(prompts, gen.responses):
-        a, b = (decode_response(tokenizer, r) for r in rs)
-        if a.strip() and b.strip() and a.count("e") != b.count("e"):
-            chosen, rejected = (a, b) if a.count("e") > b.count("e") else (b, a)
-            rows.append(dict(prompt=p, chosen=chosen, rejected=rejected, source=source))
+        texts = [decode_response(tokenizer, r) for r in rs]
+        for a, b in zip(texts[0::2], texts[1::2]):
+            if a.strip() and b.strip() and a.count("e") != b.count("e"):
+                chosen, rejected = (a, b) if a.count("e") > b.count("e") else (b, a)
+                rows.append(dict(prompt=p, chosen=chosen, rejected=rejected, source=source))
     return rows
 
 
@@ -52,24 +71,29 @@ def kl_to_ref(policy_dir, ref_dir, tokenizer, prompts, seed):
     return metrics["kl_to_ref"]
 
 
-def run_seed(seed, out, n_prompts, steps):
+def run_seed(seed, out, n_prompts, n_eval, steps, sft_steps):
     os.makedirs(out, exist_ok=True)
     tokenizer = build_test_tokenizer(os.path.join(out, "tokenizer"))
-    for name, s in (("policy", 2 * seed), ("other", 2 * seed + 1)):
-        save_tiny(os.path.join(out, name), "llama3", seed=s, vocab_size=len(tokenizer))
-        tokenizer.save_pretrained(os.path.join(out, name))
     r = random.Random(seed)
-    prompts = [f"tell me about {r.choice(WORDS)} {i}" for i in range(n_prompts + 100)]
+    prompts = [f"tell me about {r.choice(WORDS)} {i}" for i in range(n_prompts + n_eval)]
     train_prompts, eval_prompts = prompts[:n_prompts], prompts[n_prompts:]
-    own = pairs_from(os.path.join(out, "policy"), tokenizer, train_prompts, seed, "policy")
-    other = pairs_from(os.path.join(out, "other"), tokenizer, train_prompts, seed + 1000, "other")
+    dirs = {}
+    for name, s in (("policy", 2 * seed), ("other", 2 * seed + 1)):
+        save_tiny(os.path.join(out, name + "_init"), "llama3", seed=s, vocab_size=len(tokenizer))
+        tokenizer.save_pretrained(os.path.join(out, name + "_init"))
+        dirs[name] = os.path.join(out, name + "_init")
+        if sft_steps:
+            dirs[name] = sft_style(dirs[name], STYLES[name], train_prompts, os.path.join(out, name), s, sft_steps)
+        tokenizer.save_pretrained(dirs[name])
+    own = pairs_from(dirs["policy"], tokenizer, train_prompts, seed, "policy")
+    other = pairs_from(dirs["other"], tokenizer, train_prompts, seed + 1000, "other")
     pool = own + other
     r.shuffle(pool)
-    held_out = pairs_from(os.path.join(out, "policy"), tokenizer, eval_prompts, seed + 2000, "policy")
+    held_out = pairs_from(dirs["policy"], tokenizer, eval_prompts, seed + 2000, "policy", n=4)
     write_jsonl(os.path.join(out, "pool.jsonl"), pool)
     write_jsonl(os.path.join(out, "eval.jsonl"), held_out)
     q = len(own) / len(pool)
-    common = ["--model", os.path.join(out, "policy"), "--eval-data", os.path.join(out, "eval.jsonl"), "--max-length",
+    common = ["--model", dirs["policy"], "--eval-data", os.path.join(out, "eval.jsonl"), "--max-length",
               "128", "--lr", "1e-3", "--beta", "0.1", "--batch-size", "8", "--grad-accum", "1", "--max-steps",
               str(steps), "--warmup-ratio", "0", "--seed", str(seed), "--overwrite"]
     result = {"pool": len(pool), "policy_pairs": len(own), "held_out_pairs": len(held_out)}
@@ -84,7 +108,7 @@ def run_seed(seed, out, n_prompts, steps):
                                           os.path.join(out, "unfiltered")])
     for name, summary in (("filtered", filtered), ("unfiltered", unfiltered)):
         result[f"{name}_accuracy"] = summary["eval_accuracy"]
-        result[f"{name}_kl"] = kl_to_ref(os.path.join(out, name), os.path.join(out, "policy"), tokenizer,
+        result[f"{name}_kl"] = kl_to_ref(os.path.join(out, name), dirs["policy"], tokenizer,
                                          eval_prompts, seed)
     return result
 
@@ -94,10 +118,14 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--output-dir", default="/tmp/perplexity_filter")
     p.add_argument("--prompts", type=int, default=200, help="training prompts (each gives <= 2 candidate pairs)")
+    p.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts (4 policy samples: <= 2 pairs each)")
+    p.add_argument("--sft-steps", type=int, default=300, help="SFT steps of 16 giving each model its word style "
+                   "(0: both stay random)")
     p.add_argument("--steps", type=int, default=40, help="DPO optimizer steps of 8 pairs, both arms")
     args = p.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    results = [run_seed(s, os.path.join(args.output_dir, f"seed{s}"), args.prompts, args.steps) for s in args.seeds]
+    results = [run_seed(s, os.path.join(args.output_dir, f"seed{s}"), args.prompts, args.eval_prompts, args.steps,
+                        args.sft_steps) for s in args.seeds]
     for s, res in zip(args.seeds, results):
         print(f"seed {s}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
     for key in ("kept_policy_share", "kept_other_share", "filtered_accuracy", "unfiltered_accuracy", "filtered_kl",
