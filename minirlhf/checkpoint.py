@@ -261,7 +261,7 @@ def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, e
             claim(output_dir, [os.path.basename(keep_as)])  # ours before it exists (rundir.foreign_files)
             shutil.rmtree(keep_as, ignore_errors=True)
         replace_dir(tmp, ckpt, keep_as)
-        for old in step_checkpoints(output_dir)[:-(keep - 1) or None]:
+        for old in (kept := step_checkpoints(output_dir))[:max(0, len(kept) - (keep - 1))]:  # the oldest go
             shutil.rmtree(old)
     dist.barrier()
 

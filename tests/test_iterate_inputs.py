@@ -64,3 +64,23 @@ def test_a_nonfinite_reward_stops_naming_prompt_and_source(setup):
                                         r"\[.*nan.*\] for prompt 1"):
         iterate.main(flags(setup, reward="nan_at_third"))
     assert not (setup / "run/iter1/samples.jsonl").exists()
+
+
+def test_lora_flags_reach_every_stage_and_the_next_stage_reads_the_merged_policy(setup):
+    """--lora-rank / --quantize on iterate.py: the DPO stage trains a QLoRA adapter (PEFT layout) on the SFT policy,
+    writes the merged model beside it, and that merged folder is a full checkpoint whose weights moved off the SFT's."""
+    import torch
+    from safetensors.torch import load_file
+    from minirlhf.checkpoint import load_model
+    iterate.main(flags(setup, "--lora-rank", "4", "--quantize", "nf4", "--lora-targets", "q_proj,v_proj"))
+    policy = setup / "run/iter1/policy"
+    config = json.loads((policy / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["target_modules"] == ["q_proj", "v_proj"]
+    assert json.loads((setup / "run/iter1/policy/args.json").read_text())["quantize"] == "nf4"
+    merged, sft = load_model(policy).state_dict(), load_model(setup / "sft").state_dict()
+    assert merged.keys() == sft.keys()  # a plain checkpoint: what iteration 2 or evaluation loads
+    moved = {k for k in sft if not torch.equal(merged[k], sft[k])}
+    linears = {k for k in sft if k.startswith("model.layers.") and k.endswith("proj.weight")}
+    assert moved == linears  # NF4 rounds every block linear; embeddings and norms are untouched
+    adapter = load_file(policy / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items())  # it trained
