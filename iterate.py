@@ -14,19 +14,18 @@ Online labels (`--oracle`, `--labels-per-iteration K`; minirlhf/oracle.py): the 
 queried on the current policy's samples, as Algorithm 1 and Xiong et al. 2024 define online RLHF. Each
 iteration K prompts get one pair labelled (`--label-pair`), the Bradley-Terry reward model is refit on all labels
 so far and ranks the samples, and the oracle's answers order the pairs they label. K = 0: the paper's fixed proxy.
+`--algorithm ppo` replaces each iteration's pairs and DPO by PPO on the scores (train_ppo.py; DR-PO: --reset-prob).
 
 With no `--sft-model`, the built-in task (`minirlhf/task.py`) first makes what the outside world would: SFT on
 demonstrations, a label budget of SFT pairs labelled by simulated annotators, the initial reward model (on the
 labels not kept for the loop), and offline DPO on the whole budget; every policy is then scored by the gold reward.
 
-Distributed: each rank samples and scores its share of the prompts into a plain, unsharded copy of the last
-saved policy (sampling runs thousands of small forwards, which FSDP would slow down by all-gathering every layer
-at every step); the pairs are gathered and DPO trains under FSDP2. Every finished stage leaves a `done.json`: a
-rerun skips it (and never asks the oracle again for an iteration whose labels.jsonl exists), and `--resume` also
-continues an interrupted DPO stage. Unlike the paper: our KV-cache sampler instead of vLLM, FSDP2 instead of
-DeepSpeed; with `--sft-model` the defaults are its recipe; the built-in task scales it down to a 126k-parameter
-model, adds RPO's NLL term and spends its label budget online (README); the table at the end of --help has both.
-Sampling seeds depend on the rank, so results depend on the world size.
+Distributed: each rank samples its share of the prompts from a plain, unsharded copy of the last saved policy
+(FSDP would all-gather every layer at every step); DPO trains under FSDP2. Every finished stage leaves a
+`done.json`: a rerun skips it (and never asks the oracle again for an iteration whose labels.jsonl exists), and
+`--resume` also continues an interrupted DPO or PPO stage. Unlike the paper: our KV-cache sampler instead of vLLM,
+FSDP2 instead of DeepSpeed; the built-in task scales the recipe down to a 126k-parameter model, adds RPO's NLL term
+and spends its label budget online (README); --help's table has both. Results depend on the world size.
 """
 import os
 import time
@@ -34,19 +33,20 @@ import time
 import torch
 
 import train_dpo
+import train_ppo
 import train_rm
 from minirlhf import cli, dist, rundir, task
-from minirlhf.checkpoint import atomic_write_json, load_model, save_model
+from minirlhf.checkpoint import atomic_write_json, read_json, save_model
 from minirlhf.data import check_prompts, load_dataset_any, load_prompts, write_jsonl
 from minirlhf.evaluate import evaluate_iterations
 from minirlhf.losses import PREFERENCE_LOSSES
 from minirlhf.model import init_model
 from minirlhf.oracle import LABEL_PAIRS, ask_oracle, load_oracle
 from minirlhf.pairs import choose_pairs, training_pairs
-from minirlhf.rewards import check_finite, load_reward_source
+from minirlhf.rewards import load_reward_source, score_rows as score
 from minirlhf.rundir import UserError
-from minirlhf.sampler import generate
-from minirlhf.tokenizer import decode_response, encode_prompt, load_tokenizer
+from minirlhf.sampler import gather_rows, sample_responses as sample
+from minirlhf.tokenizer import load_tokenizer
 
 # The paper's recipe for real models (Sec. 5): 3 iterations, 8 samples, 2 epochs, beta 0.1, lr 5e-7 cosine with
 # 3% warmup. The built-in task keeps the structure and scales what a 126k-parameter model needs.
@@ -61,6 +61,11 @@ BUILTIN = dict(lr=2e-4, max_new_tokens=task.MAX_RESPONSE_TOKENS, max_length=64, 
 # fixed proxy ranks 8 samples of 2000 prompts per iteration, best vs worst, DPO 2 epochs.
 BUILTIN_ONLINE = dict(samples_per_prompt=2, prompts_per_iteration=700, epochs=6, label_pair="random")
 BUILTIN_PROXY = dict(samples_per_prompt=8, prompts_per_iteration=2000, epochs=2, label_pair="max_min")
+# --algorithm ppo (train_ppo.py): DR-PO's Table 5 (one response per prompt, 512 episodes per minibatch, lr 3e-6);
+# the built-in task optimises the proxy of K = 0 with 2000 fresh prompts per iteration (README)
+PPO_PAPER = dict(lr=3e-6, samples_per_prompt=1, batch_size=8, grad_accum=64, labels_per_iteration=0)
+PPO_BUILTIN = dict(lr=3e-4, samples_per_prompt=1, prompts_per_iteration=2000, ppo_batch_size=250,
+                   labels_per_iteration=0)  # SFT, reward model and offline DPO: those of the K = 0 DPO run
 # The built-in task's offline stages: SFT, the reward model and the offline DPO baseline.
 SFT_LR, SFT_EPOCHS, RM_LR, RM_EPOCHS, OFFLINE_DPO_EPOCHS = 3e-3, 6, 3e-3, 6, 6
 
@@ -69,7 +74,9 @@ def build_parser():
     p = cli.parser(__doc__, cli.defaults_table({
         "built-in (online labels)": {**BUILTIN, **BUILTIN_ONLINE},
         "built-in, --labels-per-iteration 0": {**BUILTIN, **BUILTIN_PROXY, "labels_per_iteration": 0},
-        "--sft-model (the paper)": {**PAPER, "prompts_per_iteration": "all / T"}}))
+        "--sft-model (the paper)": {**PAPER, "prompts_per_iteration": "all / T"},
+        "ppo, built-in": {**BUILTIN, **PPO_BUILTIN},
+        "ppo --sft-model": {**PAPER, **PPO_PAPER, "prompts_per_iteration": "all / T"}}))
     # where
     p.add_argument("--output-dir", default="runs/iterate", help="run folder: one subfolder per stage and iteration")
     p.add_argument("--seed", type=int, default=0, help="seed of every sampler, shuffle and simulated label")
@@ -134,16 +141,18 @@ def build_parser():
     p.add_argument("--task-eval-prompts", type=int, default=500, help="held-out prompts for the final evaluation")
     p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also send "
                    "metrics.jsonl's scalars and the arguments to TensorBoard or wandb (minirlhf/tracking.py)")
-    return cli.add_lora_arguments(p)  # every stage trains LoRA adapters then, merged for the next stage
+    p.add_argument("--algorithm", default="dpo", choices=["dpo", "ppo"], help="iterative DPO on best-vs-worst pairs, "
+                   "or PPO with a value model on the scores (train_ppo.py; with --reset-prob, DR-PO)")
+    p.add_argument("--ppo-batch-size", type=int, help="PPO: episodes per micro-batch per rank (default --batch-size)")
+    return train_ppo.add_ppo_arguments(cli.add_lora_arguments(p))  # LoRA: every stage, merged for the next
 
 
 def resolve_defaults(args):
     """Fill unset flags from the paper's recipe, or from the built-in task's scaled version of it; refuse
     combinations that would fail only after hours of earlier stages."""
-    defaults = PAPER if args.sft_model else BUILTIN
-    if args.sft_model is None:
-        online = args.labels_per_iteration is None or args.labels_per_iteration > 0
-        defaults = {**BUILTIN, **(BUILTIN_ONLINE if online else BUILTIN_PROXY)}
+    online = args.labels_per_iteration is None or args.labels_per_iteration > 0
+    defaults = PAPER if args.sft_model else {**BUILTIN, **(BUILTIN_ONLINE if online else BUILTIN_PROXY)}
+    defaults = {**defaults, **((PPO_PAPER if args.sft_model else PPO_BUILTIN) if args.algorithm == "ppo" else {})}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -151,6 +160,9 @@ def resolve_defaults(args):
         raise SystemExit("--sft-model needs --prompts and --reward (without all three, the built-in task runs)")
     if args.sft_model is None and (args.prompts or args.reward or args.eval_prompts):
         raise SystemExit("--prompts, --reward and --eval-prompts need --sft-model (the built-in task makes its own)")
+    if args.algorithm == "ppo" and (args.labels_per_iteration or args.top_p < 1 or args.lora_rank):
+        raise SystemExit("--algorithm ppo trains on a fixed reward source (--labels-per-iteration 0), samples from "
+                         "the whole distribution (--top-p 1) and fine-tunes all weights (no --lora-rank)")
     if args.pair_rule == "max_min_p" and args.length_penalty <= 0:
         raise SystemExit("--pair-rule max_min_p needs --length-penalty > 0")
     if args.labels_per_iteration < 0 or (args.labels_per_iteration > 0 and args.oracle is None):
@@ -177,28 +189,6 @@ def dpo_flags(args, name, model, ref_model, data, out, loss=None, epochs=None, l
         "--model", model, "--ref-model", ref_model, "--train-data", data, "--output-dir", out, "--loss",
         loss or args.loss, "--beta", str(args.beta), "--label-smoothing", str(args.label_smoothing), "--nll-coef",
         str(args.nll_coef), "--lr", str(lr or args.lr), "--epochs", str(epochs or args.epochs), "--skip-bad-rows"]
-
-
-def sample(policy_dir, tokenizer, prompts, n, args, seed, device, name):
-    """This rank's share of `prompts` -> rows with n responses each (text, sampled ids, lengths, truncation flags)."""
-    rank, world = dist.get_rank(), dist.world_size()
-    mine = list(range(rank, len(prompts), world))
-    dist.print0(f"{name} sampling {n} x {len(prompts)}")
-    bar = cli.Progress(f"{name} sampling", len(mine), unit="prompt")
-    policy = load_model(policy_dir, device=device).eval()  # a plain copy: see the module docstring
-    prompt_ids = [encode_prompt(tokenizer, prompts[i]) for i in mine]
-    gen = generate(policy, prompt_ids, args.max_new_tokens, n=n, temperature=args.temperature, top_p=args.top_p,
-                   eos_token_id=tokenizer.eos_token_id, seed=seed * 1000 + rank,  # so results depend on the world size
-                   batch_size=args.gen_batch_size, progress=bar.update)
-    bar.close()
-    return [dict(index=i, prompt=prompts[i], responses=[decode_response(tokenizer, r) for r in gen.responses[j]],
-                 prompt_ids=prompt_ids[j], response_ids=gen.responses[j], n_tokens=[len(r) for r in gen.responses[j]],
-                 truncated=[f == "length" for f in gen.finish_reasons[j]]) for j, i in enumerate(mine)]
-
-
-def gather_rows(rows):
-    """Every rank's rows, in prompt order, on every rank."""
-    return sorted((r for part in dist.all_gather_objects(rows) for r in part), key=lambda r: r["index"])
 
 
 def builtin_task(args, device):
@@ -248,7 +238,7 @@ def builtin_task(args, device):
     offline_dir = f"{root}/offline_dpo"
     if not rundir.done(offline_dir):  # 4. the offline DPO baseline: all the human labels, no online samples
         train_dpo.main(dpo_flags(args, "offline dpo", sft_dir, sft_dir, labels_path, offline_dir,
-                                 epochs=OFFLINE_DPO_EPOCHS))
+                                 epochs=OFFLINE_DPO_EPOCHS, lr=BUILTIN["lr"] if args.algorithm == "ppo" else None))
     return sft_dir, rm_dir, rm_labels, iter_prompts, eval_prompts, offline_dir
 
 
@@ -288,9 +278,11 @@ def run_workflow(args, device):
     offline_dir = eval_prompts = None
     if args.sft_model is None:
         sft_dir, reward_spec, initial_labels, prompts, eval_prompts, offline_dir = builtin_task(args, device)
+        references = task.demonstrations(prompts, args.seed)  # DR-PO's resets: the task's human demonstrations
     else:
         sft_dir, reward_spec, initial_labels = args.sft_model, args.reward, args.labels
-        prompts = load_prompts(args.prompts, args.prompt_column)
+        prompts, references = (load_prompts(args.prompts, args.prompt_column, args.reference_column)
+                               if args.reset_prob > 0 else (load_prompts(args.prompts, args.prompt_column), None))
         eval_prompts = load_prompts(args.eval_prompts, args.prompt_column) if args.eval_prompts else None
     oracle = load_oracle(args.oracle) if args.labels_per_iteration else None
     label_files = [initial_labels] if initial_labels else []
@@ -312,6 +304,10 @@ def run_workflow(args, device):
                 reward_spec = f"{it_dir}/reward_model"
             continue
         t0 = time.time()
+        if args.algorithm == "ppo":  # PPO / DR-PO on a batch of fresh prompts (train_ppo.py)
+            ppo_iteration(args, t, it_dir, policy_dir, sft_dir, reward_spec, prompts, references, per_iter, label_files)
+            policy_dir = f"{it_dir}/policy"
+            continue
         # 1-3. fresh prompts, n responses each from the current policy, scored by the reward source
         iter_prompts = prompts[(t - 1) * per_iter:t * per_iter]
         rows = sample(policy_dir, tokenizer, iter_prompts, args.samples_per_prompt, args, args.seed + t, device,
@@ -374,15 +370,27 @@ def run_workflow(args, device):
     dist.print0(f"total time {time.time() - start:.0f} s; outputs in {args.output_dir}")
 
 
-def score(rows, reward_spec, first_row, device, name):
-    """rows[i]["rewards"]: the reward source's score of each of the row's responses; a non-finite one stops the
-    run naming the prompt's row (first_row + index) and the source."""
-    dist.print0(f"{name} scoring {sum(len(r['responses']) for r in rows)} responses with {reward_spec}")
-    reward_fn = load_reward_source(reward_spec, device=device)
-    rewards = reward_fn([r["prompt"] for r in rows], [r["responses"] for r in rows])
-    check_finite(rewards, [first_row + r["index"] for r in rows], reward_spec)
-    for r, rs in zip(rows, rewards):
-        r["rewards"] = list(map(float, rs))
+def ppo_iteration(args, t, it_dir, policy_dir, sft_dir, reward_spec, prompts, references, per_iter, label_files):
+    """train_ppo.py on iteration t's prompts (it_dir/prompts.jsonl); the value model, KL coefficient carry over."""
+    lo, previous = (t - 1) * per_iter, f"{args.output_dir}/iter{t - 1}/policy"
+    if dist.is_main():
+        write_jsonl(f"{it_dir}/prompts.jsonl", [dict(prompt=prompts[i], **{args.reference_column: references[i]}
+                                                     if references else {}) for i in range(lo, lo + per_iter)])
+    dist.barrier()
+    flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
+        "samples_per_prompt", "temperature", "max_new_tokens", "gen_batch_size", "truncation_penalty", "lr",
+        "grad_accum", "seed", "iterations", "save_dtype", "report_to")] + ["--resume"] * args.resume
+    summary = train_ppo.main(flags + train_ppo.ppo_flags(args) + [
+        "--model", policy_dir, "--ref-model", sft_dir, "--reward", str(reward_spec), "--prompts",
+        f"{it_dir}/prompts.jsonl", "--output-dir", f"{it_dir}/policy", "--name", f"iter{t} ppo", "--iteration",
+        str(t), "--batch-size", str(args.ppo_batch_size or args.batch_size), "--kl-coef",
+        str(read_json(f"{previous}/eval.json", {}).get("next_kl_coef", args.kl_coef)),
+        *(["--value-model", f"{previous}/value_model"] if t > 1 else [])])
+    metrics = dict(iteration=t, human_labels=sum(len(load_dataset_any(f)) for f in label_files),
+                   reward_model=reward_spec, reference=sft_dir, **summary)
+    if dist.is_main():
+        atomic_write_json(f"{it_dir}/metrics.json", metrics)
+    rundir.mark_done(it_dir, metrics)
 
 
 if __name__ == "__main__":

@@ -106,18 +106,20 @@ def _check_json(path, ext):
         raise DataError(f"{path}: no rows (the file is empty or blank)")
 
 
-def load_prompts(path, column):
-    """The prompts of a dataset file (strings or chat messages); a missing or empty prompt names its row."""
+def load_prompts(path, column, reference_column=None):
+    """The prompts of a dataset file (strings or chat messages); a missing or empty prompt names its row. With
+    reference_column: (prompts, reference responses); a whole conversation there gives the prompt too."""
     rows = load_dataset_any(path)
-    if column not in rows.column_names:
+    if column not in rows.column_names and reference_column not in rows.column_names:
         raise ValueError(f"{path}: no column {column!r} (columns: {rows.column_names}); set --prompt-column")
-    prompts = []
+    split = []
     for i, row in enumerate(rows):
         try:
-            prompts.append(split_row(row, column, [])[0])
+            split.append(split_row(row, column, [reference_column] if reference_column else []))
         except BadRow as bad:
             raise bad.error(path, i) from None
-    return prompts
+    prompts = [prompt for prompt, _ in split]
+    return (prompts, [r[0] for _, r in split]) if reference_column else prompts
 
 
 def write_jsonl(path, rows):

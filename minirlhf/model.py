@@ -9,8 +9,8 @@ Qwens). Module names mirror `transformers`, so `state_dict()` keys are exactly t
 Two heads on the same backbone: `CausalLM` (logits, final hidden states, or given `labels` per-token log-probs
 from the fused op of `logprobs.py`, never (B, T, V) logits) and `RewardModel`, the Bradley-Terry r(x, y) of Dong
 et al. 2024 (eq. 2; K outputs for a regression model) read at the last non-padding token, the layout of
-`LlamaForSequenceClassification`. The KV-cache hook is one method, `cache.update(layer_idx, k, v) -> (k_all,
-v_all)`; the sampler (`sampler.py`) owns the cache's layout.
+`LlamaForSequenceClassification` (read at every position: PPO's value model). The KV-cache hook is one method,
+`cache.update(layer_idx, k, v) -> (k_all, v_all)`; the sampler (`sampler.py`) owns the cache's layout.
 """
 import math
 from dataclasses import dataclass
@@ -288,16 +288,17 @@ class CausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, labels=None,
-                return_hidden=False):
+                return_hidden=False, temperature=1.0):
         """input_ids (B, T); attention_mask (B, S) 0/1 over all keys (cache + current) or a ready bool
         (B, 1, T, S) mask; position_ids (B, T) default from the mask. Returns logits (B, T, V), or hidden
-        (B, T, D) if `return_hidden`, or fp32 token_logps (B, T) of `labels` (-100 = ignored, gives 0)."""
+        (B, T, D) if `return_hidden`, or fp32 token_logps (B, T) of `labels` (-100 = ignored, gives 0) under
+        softmax(logits / temperature)."""
         h = self.model(input_ids, attention_mask, position_ids, kv_cache)
         if return_hidden:
             return h
         if labels is not None:
             # inside forward so that FSDP2 has gathered the (possibly tied) output weight right now
-            return fused_token_logps(h, self.output_weight(), labels)
+            return fused_token_logps(h if temperature == 1.0 else h / temperature, self.output_weight(), labels)
         return self.logits(h)
 
     def logits(self, h):
@@ -314,9 +315,12 @@ class RewardModel(nn.Module):
         self.config, self.model = cfg, Backbone(cfg)
         self.score = nn.Linear(cfg.hidden_size, num_labels, bias=False)
 
-    def forward(self, input_ids, attention_mask=None):
-        """input_ids, attention_mask (B, T) -> rewards (B,) fp32, or (B, num_labels) when num_labels > 1."""
+    def forward(self, input_ids, attention_mask=None, per_token=False):
+        """input_ids, attention_mask (B, T) -> rewards (B,) fp32, or (B, num_labels) when num_labels > 1; with
+        `per_token` a scalar head read at every position (B, T) fp32: PPO's value V(s_t) (train_ppo.py)."""
         h = self.model(input_ids, attention_mask)  # (B, T, D)
+        if per_token:
+            return self.score(h).float().sum(-1)
         B, T = input_ids.shape
         # transformers' rule: the rightmost real token that is not the pad id (when pad = EOS, the token before
         # a final EOS: where hub reward models were trained to answer); works for left and right padding

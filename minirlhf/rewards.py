@@ -24,6 +24,7 @@ import sys
 
 import torch
 
+from minirlhf import dist
 from minirlhf.checkpoint import load_model, read_config
 from minirlhf.data import Sequence, collate_sequences
 from minirlhf.logprobs import IGNORE_INDEX
@@ -191,12 +192,18 @@ def _unflatten(flat, responses) -> list[list[float]]:
     return [[next(it) for _ in rs] for rs in responses]
 
 
-def check_finite(scores, indices, source):
-    """Stop on a NaN or infinite reward (it would make a tie or a meaningless pair, and is not JSON): scores one
-    list per prompt, indices the prompts' numbers to name."""
-    for i, row in zip(indices, scores):
-        if not all(math.isfinite(x) for x in row):
-            raise UserError(f"reward source {source}: non-finite reward {row} for prompt {i}: fix the reward source")
+def score_rows(rows, reward_spec, first_row, device, name):
+    """rows[i]["rewards"]: the reward source's score of each of the row's responses (the sampler's rows). A NaN or
+    infinite one (it would make a tie or a meaningless pair, and is not JSON) stops the run naming the prompt's row
+    (first_row + index) and the source."""
+    dist.print0(f"{name} scoring {sum(len(r['responses']) for r in rows)} responses with {reward_spec}")
+    reward_fn = load_reward_source(reward_spec, device=device)
+    rewards = reward_fn([r["prompt"] for r in rows], [r["responses"] for r in rows])
+    for r, row_rewards in zip(rows, rewards):
+        if not all(math.isfinite(x) for x in row_rewards):
+            raise UserError(f"reward source {reward_spec}: non-finite reward {row_rewards} for prompt "
+                            f"{first_row + r['index']}: fix the reward source")
+        r["rewards"] = list(map(float, row_rewards))
 
 
 def import_function(spec, what, expected="expected 'module:function'"):

@@ -253,6 +253,8 @@ class Run:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.out, name))
         for name in sorted(names, key=lambda n: (n == DONE, n == "config.json")):
+            if os.path.isdir(os.path.join(self.out, name)):  # a folder (train_ppo.py's value_model/) is not replaced
+                shutil.rmtree(os.path.join(self.out, name))  # by a rename: the earlier one goes first
             durable_replace(os.path.join(staging, name), os.path.join(self.out, name))
         for name in set(earlier) - set(names):
             with contextlib.suppress(FileNotFoundError):

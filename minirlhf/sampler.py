@@ -17,6 +17,9 @@ Sampling: logits / temperature, then top-k, then top-p (`transformers`' order), 
 one uniform per row; `token_logps` are log-probs under that distribution (temperature 0: greedy, with the
 temperature-1 log-probs). `generate` needs a plain, unsharded model (FSDP would all-gather every layer at every
 step): iterate.py has rank 0 save the trained policy, and every rank loads it and generates its share.
+Teacher forcing (`forced`, DR-PO's reset): a row's first h response tokens are given; the draw at those steps still
+happens (the random stream is the same as without forcing) and the given token replaces it, with its log-prob under
+the sampling distribution; later steps sample from the forced prefix as usual.
 
     gen = generate(policy, prompts, max_new_tokens=256, n=4, temperature=0.7, eos_token_id=[2], seed=0)
     gen.responses[i][j]  # token ids of the j-th response to prompt i, stop id included
@@ -26,7 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
+from minirlhf import cli, dist
+from minirlhf.checkpoint import load_model
 from minirlhf.model import mkl_pack
+from minirlhf.tokenizer import decode_response, encode_prompt
 
 
 @dataclass
@@ -151,7 +157,7 @@ def mkl_packed(model, enabled=True):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, n=1, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
-             seed=0, generator=None, batch_size=64, pack_weights=True, progress=None) -> Generation:
+             seed=0, generator=None, batch_size=64, pack_weights=True, progress=None, forced=None) -> Generation:
     """Draw n responses for each prompt (a list of token ids) from `model`, an unsharded `CausalLM` in eval mode.
 
     eos_token_id: one stop id, a list of them, or None (always max_new_tokens). temperature 0 is greedy.
@@ -159,6 +165,7 @@ def generate(model, prompts, max_new_tokens, n=1, temperature=1.0, top_k=None, t
     prompts and batch_size. batch_size counts sequences (cache rows): batch_size // n prompts per batch, and
     pack_weights: on CPU in fp32, batches of 8 rows or more multiply with MKL-packed weights (`mkl_packed`).
     progress: called with the number of prompts of each finished batch (e.g. a progress bar's update).
+    forced: per prompt, n lists of token ids that begin the responses (teacher forcing; [] none), within max_new_tokens.
     """
     if not prompts:
         return Generation([], [], [])
@@ -179,7 +186,7 @@ def generate(model, prompts, max_new_tokens, n=1, temperature=1.0, top_k=None, t
             idx = order[start:start + per_batch]
             batch_prompts = [prompts[i] for i in idx]
             batch = generate_batch(model, batch_prompts, max_new_tokens, n, temperature, top_k, top_p, stop_ids,
-                                   generator)
+                                   generator, None if forced is None else [f for i in idx for f in forced[i]])
             for j, i in enumerate(idx):
                 responses[i], token_logps[i], finish_reasons[i] = (x[j * n:(j + 1) * n] for x in batch)
             if progress is not None:
@@ -200,8 +207,9 @@ def prefill_chunks(lengths, max_padding=0.125) -> list[slice]:
     return chunks + [slice(start, len(lengths))]
 
 
-def generate_batch(model, prompts, max_new_tokens, n, temperature, top_k, top_p, stop_ids, generator):
-    """One batch of prompts -> flat lists (B * n rows, prompt-major) of responses, token_logps, finish_reasons."""
+def generate_batch(model, prompts, max_new_tokens, n, temperature, top_k, top_p, stop_ids, generator, forced=None):
+    """One batch of prompts -> flat lists (B * n rows, prompt-major) of responses, token_logps, finish_reasons;
+    forced: None or a list of given first response tokens per row."""
     device = model.output_weight().device
     B, P, R = len(prompts), max(map(len, prompts)), len(prompts) * n
     input_ids = torch.zeros(B, P, dtype=torch.long)  # left padding; the pad id is never attended to
@@ -228,11 +236,18 @@ def generate_batch(model, prompts, max_new_tokens, n, temperature, top_k, top_p,
 
     out_tokens = torch.zeros(R, max_new_tokens, dtype=torch.long, device=device)  # by original row
     out_logps = torch.zeros(R, max_new_tokens, device=device)
+    if forced is not None:  # (R, max_new_tokens): the given token, -1 where the row samples
+        forced = torch.tensor([(f + [-1] * max_new_tokens)[:max_new_tokens] for f in forced], device=device)
     rows = torch.arange(R, device=device)  # current batch row -> original row (rows shrink on compaction)
     done = torch.zeros(R, dtype=torch.bool, device=device)
     check_every = 1 if device.type == "cpu" else 8  # a check is a host sync: on GPU let the CPU queue steps ahead
     for t in range(max_new_tokens):
         tokens, logps = sample(logits, generator, temperature, top_k, top_p)
+        if forced is not None:
+            given = forced[rows, t]
+            tokens = torch.where(given >= 0, given, tokens)
+            logps = torch.where(given >= 0, sampling_logits(logits, temperature or 1.0, top_k, top_p).log_softmax(
+                -1).gather(-1, tokens[:, None]).squeeze(-1), logps)
         out_tokens[rows, t], out_logps[rows, t] = tokens, logps
         steps = t + 1
         if steps == max_new_tokens:
@@ -260,3 +275,28 @@ def generate_batch(model, prompts, max_new_tokens, n, temperature, top_k, top_p,
     tokens_list, logps_list = out_tokens.tolist(), out_logps.tolist()
     return ([ids[:m] for ids, m in zip(tokens_list, lengths)], [lp[:m] for lp, m in zip(logps_list, lengths)],
             ["stop" if s else "length" for s in stopped.tolist()])
+
+
+def sample_responses(policy_dir, tokenizer, prompts, n, args, seed, device, name, forced=None):
+    """This rank's share of `prompts` -> rows with n responses each (text, sampled ids, lengths, truncation flags),
+    from a plain copy of the policy (see above); args: iterate.py's or train_ppo.py's; forced: `generate`'s, for
+    all `prompts`."""
+    rank, world = dist.get_rank(), dist.world_size()
+    mine = list(range(rank, len(prompts), world))
+    dist.print0(f"{name} sampling {n} x {len(prompts)}")
+    bar = cli.Progress(f"{name} sampling", len(mine), unit="prompt")
+    policy = load_model(policy_dir, device=device).eval()
+    prompt_ids = [encode_prompt(tokenizer, prompts[i]) for i in mine]
+    gen = generate(policy, prompt_ids, args.max_new_tokens, n=n, temperature=args.temperature, top_p=args.top_p,
+                   eos_token_id=tokenizer.eos_token_id, seed=seed * 1000 + rank,  # so results depend on the world size
+                   batch_size=args.gen_batch_size, progress=bar.update,
+                   forced=None if forced is None else [forced[i] for i in mine])
+    bar.close()
+    return [dict(index=i, prompt=prompts[i], responses=[decode_response(tokenizer, r) for r in gen.responses[j]],
+                 prompt_ids=prompt_ids[j], response_ids=gen.responses[j], n_tokens=[len(r) for r in gen.responses[j]],
+                 truncated=[f == "length" for f in gen.finish_reasons[j]]) for j, i in enumerate(mine)]
+
+
+def gather_rows(rows):
+    """Every rank's rows, in prompt order, on every rank."""
+    return sorted((r for part in dist.all_gather_objects(rows) for r in part), key=lambda r: r["index"])

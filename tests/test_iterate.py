@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import iterate
 import train_dpo
-from minirlhf import data, plot, task
+from minirlhf import data, plot, sampler, task
 from minirlhf.checkpoint import load_model
 from minirlhf.tokenizer import load_tokenizer, pad_token_id
 
@@ -326,8 +326,8 @@ def test_dpo_trains_on_the_sampled_ids_and_cut_off_answers_stay_cut_off(tmp_path
     def recording_load_examples(*args):
         trained.extend(load_examples(*args))
         return trained
-    iterate_generate, load_examples = iterate.generate, train_dpo.load_examples
-    monkeypatch.setattr(iterate, "generate", recording_generate)
+    iterate_generate, load_examples = sampler.generate, train_dpo.load_examples
+    monkeypatch.setattr(sampler, "generate", recording_generate)  # what iterate.py's sampling calls
     monkeypatch.setattr(train_dpo, "load_examples", recording_load_examples)
     out = tmp_path / "run"
     iterate.main(["--output-dir", str(out), "--sft-model", str(tmp_path / "sft"), "--reward", "shortest:reward",
