@@ -138,6 +138,8 @@ def forward_all(model, batch, labels, rows_per_forward, device, temperature=None
         with torch.no_grad(), dist.autocast(device):
             r = model(x, a, per_token=True) if temperature is None else model(x, a, labels=y, temperature=temperature)
         out[rows, :r.shape[1]] = r.float()
+    if hasattr(model, "reshard"):  # FSDP2 keeps a root's own weights gathered after a forward without backward:
+        model.reshard()  # sharded again, or an optimizer built now would hold (and update) the gathered copies
     return dist.all_reduce_sum(out).cpu()
 
 

@@ -233,7 +233,7 @@ def ppo_setup(d, tokenizer):
 def ppo_flags(d, out, *extra):
     return list(map(str, ["--model", d / "sft", "--reward", d / "rm", "--prompts", d / "chat.jsonl", "--prompt-column",
                           "messages", "--reference-column", "messages", "--reset-prob", 0.5, "--temperature", 0,
-                          "--max-new-tokens", 6, "--ppo-epochs", 2, "--grad-accum", 1, "--lr", "1e-3", "--adam-eps", "1e-3",
+                          "--max-new-tokens", 6, "--ppo-epochs", 2, "--grad-accum", 1, "--lr", "1e-3",
                           "--output-dir", out, *extra]))
 
 
