@@ -48,10 +48,17 @@ from minirlhf.sampler import gather_rows, sample_responses
 from minirlhf.tokenizer import encode_pair, load_tokenizer, pad_token_id
 
 
+def probability(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability")
+    return value
+
+
 def add_ppo_arguments(p):
     """The PPO / DR-PO flags, shared with iterate.py --algorithm ppo, which passes them on (`ppo_flags`)."""
     g = p.add_argument_group("PPO and DR-PO (train_ppo.py, minirlhf/ppo.py)")
-    g.add_argument("--reset-prob", type=float, default=0.0, help="DR-PO's beta: probability that an episode starts "
+    g.add_argument("--reset-prob", type=probability, default=0.0, help="DR-PO's beta: probability that an episode starts "
                    "from a prefix of its prompt's reference response (0: plain PPO; DR-PO: 1)")
     g.add_argument("--reference-column", default="completion", help="column of the prompts with the reference "
                    "responses (a string, or a conversation whose last assistant message is the reference)")
@@ -146,9 +153,8 @@ def forward_all(model, batch, labels, rows_per_forward, device, temperature=None
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.ref_model, args.top_p = args.ref_model or args.model, 1.0  # PPO's log-probs: the whole distribution
-    if not 0 <= args.reset_prob <= 1 or args.iteration > args.iterations:
-        raise rundir.UserError(f"--reset-prob {args.reset_prob} must be a probability and --iteration "
-                               f"{args.iteration} at most --iterations {args.iterations}")
+    if args.iteration > args.iterations:
+        raise rundir.UserError(f"--iteration {args.iteration} is past --iterations {args.iterations}")
     _, _, device = dist.init_distributed()
     names = ["samples.jsonl", "metrics.jsonl", "eval.json", "args.json", "value_model"]  # what this script writes
     run = rundir.start(args.output_dir, vars(args), names, resume=args.resume, overwrite=args.overwrite,

@@ -268,10 +268,31 @@ def test_bad_flag_combinations_fail_before_any_work(tmp_path):
                         (["--reward", "r"], "need --sft-model"),
                         (["--pair-rule", "max_min_p"], "max_min_p needs --length-penalty"),
                         (["--oracle", "builtin", "--labels-per-iteration", "700"], "leave no labels"),
-                        (["--labels", "x.jsonl"], "--labels needs --sft-model")]:
+                        (["--labels", "x.jsonl"], "--labels needs --sft-model"),
+                        (["--algorithm", "ppo", "--top-p", "0.9"], "--algorithm ppo trains on a fixed reward"),
+                        (["--algorithm", "ppo", "--reset-prob", "1.5"], "2")]:  # argparse: not a probability
         with pytest.raises(SystemExit, match=match):
             iterate.main(["--output-dir", str(tmp_path / "x")] + argv)
         assert not (tmp_path / "x").exists()
+
+
+def test_builtin_ppo_and_drpo_iteration(base_run, tmp_path):
+    """--algorithm ppo --reset-prob 0.5 on the built-in task: half the episodes start from a prefix of the prompt's
+    demonstration, the value model starts from the BT reward model, and the policy is evaluated beside the others."""
+    run = copy_until(base_run, tmp_path / "drpo", 0)
+    iterate.main(["--output-dir", run, "--algorithm", "ppo", "--reset-prob", "0.5", "--iterations", "1",
+                  "--prompts-per-iteration", "300", "--seed", "0"])
+    metrics = json.load(open(os.path.join(run, "iter1", "metrics.json")))
+    assert metrics["episodes"] == 300 and abs(metrics["resets"] - 0.5) < 0.1 and metrics["human_labels"] > 0
+    prompts = [json.loads(line) for line in open(os.path.join(run, "iter1", "prompts.jsonl"))]
+    samples = [json.loads(line) for line in open(os.path.join(run, "iter1", "policy", "samples.jsonl"))]
+    tokenizer = load_tokenizer(os.path.join(run, "sft"))
+    for p, s in zip(prompts, samples):  # the forced tokens are the demonstration's first ones
+        k, reference = s["forced_tokens"][0], tokenizer(p["completion"], add_special_tokens=False)["input_ids"]
+        assert s["response_ids"][0][:k] == reference[:k]
+    assert sum(s["forced_tokens"][0] > 0 for s in samples) == round(metrics["resets"] * 300)
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    assert set(summary["policies"]) == {"sft", "offline_dpo", "iter1"} and summary["policies"]["iter1"]["kl_to_ref"] > 0
 
 
 def free_port():
