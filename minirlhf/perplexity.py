@@ -1,5 +1,4 @@
-"""Perplexity-filtered preference data for a given policy (after Kutalev & Markoff 2024, "Investigating on RLHF
-methodology", arXiv 2410.01789).
+"""Perplexity-filtered preference data for one policy (after Kutalev & Markoff 2024, arXiv 2410.01789).
 
 A RECONSTRUCTION: the paper's method section could not be obtained; its abstract says only that collecting the
 preference set "through perplexity filtering" makes building one for a specific model cheap. The evident reading:
@@ -7,8 +6,8 @@ score each response by its perplexity under the target policy pi (the fused log-
     PPL_pi(y | x) = exp(-(1/|y|) sum_t log pi(y_t | x, y_<t)),
 and keep a pair when max(PPL(y_c), PPL(y_r)) <= tau (--max-perplexity, or the --perplexity-quantile q of that
 score, about the fraction kept), so DPO and the reward model learn from responses the policy could have written.
-train_dpo.py and train_rm.py filter --train-data (never --eval-data) under --filter-model (default --model) and
-publish the kept rows with their perplexities as OUTPUT/filtered.jsonl. Every rank scores every pair (FSDP's
+train_dpo.py and train_rm.py filter --train-data (never --eval-data) under --filter-model (default --model, a causal
+LM) and write the kept rows with their perplexities to OUTPUT/filtered.jsonl; every rank scores every pair (FSDP's
 forwards stay in step) and keeps the same rows.
 """
 import os
@@ -36,22 +35,24 @@ def pair_perplexities(model, pairs, pad_id, device=torch.device("cpu"), batch_si
     return torch.cat(out)
 
 
-def check_arguments(args):
-    """The filter's flags make sense together; returns whether the filter is on."""
-    x, q = args.max_perplexity, args.perplexity_quantile
+def check_arguments(args) -> str | None:
+    """The filter's flags make sense together; returns the causal LM that scores perplexities, None if it is off."""
+    x, q, path = args.max_perplexity, args.perplexity_quantile, args.filter_model or args.model
     if (x is not None and q is not None) or (args.filter_model and x is None and q is None) or not (
             (x is None or x > 0) and (q is None or 0 < q <= 1)):
         raise UserError(f"the perplexity filter needs one threshold, --max-perplexity X > 0 (got {x}) or "
                         f"--perplexity-quantile q in (0, 1] (got {q}): give one")
-    return x is not None or q is not None
+    if (x or q) and os.path.isfile(os.path.join(path, "config.json")) and "SequenceClassification" in str(
+            checkpoint.read_config(path).get("architectures")):  # on (x, q > 0 by now); LoRA adapters: no config
+        raise UserError(f"--filter-model {path} (default --model) is a reward model (*ForSequenceClassification): "
+                        "the filter needs the causal LM policy whose perplexity it measures")
+    return path if x or q else None
 
 
 def filter_rows(args, rows, source, out_dir, device) -> set[int] | None:
-    """The indices of the rows of `rows` (preference rows of --train-data) that pass the filter, or None when it
-    is off; rank 0 writes the kept rows with their perplexities to out_dir/filtered.jsonl and prints the count."""
-    if not check_arguments(args):
+    """The indices of `rows` (--train-data's pairs) that pass the filter, None when it is off; rank 0 writes FILE."""
+    if not (path := check_arguments(args)):
         return None
-    path = args.filter_model or args.model
     tokenizer = cli.load_tokenizer(args) if path == args.model else load_tokenizer(path)  # the policy's encoding
     pairs, _ = data.tokenize_preferences(rows, tokenizer, args.prompt_column, args.chosen_column,
                                          args.rejected_column, args.max_length, args.max_prompt_length,
@@ -66,9 +67,8 @@ def filter_rows(args, rows, source, out_dir, device) -> set[int] | None:
         raise UserError(f"{source}: the perplexity filter kept no pair (threshold {tau:.4g}, smallest pair "
                         f"perplexity {score.min().item():.4g} under {path})")
     if dist.is_main():
-        data.write_jsonl(os.path.join(out_dir, FILE), [
-            dict(rows[pairs[i].row]) | {"chosen_perplexity": ppl[i, 0].item(), "rejected_perplexity": ppl[i, 1].item()}
-            for i in keep])
+        data.write_jsonl(os.path.join(out_dir, FILE), [dict(rows[pairs[i].row], chosen_perplexity=ppl[i, 0].item(),
+                                                            rejected_perplexity=ppl[i, 1].item()) for i in keep])
     dist.print0(f"{source}: perplexity filter under {path}: kept {len(keep)} of {len(pairs)} pairs "
                 f"(max perplexity {tau:.4g}) -> {FILE}")
     return {pairs[i].row for i in keep}

@@ -3,6 +3,7 @@ exp(mean NLL) as transformers computes it, and on a pool of responses sampled fr
 responses of another model, train_dpo.py's filter keeps the target's own and writes them beside its output."""
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -72,9 +73,32 @@ def test_filter_keeps_the_policys_own_responses(tmp_path, tokenizer):
     assert max(max(r["chosen_perplexity"], r["rejected_perplexity"]) for r in kept) <= min(
         max(r["chosen_perplexity"], r["rejected_perplexity"]) for r in kept) * 1e6  # finite, written as numbers
 
-    with pytest.raises(UserError, match="give one"):
-        train_dpo.main(["--model", str(tmp_path / "policy"), "--train-data", str(tmp_path / "pool.jsonl"),
-                        "--output-dir", str(tmp_path / "x"), "--max-perplexity", "3", "--perplexity-quantile", "0.5"])
+
+@pytest.mark.parametrize("script, flags, match", [
+    (train_dpo, ["--max-perplexity", "3", "--perplexity-quantile", "0.5"], "give one"),  # two thresholds
+    (train_rm, ["--filter-model", "POLICY"], "give one"),  # a filter model, no threshold
+    (train_dpo, ["--max-perplexity", "0"], "give one"),
+    (train_rm, ["--max-perplexity", "-1"], "give one"),
+    (train_dpo, ["--max-perplexity", "nan"], "give one"),
+    (train_dpo, ["--perplexity-quantile", "0"], "give one"),
+    (train_rm, ["--perplexity-quantile", "1.5"], "give one"),
+    (train_dpo, ["--loss", "sft", "--perplexity-quantile", "0.5"], "not for --loss sft"),
+    (train_rm, ["--kind", "regression", "--max-perplexity", "9"], "not for --kind regression"),
+    (train_dpo, ["--filter-model", "RM", "--perplexity-quantile", "0.5"], "--filter-model RM .*reward model"),
+    (train_rm, ["--filter-model", "RM", "--max-perplexity", "9"], "--filter-model RM .*reward model"),
+    (train_rm, ["--model", "RM", "--perplexity-quantile", "0.5"], "--filter-model RM .*reward model"),  # the default
+])
+def test_refused_filter_flags(tmp_path, tokenizer, script, flags, match):
+    """Every combination of the filter's flags that cannot work stops before any model loads, with a UserError
+    naming the flag (and for a reward-model folder, the folder: its perplexity is not that of a policy)."""
+    paths = {"POLICY": str(tmp_path / "policy"), "RM": str(tmp_path / "rm")}
+    save_tiny(paths["POLICY"], "qwen2", vocab_size=len(tokenizer))  # tied embeddings: its RM would load silently
+    save_tiny(paths["RM"], "qwen2", kind="reward", vocab_size=len(tokenizer))
+    argv = ["--model", paths["POLICY"], "--train-data", str(tmp_path / "none.jsonl"), "--output-dir",
+            str(tmp_path / "out")] + [paths.get(f, f) for f in flags]
+    with pytest.raises(UserError, match=match.replace("RM", re.escape(paths["RM"]))):
+        script.main(argv)
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_rm_filters_its_pairs(tmp_path, tokenizer):
