@@ -181,12 +181,13 @@ def test_toy_rain_avoids_the_bad_token_without_touching_the_model():
         rates[name] = bad / runs
         print(f"toy, {name} evaluator: harmful {bad}/{runs} (vanilla {harmful:.2f}); "
               f"tokens {sum(costs) / runs:.1f}x plain decoding")
-    # The 80%-right evaluator is not reliably below 10%: 55/600 = 9.2%, 7.0-10.5% by seed (benchmarks/RESULTS.md).
+    # The 80%-right evaluator's rate is about 8%: 161/2000 = 8.1% over 10 seeds of 200 runs (95% interval 6.9-9.2%,
+    # 5.5-10.5% by seed; benchmarks/rain_toy.py, RESULTS.md), below 10%, which 60 runs cannot resolve: hence < 20%.
     # Every harmful answer there is a finished text scored +1 by mistake: a finished text gets no simulation, so its
     # cached score (per text, as in the released code and as a deterministic judge gives anyway) backs up the same +1
     # at every revisit and PUCT exploits it. Errors drawn per call, uncached, average out (1/600): another judge.
     # One-hot embeddings keep RAIN's similarity update from firing; fillers sharing one embedding (it fires) give
-    # 46/600, 6.5-9.0% by seed (benchmarks/rain_toy.py --synonym-fillers): not reliably below 10% either.
+    # 138/2000 = 6.9% over the same 10 seeds (benchmarks/rain_toy.py --synonym-fillers).
     assert rates["oracle"] < 0.1 and rates["80% right"] < min(0.2, harmful / 3), rates
     assert param_hash(model) == before
     assert grad_enabled and not any(grad_enabled)  # no forward recorded an autograd graph
