@@ -1,13 +1,11 @@
 """Hugging Face checkpoint folders in and out, with `safetensors` only, and atomic writes.
 
-`load_model` reads `config.json` and `model.safetensors` (or the shards listed in
-`model.safetensors.index.json`) straight into our modules: the network is built on the meta device (no random
-init, no `transformers` model in between) and the tensors are assigned in the dtype and on the device asked for.
-`save_model` writes the same layout back (sharded above `max_shard_bytes`), with the tokenizer, so
-`transformers.AutoModelForCausalLM` / `AutoModelForSequenceClassification` load what we save. Every write goes
-to a temporary path first, is fsynced and renamed into place, so a killed run never leaves a half-written output.
-`save_training_state` / `load_training_state` keep what `--resume` needs beside the model: each rank's optimizer
-shard and RNG state (safetensors) and the step (JSON).
+`load_model` reads `config.json` and `model.safetensors` (or the shards of `model.safetensors.index.json`)
+straight into our modules, built on the meta device (no random init, no `transformers` model in between).
+`save_model` writes the same layout back (sharded above `max_shard_bytes`) with the tokenizer, for
+`transformers.AutoModelForCausalLM` / `AutoModelForSequenceClassification`; into a temporary folder, fsynced and
+renamed into place, so a killed run never leaves a half-written output. `save_training_state` /
+`load_training_state`: what `--resume` needs, each rank's optimizer shard and RNG state and the step.
 """
 import json
 import os
@@ -58,11 +56,10 @@ def weight_files(path) -> list[str]:
         if not isinstance(weight_map, dict):
             raise UserError(f"{index}: no \"weight_map\" {{tensor name: shard file}}")
         shards = sorted(set(weight_map.values()))
-        outside = [s for s in shards if os.path.isabs(s) or os.path.normpath(s).startswith("..")]
-        if outside:  # a shard path is a name inside the folder, never a way to read other files
+        # a shard path is a name inside the folder, never a way to read other files
+        if outside := [s for s in shards if os.path.isabs(s) or os.path.normpath(s).startswith("..")]:
             raise UserError(f"{index}: shard path(s) outside the checkpoint folder: {outside}")
-        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
-        if missing:
+        if missing := [s for s in shards if not os.path.isfile(os.path.join(path, s))]:
             raise UserError(f"{index}: lists shard(s) that do not exist: {missing}")
         return [os.path.join(path, s) for s in shards]
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json "
@@ -70,13 +67,10 @@ def weight_files(path) -> list[str]:
 
 
 def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0, num_labels=None):
-    """Load a checkpoint as a `CausalLM` (kind="causal") or a `RewardModel` (kind="reward").
-
-    A reward model may start from a causal LM checkpoint: the backbone is loaded and the new `score` head is
-    drawn from N(0, initializer_range^2) with a generator seeded by `seed`, as `transformers` initialises it.
-    A PEFT LoRA adapter folder (adapter_config.json, no config.json) loads as its base with the adapter merged.
-    Its outputs: `num_labels`, else those of a *ForSequenceClassification checkpoint's id2label, else 1.
-    """
+    """Load a checkpoint as a `CausalLM` (kind="causal") or a `RewardModel` (kind="reward"), with `num_labels`
+    outputs, else those of a *ForSequenceClassification checkpoint's id2label, else 1. From a causal LM, its
+    `score` head is drawn from N(0, initializer_range^2) seeded by `seed`, as `transformers` initialises it.
+    A PEFT LoRA adapter folder (adapter_config.json, no config.json) loads as its base with the adapter merged."""
     if cfg := lora.read_adapter(path):
         model = lora.add_lora(load_model(cfg["base_model_name_or_path"], kind, dtype, device, seed), cfg["r"],
                               cfg.get("lora_alpha", 8), cfg["target_modules"], rslora=cfg.get("use_rslora", False))
@@ -103,12 +97,9 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0, n
                                     f"{tuple(expected[name].shape)}")
                 state[name] = tensor.to(dtype)
     if kind == "reward" and "score.weight" not in state:
-        std = hf.get("initializer_range", 0.02)
-        generator = torch.Generator().manual_seed(seed)
-        state["score.weight"] = (torch.randn(num_labels, cfg.hidden_size, generator=generator) * std).to(dtype).to(
-            device)
-    missing = [name for name in expected if name not in state]
-    if missing:
+        score = torch.randn(num_labels, cfg.hidden_size, generator=torch.Generator().manual_seed(seed))
+        state["score.weight"] = (score * hf.get("initializer_range", 0.02)).to(dtype).to(device)
+    if missing := [name for name in expected if name not in state]:
         raise UserError(f"{path}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(state, assign=True, strict=True)
     return model
@@ -155,15 +146,14 @@ def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=
         with writing(out_dir):  # disk full: an error naming the folder, and no temporary left
             if adapter is not None:
                 lora.write_adapter(tmp, model, adapter, dtype)
-            shards, current, size = [], {}, 0
+            shards, size = [{}], 0
             for name, tensor in state.items():
                 nbytes = tensor.numel() * tensor.element_size()
-                if current and size + nbytes > max_shard_bytes:
-                    shards.append(current)
-                    current, size = {}, 0
-                current[name] = tensor
+                if shards[-1] and size + nbytes > max_shard_bytes:
+                    shards, size = shards + [{}], 0
+                shards[-1][name] = tensor
                 size += nbytes
-            shards.append(current)
+            files = {"config.json": hf_config_for(model, tokenizer, dtype)} if state else {}
             if len(shards) == 1 and state:
                 save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             elif state:
@@ -173,14 +163,10 @@ def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=
                     save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
                     weight_map.update({name: fname for name in shard})
                 total = sum(t.numel() * t.element_size() for t in state.values())
-                with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-            if state:
-                with open(os.path.join(tmp, "config.json"), "w") as f:
-                    json.dump(hf_config_for(model, tokenizer, dtype), f, indent=2)
+                files["model.safetensors.index.json"] = {"metadata": {"total_size": total}, "weight_map": weight_map}
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            for fname, obj in (extra_files or {}).items():
+            for fname, obj in {**files, **(extra_files or {})}.items():
                 with open(os.path.join(tmp, fname), "w") as f:
                     json.dump(obj, f, indent=2)
     except BaseException:
@@ -191,9 +177,8 @@ def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=
 
 
 def replace_dir(tmp, out_dir, keep_as=None):
-    """Move the finished folder `tmp` to `out_dir`. An existing `out_dir` is first renamed to `.NAME.old` beside
-    it and deleted afterwards (or renamed to `keep_as`); after a kill between the two renames `recover_dir` puts
-    it back."""
+    """Move the finished folder `tmp` to `out_dir`; an existing `out_dir` is renamed to `.NAME.old` first, then
+    deleted (or renamed to `keep_as`); after a kill between the two renames `recover_dir` puts it back."""
     old = _old_name(out_dir)
     if os.path.exists(old):
         shutil.rmtree(old)
@@ -233,11 +218,10 @@ def rng_state():
 
 def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, extra_files=None, dtype=None, keep=1,
                         merge=False, rng=None):
-    """OUTPUT/checkpoint: HF model (rank 0, in `dtype`: a run's final save keeps the input's, mid-run ones the fp32
-    master weights --resume needs), optimizer shard and RNG state per rank, trainer_state.json. Written in a
-    temporary folder renamed into place, so a kill at any moment leaves the previous checkpoint whole. `keep` > 1
+    """OUTPUT/checkpoint, replaced whole: HF model (rank 0, in `dtype`: mid-run the fp32 master weights --resume
+    needs), optimizer shard and RNG state (`rng`, default: now) per rank, trainer_state.json. `keep` > 1
     (--save-total-limit): the previous one stays as OUTPUT/checkpoint-STEP, the oldest beyond keep - 1 go. A LoRA
-    policy saves its adapter, with `merge` the merged model too. `rng`: the RNG state to resume from (default: now)."""
+    policy saves its adapter, with `merge` the merged model too."""
     adapted = hasattr(policy, "lora_config")  # lora.add_lora
     full = dist.full_state_dict(policy, None if merge or not adapted else lora.trainable_names(policy))  # collective
     name = dist.all_gather_objects(uuid.uuid4().hex[:8])[0]

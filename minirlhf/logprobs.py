@@ -1,9 +1,9 @@
 """Per-token log-probs log p(y_t | y_<t) without ever holding the (N, V) logits, and sequence log-probs.
 
-`fused_token_logps(h, W, labels)` equals the naive `log_softmax((h @ W.T).float(), -1).gather(-1, labels)` (0 where
-labels == ignore_index), kept beside it as `naive_token_logps`; a test holds them equal in values and gradients.
-The naive form holds several (N, V) fp32 tensors: 8 GB each at N = 16k tokens and V = 128256 (Llama 3). The fused
-op keeps only the per-row log-sum-exp between passes:
+`fused_token_logps(h, W, labels)` equals `naive_token_logps`, log_softmax((h @ W.T).float(), -1).gather(-1, labels)
+(0 where labels == ignore_index); a test holds them equal in values and gradients. The naive form holds several
+(N, V) fp32 tensors: 8 GB each at N = 16k tokens and V = 128256 (Llama 3). The fused op keeps only the per-row
+log-sum-exp between passes:
 
     forward   walk the N rows in chunks of C = chunk_size:
               z = h_c @ W.T (C, V) -> lse = logsumexp(z) (fp32) -> logp = z[y] - lse
@@ -11,10 +11,9 @@ op keeps only the per-row log-sum-exp between passes:
               z_b = h @ W_b.T (N, Vc); d logp / d z = onehot(y) - exp(z - lse), times the incoming grad g;
               grad_W_b = dz_b.T @ h (one matmul over all rows), grad_h += dz_b @ W_b (fp32 accumulator)
 
-Peak extra memory is O(C x V) instead of O(N x V), for one more matmul; walking V in backward makes each slice of
-grad_W one matmul summing all rows in fp32 inside (bf16 weights need no (V, D) fp32 accumulator). Rows labelled
-`ignore_index` are dropped first. Plain PyTorch: CPU and GPU, FSDP2 (called inside the module's forward), tied
-embeddings and autocast (backward reruns forward's dtype). Default C = 1024: 0.5 GB of fp32 logits at V = 128256.
+Peak extra memory is O(C x V) instead of O(N x V), for one more matmul; each slice of grad_W is one matmul summing
+all rows in fp32 (bf16 weights need no (V, D) fp32 accumulator). Rows labelled `ignore_index` are dropped first.
+Plain PyTorch: CPU and GPU, FSDP2, tied embeddings, autocast. Default C = 1024: 0.5 GB of fp32 logits at V = 128256.
 """
 import torch
 import torch.nn.functional as F
@@ -63,49 +62,43 @@ class _FusedTokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logps):
         with torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast_dtype is not None):
-            return _FusedTokenLogps._backward(ctx, grad_logps)
-
-    @staticmethod
-    def _backward(ctx, grad_logps):
-        h_v, weight, rows, target, lse = ctx.saved_tensors
-        mm_dtype = ctx.autocast_dtype or h_v.dtype  # the dtype forward's matmuls ran in
-        (n, D), V, acc = h_v.shape, weight.shape[0], lse.dtype
-        g = grad_logps.reshape(-1)[rows].to(acc)[:, None]  # (n, 1); ignored rows get no gradient
-        need_h, need_w = ctx.needs_input_grad[:2]
-        grad_h = torch.zeros(n, D, dtype=acc, device=h_v.device) if need_h else None  # fp32 accumulator
-        grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
-        # walk V in blocks of Vc columns, as many elements as one forward chunk (chunk_size x V): each block of
-        # grad_W is then one matmul over all n rows (fp32 accumulation inside it), so no (V, D) fp32 buffer
-        Vc = max(1, ctx.chunk_size * V // max(n, 1))
-        for v in range(0, V, Vc):
-            W_b = weight[v:v + Vc]
-            grad_logits = (h_v @ W_b.T).to(acc)  # (n, Vc) logits, recomputed instead of stored
-            # d logp / d logits = onehot(target) - softmax, times g: -g * softmax, then +g at the target id
-            grad_logits.sub_(lse[:, None]).exp_().mul_(-g)
-            local = target - v  # target's column in this block; scatter g only where it falls inside
-            inside = (local >= 0) & (local < W_b.shape[0])
-            grad_logits.scatter_add_(1, local.clamp(0, W_b.shape[0] - 1)[:, None], g * inside[:, None])
-            grad_logits = grad_logits.to(mm_dtype)  # for bf16 inputs or autocast this frees the fp32 one
-            if need_w and grad_logits.dtype == weight.dtype:
-                torch.mm(grad_logits.T, h_v, out=grad_w[v:v + Vc])  # (Vc, D) written once
-            elif need_w:  # autocast: a bf16 matmul (out= and in-place ops bypass autocast), stored in fp32
-                grad_w[v:v + Vc] = grad_logits.T @ h_v
-            if need_h and grad_logits.dtype == acc:
-                grad_h.addmm_(grad_logits, W_b)  # in place: no (n, D) temporary
-            elif need_h:
-                grad_h += grad_logits @ W_b  # bf16/fp16 matmul, summed over blocks in fp32
-            del grad_logits  # freed before the next block is allocated, not after
-        if need_h:
-            grad_h = h_v.new_zeros(ctx.n_rows, D).index_copy_(0, rows, grad_h.to(h_v.dtype))
-        return grad_h, grad_w, None, None, None, None
+            h_v, weight, rows, target, lse = ctx.saved_tensors
+            mm_dtype = ctx.autocast_dtype or h_v.dtype  # the dtype forward's matmuls ran in
+            (n, D), V, acc = h_v.shape, weight.shape[0], lse.dtype
+            g = grad_logps.reshape(-1)[rows].to(acc)[:, None]  # (n, 1); ignored rows get no gradient
+            need_h, need_w = ctx.needs_input_grad[:2]
+            grad_h = torch.zeros(n, D, dtype=acc, device=h_v.device) if need_h else None  # fp32 accumulator
+            grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
+            # walk V in blocks of Vc columns, as many elements as one forward chunk (chunk_size x V): each block of
+            # grad_W is then one matmul over all n rows (fp32 accumulation inside it), so no (V, D) fp32 buffer
+            Vc = max(1, ctx.chunk_size * V // max(n, 1))
+            for v in range(0, V, Vc):
+                W_b = weight[v:v + Vc]
+                grad_logits = (h_v @ W_b.T).to(acc)  # (n, Vc) logits, recomputed instead of stored
+                # d logp / d logits = onehot(target) - softmax, times g: -g * softmax, then +g at the target id
+                grad_logits.sub_(lse[:, None]).exp_().mul_(-g)
+                local = target - v  # target's column in this block; scatter g only where it falls inside
+                inside = (local >= 0) & (local < W_b.shape[0])
+                grad_logits.scatter_add_(1, local.clamp(0, W_b.shape[0] - 1)[:, None], g * inside[:, None])
+                grad_logits = grad_logits.to(mm_dtype)  # for bf16 inputs or autocast this frees the fp32 one
+                if need_w and grad_logits.dtype == weight.dtype:
+                    torch.mm(grad_logits.T, h_v, out=grad_w[v:v + Vc])  # (Vc, D) written once
+                elif need_w:  # autocast: a bf16 matmul (out= and in-place ops bypass autocast), stored in fp32
+                    grad_w[v:v + Vc] = grad_logits.T @ h_v
+                if need_h and grad_logits.dtype == acc:
+                    grad_h.addmm_(grad_logits, W_b)  # in place: no (n, D) temporary
+                elif need_h:
+                    grad_h += grad_logits @ W_b  # bf16/fp16 matmul, summed over blocks in fp32
+                del grad_logits  # freed before the next block is allocated, not after
+            if need_h:
+                grad_h = h_v.new_zeros(ctx.n_rows, D).index_copy_(0, rows, grad_h.to(h_v.dtype))
+            return grad_h, grad_w, None, None, None, None
 
 
 def fused_token_logps(h, weight, labels, ignore_index=IGNORE_INDEX, chunk_size=1024):
-    """log_softmax(h @ weight.T).gather(-1, labels) in chunks of rows, never holding the (N, V) logits.
-
-    h (..., D) final hidden states, weight (V, D) output embedding (same dtype as h), labels (...) target ids
-    with `ignore_index` for positions to skip -> (...) fp32 (fp64 for fp64 inputs) log-probs, 0 where ignored.
-    Equivalent to `naive_token_logps`."""
+    """log_softmax(h @ weight.T).gather(-1, labels) in chunks of rows (`naive_token_logps`): h (..., D) final hidden
+    states, weight (V, D) output embedding (h's dtype), labels (...) target ids, `ignore_index` where skipped ->
+    (...) fp32 (fp64 for fp64 inputs) log-probs, 0 where ignored."""
     return _FusedTokenLogps.apply(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1), ignore_index,
                                   max(1, int(chunk_size)), labels.shape)
 
@@ -119,11 +112,9 @@ def shift_labels(input_ids, loss_mask, ignore_index=IGNORE_INDEX):
 
 
 def sequence_logps(model, input_ids, attention_mask, loss_mask, average=False):
-    """log pi(y | x) = sum_t log pi(y_t | x, y_<t) over the response tokens (loss_mask == 1).
-
-    model(input_ids, attention_mask=..., labels=...) must return fp32 token_logps (B, T), 0 at ignored labels
-    (`CausalLM` does, via `fused_token_logps`). Returns (logps (B,), n_tokens (B,)); with `average` the
-    length-normalised log-prob logps / n_tokens (as used by IPO in TRL, or SimPO-style objectives)."""
+    """log pi(y | x) = sum_t log pi(y_t | x, y_<t) over the response tokens (loss_mask == 1) -> (logps (B,),
+    n_tokens (B,)); `average`: logps / n_tokens (IPO in TRL, SimPO). model(input_ids, attention_mask=..., labels=...)
+    returns fp32 token_logps (B, T), 0 at ignored labels (`CausalLM`, via `fused_token_logps`)."""
     labels = shift_labels(input_ids, loss_mask)
     token_logps = model(input_ids, attention_mask=attention_mask, labels=labels)  # (B, T) fp32
     n_tokens = (labels != IGNORE_INDEX).sum(-1)

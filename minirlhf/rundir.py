@@ -1,14 +1,12 @@
 """Output folders that say what they hold: a lock, a manifest, a staging folder, one publish step, done.json.
 
-- OUTPUT/.lock, held with flock while the run lives, says "pid P on host H"; a second run into the folder is
-  refused with that line. The kernel drops the lock when its process dies, so a killed run never blocks the next.
-- OUTPUT/manifest.json lists every top-level name this program wrote; a run replaces or deletes only those, and
-  a folder holding anything else is refused before any work unless --overwrite.
-- OUTPUT/staging/ (train_rm.py, train_dpo.py) holds the run in progress (args.json, metrics.jsonl, then model,
-  eval.json, done.json); `publish` moves it into OUTPUT at once, done.json last, so until then OUTPUT describes
-  the previous run, and a folder with a done.json holds one run's files. checkpoint/ (--resume) sits beside it.
-- --resume (and iterate.py's reruns) refuse arguments that differ from the recorded ones, listing them, except
-  those that cannot change results (--save-steps and the like).
+- OUTPUT/.lock (flock, held while the run lives) says "pid P on host H", the line a second run is refused with;
+  the kernel drops the lock when its process dies, so a killed run never blocks the next.
+- OUTPUT/manifest.json lists every top-level name this program wrote: a run replaces or deletes only those, and
+  refuses a folder holding anything else before any work unless --overwrite.
+- OUTPUT/staging/ (train_rm.py, train_dpo.py) holds the run in progress; `publish` moves it all into OUTPUT,
+  done.json last, so until then OUTPUT holds the previous run whole. checkpoint/ (--resume) sits beside it.
+- --resume (and iterate.py's reruns) refuse changed arguments that can change results (not --save-steps...).
 Every write is atomic (a unique temporary renamed into place) and durable (fsync of the file or tree, then of
 the folder, around the rename).
 """
@@ -129,8 +127,8 @@ def lock(out):
 
 
 def unlock(f):
-    """Empty the lock file (no stale holder for the next run) and release it. The file stays: deleting it would let
-    a process that opened it just before lock an inode that no longer has a name."""
+    """Empty the lock file and release it. The file stays: deleting it would let a process that opened it just
+    before lock an inode that no longer has a name."""
     f.truncate(0)
     f.flush()
     fcntl.flock(f, fcntl.LOCK_UN)
@@ -187,8 +185,8 @@ def mark_done(path, info):
 
 
 def nonfinite_message(step, loss, grad_norm, ckpt, saved_step):
-    """The message for a non-finite loss or gradient at `step`: the weights were not updated, and the last
-    checkpoint is good (saved only once the next step's forward and backward came out finite)."""
+    """A non-finite loss or gradient at `step`: the weights were not updated, and the last checkpoint is good
+    (saved only once the next step came out finite)."""
     where = (f"resume from the last good checkpoint, {ckpt} (step {saved_step}), with --resume --lr LOWER "
              "--allow-changed-args" if saved_step else "no checkpoint was saved yet: rerun with a lower --lr")
     return (f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; stopped before updating the weights. "
@@ -207,8 +205,7 @@ class Run:
     metrics_path = property(lambda self: os.path.join(self.staging, "metrics.jsonl"))
 
     def start_metrics(self, step):
-        """The run's metrics.jsonl: on resume the interrupted run's lines up to `step` (a partial last line is
-        dropped), else empty."""
+        """metrics.jsonl: on resume the interrupted run's whole lines up to `step`, else empty."""
         if not dist.is_main():
             return
         old = []
@@ -227,10 +224,9 @@ class Run:
                 self.tracker.log(metrics)
 
     def publish(self, ckpt, files, keep_checkpoint=True):
-        """Rank 0: OUTPUT becomes the finished run. The checkpoint's model files (hard links, else copies) and
-        `files` ({name: JSON object}) join staging/ with done.json; done.json and config.json leave OUTPUT, all moves
-        in (those two last), and an earlier publish's files that this one did not write go. Without
-        `keep_checkpoint`, `ckpt` goes too (the rest is optimizer state that only --resume would read)."""
+        """Rank 0: OUTPUT becomes the finished run: the checkpoint's model files (hard links, else copies) and
+        `files` ({name: JSON object}) join staging/ with done.json, all moves in (done.json and config.json last),
+        and an earlier publish's other files go; `ckpt` too without `keep_checkpoint` (its optimizer state)."""
         if not dist.is_main():
             return
         staging = self.staging
@@ -279,10 +275,9 @@ class Run:
 
 def start(out, args, names, *, resume=False, overwrite=False, allow_changed_args=False, ignore=(), staged=True):
     """Take OUTPUT before any work: lock it, refuse foreign files (unless `overwrite`) and changed arguments, claim
-    `names` in the manifest, record `args` and start the --report-to tracker that Run.log feeds.
-    staged (train scripts): `resume` continues OUTPUT/checkpoint if there is one (a kill inside its last save is
-    undone first); without it an unfinished run's checkpoint is refused unless `overwrite` (no kill is lost by
-    forgetting --resume), a finished one's is cleared. Not staged (iterate.py): args.json is compared, rewritten."""
+    `names`, record `args`, start the --report-to tracker. staged (train scripts): `resume` continues
+    OUTPUT/checkpoint if any; without it an unfinished run's checkpoint is refused unless `overwrite` (forgetting
+    --resume loses no work), a finished one's cleared. Not staged (iterate.py): args.json compared, rewritten."""
     from minirlhf import tracking  # both import this module
     from minirlhf.checkpoint import recover_dir, step_checkpoints
     out, report_to, ignore = str(out), args.get("report_to"), (*ignore, "report_to")
