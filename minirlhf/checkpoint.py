@@ -41,8 +41,7 @@ def read_config(path) -> dict:
         raise UserError(f"{path}: no such folder (expected a Hugging Face checkpoint folder)")
     if not os.path.isfile(config_path):
         raise UserError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
-    with open(config_path) as f:
-        return json.load(f)
+    return read_json(config_path)
 
 
 def weight_files(path) -> list[str]:
@@ -51,8 +50,7 @@ def weight_files(path) -> list[str]:
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise UserError(f"{index}: no \"weight_map\" {{tensor name: shard file}}")
         shards = sorted(set(weight_map.values()))

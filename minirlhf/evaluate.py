@@ -1,9 +1,8 @@
 """Measure a policy on held-out prompts: proxy and gold reward, win rate, length, and KL to the reference.
 
-Dong et al. 2024's KL-regularised objective (their eq. 3: max_pi E[r(x, y)] - eta KL(pi || pi_0)) is judged by
-both terms; with the built-in task's gold reward we also see over-optimisation (the proxy rises, gold stalls).
-KL(pi || pi_ref) ~ mean_x [log pi(y | x) - log pi_ref(y | x)] on the same samples y ~ pi at temperature 1, log pi
-from the sampler and log pi_ref from one forward pass of the reference.
+Dong et al. 2024's KL-regularised objective (eq. 3: max_pi E[r(x, y)] - eta KL(pi || pi_0)) is judged by both
+terms; the built-in task's gold reward also shows over-optimisation (the proxy rises, gold stalls). KL(pi || pi_ref)
+~ mean_x [log pi(y | x) - log pi_ref(y | x)], y ~ pi at temperature 1, log pi from the sampler.
 """
 import time
 
@@ -21,9 +20,9 @@ from minirlhf.tokenizer import decode_response, encode_prompt, pad_token_id
 
 def evaluate_policy(policy, ref_model, tokenizer, prompts, reward_fn, max_new_tokens, seed=0, gold_fn=None,
                     baseline_gold=None, batch_size=64):
-    """One sample per prompt at temperature 1 -> (metrics, responses as text). reward_fn: the proxy (as
-    `rewards.load_reward_source`); gold_fn(prompt, response) and baseline_gold (the reference policy's gold rewards)
-    add the gold reward and the gold win rate (ties count one half)."""
+    """One sample per prompt at temperature 1 -> (metrics, responses as text). reward_fn: the proxy
+    (`rewards.load_reward_source`); gold_fn(prompt, response) and baseline_gold (the reference policy's) add the
+    gold reward and win rate (ties count one half)."""
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     gen = generate(policy, prompt_ids, max_new_tokens, n=1, temperature=1.0, eos_token_id=tokenizer.eos_token_id,
                    seed=seed, batch_size=batch_size)
@@ -55,9 +54,8 @@ COLUMNS = ["gold_reward", "gold_win_rate", "proxy_reward", "length", "kl_to_ref"
 def evaluate_iterations(out, iterations, sft_dir, offline_dir, tokenizer, prompts, reward_fn, max_new_tokens, seed=0,
                         gold_fn=None, device="cpu", proxy_scale=1.0, start=None):
     """iterate.py's evaluation of SFT (the reference), offline DPO (if any) and each iteration's policy, with the
-    human labels each cost -> the table on stdout, OUT/summary.json and OUT/summary.png; with gold_fn, also the
-    proxy's accuracy against gold on two fresh samples per prompt of the SFT policy and of the last one (later
-    policies drift away from the samples the reward model was trained on)."""
+    human labels each cost -> a table on stdout, OUT/summary.json and .png; with gold_fn, also the proxy's accuracy
+    against gold on two fresh samples per prompt of SFT and of the last policy (drifted from the RM's data)."""
     policies = {"sft": sft_dir, **({"offline_dpo": offline_dir} if offline_dir else {}),
                 **{f"iter{t}": f"{out}/iter{t}/policy" for t in range(1, iterations + 1)}}
     ref_model = load_model(sft_dir, device=device).eval()

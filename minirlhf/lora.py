@@ -3,7 +3,6 @@
 LoRA freezes a linear W (out, in) and learns y = W x + (alpha / r) B A dropout(x) (Hu et al. eq. 3; rsLoRA: alpha /
 sqrt(r)), A (r, in) Kaiming-uniform, B (out, r) zero, so the model starts equal to the base. Only A, B (and a reward
 model's `score` head) train and are saved, in PEFT's layout: `peft.PeftModel` loads ours, and PEFT's load here.
-
 QLoRA keeps the frozen block linears in NF4 (QLoRA sec. 3) as bitsandbytes does: the weight flattened row-major in
 blocks of 64, each scaled by 1 / absmax and rounded to the nearest of 16 N(0, 1) quantiles, two codes a byte, high
 nibble first; `double_quant` keeps the absmaxes minus their mean in 8 bits (bitsandbytes' dynamic map, blocks of
@@ -21,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from minirlhf import dist
 from minirlhf.model import CausalLM, RewardModel
-from minirlhf.rundir import UserError
+from minirlhf.rundir import UserError, read_json
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the HF model)
@@ -180,8 +179,7 @@ def read_adapter(folder):
     path = os.path.join(folder, "adapter_config.json")
     if os.path.isfile(os.path.join(folder, "config.json")) or not os.path.isfile(path):
         return None
-    with open(path) as f:
-        cfg = json.load(f)
+    cfg = read_json(path)
     bad = [k for k in ("rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out", "lora_bias",
                        "layers_to_transform") if cfg.get(k)]
     bad += [k for k, v in (("peft_type", "LORA"), ("bias", "none")) if cfg.get(k, v) != v]

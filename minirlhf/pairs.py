@@ -1,9 +1,8 @@
 """Turn n scored responses of one prompt into one (chosen, rejected) pair: step 4 of online iterative DPO.
 
-Dong et al. 2024 (Sec. 3.2) pick the best and worst of n samples, the largest reward gap per prompt. Rules, with
-RLHFlow/Online-RLHF's names: `max_min` (the paper's), `max_random` (best vs a random other), `max_min_p` (max_min
-that insists on `length_penalty > 0`). Every rule ranks r - length_penalty * tokens - truncation_penalty * [cut
-off]; a gap of `min_gap` or less gives no pair (ties carry no preference). Pairs keep the sampled token ids.
+Dong et al. 2024 (Sec. 3.2) pick the best and worst of n samples, the largest reward gap. Rules (RLHFlow's names):
+`max_min` (the paper's), `max_random` (best vs a random other), `max_min_p` (max_min needing length_penalty > 0),
+ranking r - length_penalty * tokens - truncation_penalty * [cut off]; a gap <= `min_gap` (a tie) gives no pair.
 """
 import torch
 

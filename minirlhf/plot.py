@@ -2,10 +2,9 @@
 
     python -m minirlhf.plot RUN_DIR      # an iterate.py run, or the folder of one train_dpo.py / train_rm.py run
 
-Every folder in RUN_DIR with a metrics.jsonl and an args.json is one line per panel against its optimizer step
-(a stage still running is read from its staging/, labelled "(running)"): sft.png (loss, lr, grad norm),
-reward_model.png (loss, accuracy, margin), dpo.png (loss, margin, accuracy), and summary.png from summary.json
-(`plot_summary`). They go to RUN_DIR/plots/, added to RUN_DIR's manifest.
+Every folder in RUN_DIR with a metrics.jsonl and an args.json (a running stage's staging/, labelled "(running)")
+is one line per panel against its optimizer step in sft.png, reward_model.png or dpo.png (`PANELS`), and
+summary.json is summary.png (`plot_summary`), in RUN_DIR/plots/, added to RUN_DIR's manifest.
 """
 import argparse
 import glob
@@ -71,12 +70,10 @@ def plot_stages(plt, kind, stages, path):
 
 def plot_summary(rows: dict, path, proxy_scale=1.0):
     """iterate.py's summary (policy name -> metrics): "sft", "iter1".."iterT" as a path, other rows as reference
-    lines. Left: gold (solid) and proxy reward (dashed), the proxy times `proxy_scale` and shifted to the gold
-    reward at SFT (a BT reward is defined up to a constant; proxy_scale = task.TAU puts a calibrated proxy on the
-    gold scale), so over-optimisation shows as a gap. Middle: KL(pi || pi_0). Right: gold reward against KL (Gao
-    et al. 2023's curve in miniature). -> path, or None without matplotlib."""
-    plt = pyplot()
-    if plt is None:
+    lines. Left: gold and proxy reward, the proxy times `proxy_scale` (task.TAU puts a calibrated proxy on the gold
+    scale) and shifted to gold at SFT (a BT reward is defined up to a constant): over-optimisation shows as a gap.
+    Middle: KL(pi || pi_0). Right: gold against KL (Gao et al. 2023 in miniature). -> path (None: no matplotlib)."""
+    if (plt := pyplot()) is None:
         return None
     names = [n for n in rows if n == "sft" or (n.startswith("iter") and n[4:].isdigit())]
     baselines = [n for n in rows if n not in names]
@@ -116,8 +113,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run's --output-dir")
     args = p.parse_args(argv)
-    plt = pyplot()
-    if plt is None:
+    if (plt := pyplot()) is None:
         raise SystemExit("error: python -m minirlhf.plot needs matplotlib, an optional extra: "
                          "pip install matplotlib (or pip install 'minirlhf[plot]')")
     stages, summary = find_stages(args.run_dir), rundir.read_json(os.path.join(args.run_dir, "summary.json"))
@@ -128,11 +124,9 @@ def main(argv=None):
     if os.path.exists(os.path.join(args.run_dir, rundir.MANIFEST)):
         rundir.claim(args.run_dir, ["plots"])
     os.makedirs(out, exist_ok=True)
-    written = {}
-    for kind in PANELS:
-        if kind in stages:
-            written[kind] = os.path.join(out, f"{kind}.png")
-            plot_stages(plt, kind, stages[kind], written[kind])
+    written = {kind: os.path.join(out, f"{kind}.png") for kind in PANELS if kind in stages}
+    for kind, path in written.items():
+        plot_stages(plt, kind, stages[kind], path)
     if summary is not None:  # the built-in task's proxy is put on the gold scale as iterate.py does
         builtin = (rundir.read_json(os.path.join(args.run_dir, "args.json")) or {}).get("sft_model", "") is None
         written["summary"] = plot_summary(summary["policies"], os.path.join(out, "summary.png"),

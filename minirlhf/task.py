@@ -4,14 +4,13 @@ demonstrations, human preferences and the hidden true quality.
 The user names a few distinct letters; the assistant must say each exactly once and nothing else
 ("c j f h o p" -> "c f h j o p"; any order scores the same, writers sort).
 - Gold reward, hidden from the learner: r*(x, y) = (hits - EXTRA_PENALTY * (len(y) - hits)) / len(x), hits =
-  |set(y) & set(x)|; 1 exactly for a permutation of x. It depends on the prompt and is graded, so a label carries
-  information. (Positional correctness, e.g. "reverse the prompt", was not learnable by a 2-layer reward model from
-  1000-5000 pairs, ~50% held-out accuracy; this content lookup reached 68% from 1000 pairs, 79% from 2000.)
-- Demonstrations: the sorted letters, each replaced w.p. DEMO_NOISE, the length off by one w.p. LENGTH_NOISE. The
-  policy learns the noise too: SFT samples reach ~50% of the best reward, the best of 8 ~90%, the gap to close.
-- Annotators follow the Bradley-Terry model Dong et al. 2024 assume for human labels:
-  P(a > b | x) = sigmoid((r*(x, a) - r*(x, b)) / TAU), TAU = 0.1 (one missing letter of five is noticed 88% of
-  the time; ties are coin flips).
+  |set(y) & set(x)|; 1 exactly for a permutation of x, prompt-dependent and graded so that a label carries
+  information. (A positional task, "reverse the prompt", gave a 2-layer reward model ~50% held-out accuracy from
+  1000-5000 pairs; this content lookup 68% from 1000 pairs, 79% from 2000.)
+- Demonstrations: the sorted letters, each replaced w.p. DEMO_NOISE, the length off by one w.p. LENGTH_NOISE. SFT
+  learns the noise too: its samples reach ~50% of the best reward, the best of 8 ~90%, the gap to close.
+- Annotators: Bradley-Terry as Dong et al. 2024 assume, P(a > b | x) = sigmoid((r*(x, a) - r*(x, b)) / TAU), TAU =
+  0.1 (one missing letter of five is noticed 88% of the time; ties are coin flips).
 """
 import math
 
