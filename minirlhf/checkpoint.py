@@ -82,7 +82,11 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0, n
     expected = model.state_dict()
     state = {}
     for file in weight_files(path):
-        with _open_safetensors(file, device) as f:
+        try:
+            f = safe_open(file, framework="pt", device=str(device))
+        except (SafetensorError, OSError) as e:  # its own message names no file
+            raise UserError(f"{file}: not a readable safetensors file (truncated or empty?): {e}") from None
+        with f:
             for name in f.keys():
                 if name not in expected:
                     if name in OTHER_HEADS or name.endswith("rotary_emb.inv_freq"):
@@ -103,19 +107,11 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0, n
     return model
 
 
-def _open_safetensors(file, device):
-    try:
-        return safe_open(file, framework="pt", device=str(device))
-    except (SafetensorError, OSError) as e:  # its own message names no file
-        raise UserError(f"{file}: not a readable safetensors file (truncated or empty?): {e}") from None
-
-
 def hf_config_for(model, tokenizer=None, dtype=None) -> dict:
-    cfg = model.config
-    hf = dict(cfg.hf)
+    hf = dict(model.config.hf)
     hf.pop("auto_map", None)  # remote-code classes of the input checkpoint: what we save is plain transformers
     is_reward = isinstance(model, RewardModel)
-    hf["architectures"] = [ARCHITECTURES[cfg.model_type][1 if is_reward else 0]]
+    hf["architectures"] = [ARCHITECTURES[model.config.model_type][1 if is_reward else 0]]
     if dtype is not None:
         hf["dtype"] = str(dtype).removeprefix("torch.")
     if is_reward:  # K > 1: the attribute names a regression model's config carries (train_rm.py)
@@ -216,10 +212,9 @@ def rng_state():
 
 def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, extra_files=None, dtype=None, keep=1,
                         merge=False, rng=None):
-    """OUTPUT/checkpoint, replaced whole: HF model (rank 0, in `dtype`: mid-run the fp32 master weights --resume
-    needs), optimizer shard and RNG state (`rng`, default: now) per rank, trainer_state.json. `keep` > 1
-    (--save-total-limit): the previous one stays as OUTPUT/checkpoint-STEP, the oldest beyond keep - 1 go. A LoRA
-    policy saves its adapter, with `merge` the merged model too."""
+    """OUTPUT/checkpoint, replaced whole: HF model (rank 0, in `dtype`; mid-run the fp32 master weights), optimizer
+    shard and RNG state (`rng`, default: now) per rank, trainer_state.json. `keep` > 1: the previous one stays as
+    OUTPUT/checkpoint-STEP, the oldest beyond keep - 1 go. A LoRA policy saves its adapter (`merge`: merged too)."""
     adapted = hasattr(policy, "lora_config")  # lora.add_lora
     full = dist.full_state_dict(policy, None if merge or not adapted else lora.trainable_names(policy))  # collective
     name = dist.all_gather_objects(uuid.uuid4().hex[:8])[0]

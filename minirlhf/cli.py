@@ -129,8 +129,7 @@ def resolve_common(args):
 
 
 def load_tokenizer(args):
-    """--tokenizer (or --model's) with --chat-template in place of its own, so that every encoding and the saved
-    tokenizer use the same template."""
+    """--tokenizer (or --model's) with --chat-template as its own: every encoding and the saved tokenizer use it."""
     tokenizer = tokenizers.load_tokenizer(args.tokenizer or args.model)
     if args.chat_template:
         if not os.path.isfile(args.chat_template):
@@ -159,10 +158,9 @@ class Progress:
 
     def __init__(self, name, total, initial=0, unit="step"):
         self.name, self.total, self.done, self.unit, self.start = name, total, initial, unit, time.time()
-        self.show = dist.is_main()
+        self.show, self.every = dist.is_main(), max(1, total // 10)
         self.bar = tqdm(total=total, initial=initial, desc=name, unit=unit) if self.show and sys.stdout.isatty() \
             else None
-        self.every = max(1, total // 10)
 
     def update(self, k=1, **info):
         self.done += k

@@ -1,9 +1,8 @@
 """One code path from a single CPU process to many GPUs and nodes: process groups, FSDP2, gathering.
 
 `python script.py` is rank 0 of 1; `torchrun --nproc_per_node=N [--nnodes M] script.py` starts ranks that shard
-every block and then the root with FSDP2 (`fully_shard`): NCCL on CUDA, gloo on CPU, bf16 compute with fp32
-gradient reduction on GPU. FSDP averages gradients over ranks, so a loss normalised by the global number of pairs
-times `world_size` (`losses.window_mean`) gives the gradient of one process that sees the global batch.
+every block, then the root, with FSDP2 (`fully_shard`): NCCL on CUDA, gloo on CPU, bf16 compute and fp32 gradient
+reduction on GPU. FSDP averages gradients over ranks: `losses.window_mean` multiplies by `world_size`.
 """
 import contextlib
 import os
@@ -74,8 +73,7 @@ def autocast(device):
 
 
 def full_state_dict(model, names=None):
-    """The full (unsharded) state dict (or its entries `names`) on CPU, on every rank: a collective, so every rank
-    must call it."""
+    """The full (unsharded) state dict (or its entries `names`) on CPU, on every rank: a collective."""
     return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu", copy=True)  # all-gather
             for name, t in model.state_dict().items() if names is None or name in names}
 

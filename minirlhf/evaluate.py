@@ -20,9 +20,8 @@ from minirlhf.tokenizer import decode_response, encode_prompt, pad_token_id
 
 def evaluate_policy(policy, ref_model, tokenizer, prompts, reward_fn, max_new_tokens, seed=0, gold_fn=None,
                     baseline_gold=None, batch_size=64):
-    """One sample per prompt at temperature 1 -> (metrics, responses as text). reward_fn: the proxy
-    (`rewards.load_reward_source`); gold_fn(prompt, response) and baseline_gold (the reference policy's) add the
-    gold reward and win rate (ties count one half)."""
+    """One sample per prompt at temperature 1 -> (metrics, responses as text). reward_fn: the proxy; gold_fn(prompt,
+    response) and baseline_gold (the reference policy's) add the gold reward and win rate (ties count one half)."""
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     gen = generate(policy, prompt_ids, max_new_tokens, n=1, temperature=1.0, eos_token_id=tokenizer.eos_token_id,
                    seed=seed, batch_size=batch_size)

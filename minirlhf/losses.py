@@ -31,9 +31,8 @@ def regression_loss(predictions, labels, mask):
 
 
 def pairwise_preference_loss(chosen_first_label_logps, chosen_second_label_logps):
-    """Pairwise preference model loss per pair, (B,) -> (B,): the correct label token's NLL averaged over the two
-    orders of each pair (cancelling position bias): L = -1/2 [log p("A" | x, A=y_c, B=y_r) + log p("B" | x, A=y_r,
-    B=y_c)], log-probs over the whole vocabulary (`fused_token_logps` at the label position)."""
+    """Pairwise preference model loss, (B,) -> (B,): L = -1/2 [log p("A" | x, A=y_c, B=y_r) + log p("B" | x, A=y_r,
+    B=y_c)], the label token's NLL (whole vocabulary) averaged over both orders to cancel position bias."""
     return -0.5 * (chosen_first_label_logps + chosen_second_label_logps)
 
 
@@ -90,9 +89,8 @@ PREFERENCE_LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "hinge": hinge_loss}
 
 
 def add_nll(losses, policy_chosen_logps, chosen_n_tokens, nll_coef):
-    """RPO (Pang et al. 2024; Llama 3.1): L = L_pref + alpha (-log pi(y_c | x) / |y_c|), alpha = nll_coef, keeps
-    the chosen response's likelihood from falling while the margin grows. Length-normalised logps: pass
-    chosen_n_tokens=1. (B,) -> (B,)."""
+    """RPO (Pang et al. 2024; Llama 3.1): L = L_pref + alpha (-log pi(y_c | x) / |y_c|), alpha = nll_coef, keeps the
+    chosen response's likelihood from falling as the margin grows. (B,) -> (B,); length-normalised logps: |y_c| = 1."""
     return losses - nll_coef * policy_chosen_logps / chosen_n_tokens
 
 
@@ -105,9 +103,8 @@ def window_mean(losses, n_in_window, world_size=1):
 
 
 def lr_at(step, total_steps, warmup_steps, peak, schedule="cosine"):
-    """The learning rate of optimizer step `step` (0-based), one schedule for every script: linear warmup
-    peak * (step + 1) / warmup_steps, so the first step already learns (transformers' step / warmup_steps spends
-    it at lr 0), then cosine to 0, linear to 0, or constant."""
+    """The learning rate of optimizer step `step` (0-based): warmup peak * (step + 1) / warmup_steps (the first step
+    learns; transformers' step / warmup_steps spends it at lr 0), then cosine to 0, linear to 0, or constant."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)

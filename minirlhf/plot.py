@@ -78,16 +78,15 @@ def plot_summary(rows: dict, path, proxy_scale=1.0):
     names = [n for n in rows if n == "sft" or (n.startswith("iter") and n[4:].isdigit())]
     baselines = [n for n in rows if n not in names]
     x, has_gold = list(range(len(names))), "gold_reward" in rows[names[0]]
-
-    def column(key):
-        return [rows[n][key] for n in names]
+    proxy, kl = ([rows[n][key] for n in names] for key in ("proxy_reward", "kl_to_ref"))
+    gold = [rows[n]["gold_reward"] for n in names] if has_gold else None
     fig, axes = plt.subplots(1, 3 if has_gold else 2, figsize=(13 if has_gold else 9, 3.6))
     shift = rows["sft"]["gold_reward"] - proxy_scale * rows["sft"]["proxy_reward"] if has_gold else 0.0
     if has_gold:
-        axes[0].plot(x, column("gold_reward"), "o-", color="C0", label="gold reward")
-    axes[0].plot(x, [shift + proxy_scale * p for p in column("proxy_reward")], "s--", color="C1",
+        axes[0].plot(x, gold, "o-", color="C0", label="gold reward")
+    axes[0].plot(x, [shift + proxy_scale * p for p in proxy], "s--", color="C1",
                  label="proxy reward" + (" (shifted to gold at SFT)" if has_gold else ""))
-    axes[1].plot(x, column("kl_to_ref"), "o-", color="C0", label="online iterations")
+    axes[1].plot(x, kl, "o-", color="C0", label="online iterations")
     key = "gold_reward" if has_gold else "proxy_reward"
     for k, b in enumerate(baselines):
         axes[0].axhline(rows[b][key], color=f"C{k + 2}", ls=":", label=f"{b} ({key.split('_')[0]})")
@@ -97,7 +96,7 @@ def plot_summary(rows: dict, path, proxy_scale=1.0):
         ax.set_title(title)
         ax.legend(fontsize=7)
     if has_gold:
-        axes[2].plot(column("kl_to_ref"), column("gold_reward"), "o-", color="C0", label="online iterations")
+        axes[2].plot(kl, gold, "o-", color="C0", label="online iterations")
         for n in names:
             axes[2].annotate(n, (rows[n]["kl_to_ref"], rows[n]["gold_reward"]), fontsize=7)
         for k, b in enumerate(baselines):
