@@ -22,16 +22,11 @@ from minirlhf import dist, lora
 from minirlhf.rundir import UserError, atomic_write_json, claim, durable_replace, manifest, read_json, writing
 from minirlhf.model import CausalLM, RewardModel, config_from_hf
 
-ARCHITECTURES = {  # model_type -> (causal LM class, reward model class) names in transformers
-    "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
-    "mistral": ("MistralForCausalLM", "MistralForSequenceClassification"),
-    "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
-    "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
-}
-
-
-# heads a checkpoint may carry that the other kind of model does not load: lm_head (a causal LM read as a reward
-# model, or tied embeddings saved twice) and score (a reward model read as a causal LM)
+# model_type -> (causal LM class, reward model class) names in transformers
+ARCHITECTURES = {model_type: (f"{name}ForCausalLM", f"{name}ForSequenceClassification") for model_type, name in
+                 (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))}
+# heads that the other kind of model does not load: lm_head (a causal LM read as a reward model, or tied embeddings
+# saved twice) and score (a reward model read as a causal LM)
 OTHER_HEADS = ("lm_head.weight", "score.weight", "score.bias")
 
 
@@ -65,10 +60,9 @@ def weight_files(path) -> list[str]:
 
 
 def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0, num_labels=None):
-    """Load a checkpoint as a `CausalLM` (kind="causal") or a `RewardModel` (kind="reward"), with `num_labels`
-    outputs, else those of a *ForSequenceClassification checkpoint's id2label, else 1. From a causal LM, its
-    `score` head is drawn from N(0, initializer_range^2) seeded by `seed`, as `transformers` initialises it.
-    A PEFT LoRA adapter folder (adapter_config.json, no config.json) loads as its base with the adapter merged."""
+    """A checkpoint as a `CausalLM` (kind="causal") or a `RewardModel` (kind="reward") of `num_labels` outputs, else
+    a *ForSequenceClassification's id2label's, else 1; a new `score` head ~ N(0, initializer_range^2) seeded by `seed`
+    (as in `transformers`). A PEFT LoRA adapter folder (adapter_config.json, no config.json): its base, merged."""
     if cfg := lora.read_adapter(path):
         model = lora.add_lora(load_model(cfg["base_model_name_or_path"], kind, dtype, device, seed), cfg["r"],
                               cfg.get("lora_alpha", 8), cfg["target_modules"], rslora=cfg.get("use_rslora", False))
@@ -252,13 +246,12 @@ def step_checkpoints(output_dir) -> list[str]:
 
 def load_training_state(policy, optimizer, ckpt, device):
     """This rank's optimizer shard (back into DTensors under FSDP) and RNG state; returns trainer_state."""
-    rank = dist.get_rank()
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         train_state = json.load(f)
     if train_state["world_size"] != dist.world_size():
         raise UserError(f"{ckpt} was saved by {train_state['world_size']} ranks, each with its own optimizer "
                         f"shard: resume with the same world size (got {dist.world_size()})")
-    saved = load_file(os.path.join(ckpt, f"optimizer.rank{rank}.safetensors"))
+    saved = load_file(os.path.join(ckpt, f"optimizer.rank{dist.get_rank()}.safetensors"))
     for name, p in policy.named_parameters():
         state = {k.rsplit("/", 1)[1]: v for k, v in saved.items() if k.rsplit("/", 1)[0] == name}
         for k, v in state.items():
@@ -268,7 +261,7 @@ def load_training_state(policy, optimizer, ckpt, device):
                     if isinstance(p, DTensor) else v
         if state:
             optimizer.state[p] = state
-    rng = load_file(os.path.join(ckpt, f"rng.rank{rank}.safetensors"))
+    rng = load_file(os.path.join(ckpt, f"rng.rank{dist.get_rank()}.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

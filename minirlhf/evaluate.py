@@ -33,8 +33,7 @@ def evaluate_policy(policy, ref_model, tokenizer, prompts, reward_fn, max_new_to
         for i in range(0, len(prompts), batch_size):
             pairs = [Sequence(p, r) for p, r in zip(prompt_ids[i:i + batch_size], response_ids[i:i + batch_size])]
             batch = {k: v.to(device) for k, v in collate_sequences(pairs, pad_token_id(tokenizer)).items()}
-            ref_logps += sequence_logps(ref_model, batch["input_ids"], batch["attention_mask"],
-                                        batch["loss_mask"])[0].tolist()
+            ref_logps += sequence_logps(ref_model, **batch)[0].tolist()
     proxy = [r[0] for r in reward_fn(prompts, [[r] for r in responses])]
     metrics = {"proxy_reward": sum(proxy) / len(proxy), "length": sum(map(len, response_ids)) / len(response_ids),
                "kl_to_ref": sum(p - q for p, q in zip(policy_logps, ref_logps)) / len(prompts)}

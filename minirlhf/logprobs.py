@@ -11,9 +11,8 @@ log-sum-exp between passes:
               z_b = h @ W_b.T (N, Vc); d logp / d z = onehot(y) - exp(z - lse), times the incoming grad g;
               grad_W_b = dz_b.T @ h (one matmul over all rows), grad_h += dz_b @ W_b (fp32 accumulator)
 
-Peak extra memory is O(C x V) instead of O(N x V), for one more matmul; each slice of grad_W is one matmul summing
-all rows in fp32 (bf16 weights need no (V, D) fp32 accumulator). Rows labelled `ignore_index` are dropped first.
-Plain PyTorch: CPU and GPU, FSDP2, tied embeddings, autocast. Default C = 1024: 0.5 GB of fp32 logits at V = 128256.
+Peak extra memory is O(C x V), not O(N x V), for one more matmul (C = 1024: 0.5 GB of fp32 logits at V = 128256);
+grad_W needs no (V, D) fp32 accumulator. Rows labelled `ignore_index` are dropped first. CPU, GPU, FSDP2, autocast.
 """
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,6 @@ def naive_token_logps(h, weight, labels, ignore_index=IGNORE_INDEX, chunk_size=N
 
 class _FusedTokenLogps(torch.autograd.Function):
     """h (N, D), weight (V, D), labels (N,) -> logps of `shape` (N elements). See the module docstring."""
-
     @staticmethod
     def forward(ctx, h, weight, labels, ignore_index, chunk_size, shape):
         # backward reruns its matmuls under forward's autocast state (bf16 on one GPU), so the recomputed logits
@@ -104,8 +102,7 @@ def fused_token_logps(h, weight, labels, ignore_index=IGNORE_INDEX, chunk_size=1
 
 
 def shift_labels(input_ids, loss_mask, ignore_index=IGNORE_INDEX):
-    """input_ids, loss_mask (B, T) -> labels (B, T): position t predicts token t+1, so
-    labels[:, t] = input_ids[:, t+1] if loss_mask[:, t+1] else ignore_index; the last column is ignored."""
+    """(B, T) -> labels (B, T): labels[:, t] = input_ids[:, t+1] if loss_mask[:, t+1], else (last too) ignore_index."""
     labels = torch.full_like(input_ids, ignore_index)
     labels[:, :-1] = input_ids[:, 1:].masked_fill(~loss_mask[:, 1:].bool(), ignore_index)
     return labels

@@ -73,7 +73,6 @@ def nf4_dequantize(q, shape, dtype=torch.float32):
 
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is NF4 buffers (FSDP2 shards parameters only: these stay replicated)."""
-
     def __init__(self, linear: nn.Linear, double_quant=False):
         super().__init__()
         self.in_features, self.out_features, self.bias = linear.in_features, linear.out_features, linear.bias
@@ -91,7 +90,6 @@ class NF4Linear(nn.Module):
 class NF4Matmul(torch.autograd.Function):
     """F.linear(x, W, bias) with W dequantised for the product and again in backward, never saved: autograd would
     otherwise keep every layer's full-precision weight until backward (bitsandbytes' MatMul4Bit does the same)."""
-
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
@@ -104,7 +102,6 @@ class NF4Matmul(torch.autograd.Function):
 
 class LoRALinear(nn.Module):
     """base_layer(x) + scaling * lora_B(lora_A(dropout(x))) (the base alone while not `enabled`); PEFT's names."""
-
     def __init__(self, base_layer, r, alpha, dropout, rslora, generator):
         super().__init__()
         ref = base_layer.weight if isinstance(base_layer, nn.Linear) else base_layer.absmax

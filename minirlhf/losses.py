@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 
 def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None):
-    """Bradley-Terry reward loss per pair, (B,) -> (B,): L = -log sigmoid(r(x, y_c) - r(x, y_r) - m), with an
-    optional per-pair margin m >= 0 (Llama 2: larger for clearly separated pairs); m = 0 by default."""
+    """Bradley-Terry loss, (B,) -> (B,): L = -log sigmoid(r(x, y_c) - r(x, y_r) - m), m: Llama 2's margin or 0."""
     diff = chosen_rewards - rejected_rewards
     return -F.logsigmoid(diff if margin is None else diff - margin)
 
@@ -52,10 +51,9 @@ def _implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_log
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
              label_smoothing=0.0):
-    """DPO (Rafailov et al. 2023, eq. 7): L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h), the
-    log-ratio margin h = (log pi(y_c) - log pi_ref(y_c)) - (log pi(y_r) - log pi_ref(y_r)). eps = label_smoothing >
-    0 is cDPO: labels assumed flipped w.p. eps, bounding the pull of mislabelled pairs. -> (losses (B,), chosen and
-    rejected rewards beta log(pi / pi_ref) (B,), detached: for logging margins and accuracy)."""
+    """DPO (Rafailov et al. 2023, eq. 7): L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h), h = (log
+    pi(y_c) - log pi_ref(y_c)) - (log pi(y_r) - log pi_ref(y_r)); eps > 0 (cDPO) bounds the pull of mislabelled pairs.
+    -> (losses (B,), chosen and rejected rewards beta log(pi / pi_ref) (B,), detached for logging)."""
     chosen_rewards, rejected_rewards = _implicit_rewards(policy_chosen_logps, policy_rejected_logps,
                                                          ref_chosen_logps, ref_rejected_logps, beta)
     logits = chosen_rewards - rejected_rewards  # beta * h
@@ -95,10 +93,9 @@ def add_nll(losses, policy_chosen_logps, chosen_n_tokens, nll_coef):
 
 
 def window_mean(losses, n_in_window, world_size=1):
-    """L = world_size / N sum_i l_i, N the number of pairs (SFT: target tokens) in the whole accumulation window,
-    summed over ranks. `window_mean(micro_losses, N).backward()` on each micro-batch sums to the gradient of the
-    mean over the window (not a mean of micro-batch means, which over-weights small ones), and DDP / FSDP's average
-    over ranks then gives that of the global mean. For SFT pass the token losses -token_logps."""
+    """L = world_size / N sum_i l_i, N the pairs (SFT: target tokens, l = -token_logps) in the whole accumulation
+    window of all ranks: `.backward()` on each micro-batch sums to the gradient of the window's mean (not a mean of
+    micro-batch means, which over-weights small ones), after DDP / FSDP's average over ranks too."""
     return losses.sum() * world_size / n_in_window
 
 

@@ -65,9 +65,8 @@ def pick_label_pair(scores, responses, rule, generator):
 
 
 def ask_oracle(oracle, rows, k, rule, path, seed, name="oracle"):
-    """One pair for each of the first K rows (index, prompt, responses, rewards) with two distinct responses,
-    labelled on rank 0 into `path` -> (path, its rows, the reward model's agreement with the oracle). The file is
-    the record: a rerun reads it and asks nothing twice, and a user may label outside the run and put it there."""
+    """One pair for each of the first K rows with two distinct responses, labelled on rank 0 into `path` -> (path,
+    its rows, reward model-oracle agreement). The file is the record: a rerun asks nothing twice, a user may fill it."""
     if not os.path.exists(path) and dist.is_main():
         generator, shown = torch.Generator().manual_seed(seed), []
         for r in rows:

@@ -312,8 +312,7 @@ def counting(model, cost):
 
 
 def align(model, tokenizer, prompts, evaluator, cfg=RainConfig(), seed=0, progress=False):
-    """RAIN-decode `prompts` (strings or messages) with a frozen `model`; evaluator(prompt, response text) -> score
-    in [-1, 1]. -> (responses, scores, costs): text, the evaluator's score of it, a cost dict per prompt."""
+    """RAIN-decode `prompts` (strings or messages); evaluator(prompt, response) in [-1, 1] -> (texts, scores, costs)."""
     generator = torch.Generator(model.output_weight().device).manual_seed(seed)
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])  # a simulation stops after a sentence end
     sentence_end = {i for i, t in enumerate(texts) if t.rstrip(" ")[-1:] in set(SENTENCE_END) and t.strip(" ")}

@@ -7,8 +7,7 @@
 - OUTPUT/staging/ (train_rm.py, train_dpo.py) holds the run in progress; `publish` moves it all into OUTPUT,
   done.json last, so until then OUTPUT holds the previous run whole. checkpoint/ (--resume) sits beside it.
 - --resume (and iterate.py's reruns) refuse changed arguments that can change results (not --save-steps...).
-Every write is atomic (a unique temporary renamed into place) and durable (fsync of the file or tree, then of
-the folder, around the rename).
+Every write is atomic (a unique temporary renamed into place) and durable (fsyncs around the rename).
 """
 import argparse
 import contextlib
@@ -127,8 +126,7 @@ def lock(out):
 
 
 def unlock(f):
-    """Empty the lock file and release it. The file stays: deleting it would let a process that opened it just
-    before lock an inode that no longer has a name."""
+    """Empty the lock file and release it; it stays (deleted, a process that opened it just before locks no name)."""
     f.truncate(0)
     f.flush()
     fcntl.flock(f, fcntl.LOCK_UN)

@@ -53,14 +53,13 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def policy_config(tokenizer) -> dict:
     """A 126k-parameter 2-layer Llama config dict (the keys of `LlamaConfig(...).to_dict()`) for `tokenizer`."""
-    return dict(
-        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=len(tokenizer), hidden_size=64,
-        intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        hidden_act="silu", max_position_embeddings=64, initializer_range=0.02, rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attention_bias=False, mlp_bias=False,
-        attention_dropout=0.0, tie_word_embeddings=False, use_cache=True, dtype="float32",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+    return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=len(tokenizer), hidden_size=64,
+                intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                hidden_act="silu", max_position_embeddings=64, initializer_range=0.02, rms_norm_eps=1e-5,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attention_bias=False, mlp_bias=False,
+                attention_dropout=0.0, tie_word_embeddings=False, use_cache=True, dtype="float32",
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
 
 
 def make_prompts(n: int, seed: int) -> list[str]:

@@ -18,7 +18,6 @@ GROUPS = []  # folders of the iterate.py runs in progress in this process (their
 
 class Tracker:
     """One stage's run in TensorBoard or wandb; for an iterate.py run (`group`), the name its stages are grouped by."""
-
     def __init__(self, report_to, out, config, resume=False, group=False):
         self.report_to, self.out, self.config, self.writer = report_to, out, config, None
         self.group = os.path.abspath(out) if group else None
