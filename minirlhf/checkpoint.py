@@ -2,10 +2,9 @@
 
 `load_model` reads `config.json` and `model.safetensors` (or the shards of `model.safetensors.index.json`)
 straight into our modules, built on the meta device (no random init, no `transformers` model in between).
-`save_model` writes the same layout back (sharded above `max_shard_bytes`) with the tokenizer, for
-`transformers.AutoModelForCausalLM` / `AutoModelForSequenceClassification`; into a temporary folder, fsynced and
-renamed into place, so a killed run never leaves a half-written output. `save_training_state` /
-`load_training_state`: what `--resume` needs, each rank's optimizer shard and RNG state and the step.
+`save_model` writes the same layout back (sharded above `max_shard_bytes`) with the tokenizer, for `transformers`'
+AutoModelFor*, into a temporary folder fsynced and renamed into place: a killed run leaves no half-written output.
+`save_training_state` / `load_training_state`: what `--resume` needs (optimizer shards, RNG states, the step).
 """
 import json
 import os
@@ -119,16 +118,14 @@ def hf_config_for(model, tokenizer=None, dtype=None) -> dict:
 
 def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=5 * 2**30, extra_files=None,
                dtype=None, adapter=None):
-    """Write `model` (or a gathered full `state_dict` of it) as a Hugging Face folder, atomically, in `dtype`
-    (default: the tensors' own); `extra_files` {file name: JSON-able object} go into the same folder. `adapter`: a
-    LoRA model's state dict, its adapter written beside (lora.write_adapter; an empty `state_dict`: it alone)."""
+    """`model` (or a gathered full `state_dict`) as a Hugging Face folder in `dtype` (default: its own), atomically,
+    with `extra_files` {name: JSON object}; `adapter`: a LoRA state dict, its adapter beside (or alone: empty state)."""
     state = state_dict if state_dict is not None else model.state_dict()
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
     dtype = next(iter(state.values())).dtype if state else dtype
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
         with writing(out_dir):  # disk full: an error naming the folder, and no temporary left

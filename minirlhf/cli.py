@@ -23,9 +23,8 @@ MIN_STEPS = 10  # fewer optimizer steps than this train almost nothing at the pa
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the docstring's layout and shows each flag's default, unless its help already says what it is."""
     def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is not None and action.default is not False and action.default != argparse.SUPPRESS \
-                and "default" not in text:
+        text, default = action.help or "", action.default
+        if default is not None and default is not False and default != argparse.SUPPRESS and "default" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -152,8 +151,7 @@ def warn_few_steps(total_steps, batch_size, grad_accum, world_size, n_examples, 
 
 
 class Progress:
-    """Progress of a stage, on rank 0: a tqdm bar when stdout is a terminal, else (a log file) a plain line
-    "NAME: k/total ..." at every tenth of the total, so that a log shows every stage moving."""
+    """A stage's progress on rank 0: a tqdm bar on a terminal, else (a log) a line "NAME: step k/total" every tenth."""
     def __init__(self, name, total, initial=0, unit="step"):
         self.name, self.total, self.done, self.unit, self.start = name, total, initial, unit, time.time()
         self.show, self.every = dist.is_main(), max(1, total // 10)

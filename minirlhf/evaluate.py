@@ -1,8 +1,7 @@
 """Measure a policy on held-out prompts: proxy and gold reward, win rate, length, and KL to the reference.
 
-Dong et al. 2024's KL-regularised objective (eq. 3: max_pi E[r(x, y)] - eta KL(pi || pi_0)) is judged by both
-terms; the built-in task's gold reward also shows over-optimisation (the proxy rises, gold stalls). KL(pi || pi_ref)
-~ mean_x [log pi(y | x) - log pi_ref(y | x)], y ~ pi at temperature 1, log pi from the sampler.
+Dong et al. 2024's objective (eq. 3: max_pi E[r(x, y)] - eta KL(pi || pi_0)) is judged by both terms, KL(pi ||
+pi_ref) ~ mean_x [log pi(y | x) - log pi_ref(y | x)], y ~ pi; gold reward also shows over-optimisation.
 """
 import time
 
@@ -51,9 +50,8 @@ COLUMNS = ["gold_reward", "gold_win_rate", "proxy_reward", "length", "kl_to_ref"
 
 def evaluate_iterations(out, iterations, sft_dir, offline_dir, tokenizer, prompts, reward_fn, max_new_tokens, seed=0,
                         gold_fn=None, device="cpu", proxy_scale=1.0, start=None):
-    """iterate.py's evaluation of SFT (the reference), offline DPO (if any) and each iteration's policy, with the
-    human labels each cost -> a table on stdout, OUT/summary.json and .png; with gold_fn, also the proxy's accuracy
-    against gold on two fresh samples per prompt of SFT and of the last policy (drifted from the RM's data)."""
+    """iterate.py's evaluation of SFT (the reference), offline DPO and each iteration, with the labels each cost -> a
+    table, OUT/summary.json and .png; gold_fn: the proxy's accuracy on fresh samples of SFT and of the last policy."""
     policies = {"sft": sft_dir, **({"offline_dpo": offline_dir} if offline_dir else {}),
                 **{f"iter{t}": f"{out}/iter{t}/policy" for t in range(1, iterations + 1)}}
     ref_model = load_model(sft_dir, device=device).eval()
@@ -78,9 +76,8 @@ def evaluate_iterations(out, iterations, sft_dir, offline_dir, tokenizer, prompt
         proxy = reward_fn(prompts + prompts, [[r] for r in a + b])
         gold = [(gold_fn(p, x), gold_fn(p, y)) for p, x, y in zip(prompts, a, b)]
         agree = [(proxy[i][0] > proxy[i + len(a)][0]) == (ga > gb) for i, (ga, gb) in enumerate(gold) if ga != gb]
-        acc, n = sum(agree) / max(len(agree), 1), len(agree)  # gold ties excluded
-        summary[f"reward_model_gold_accuracy_{name}"] = acc
-        print(f"reward model accuracy against gold labels on held-out {name} pairs: {acc:.3f} ({n} pairs)")
+        summary[f"reward_model_gold_accuracy_{name}"] = acc = sum(agree) / max(len(agree), 1)  # gold ties excluded
+        print(f"reward model accuracy against gold labels on held-out {name} pairs: {acc:.3f} ({len(agree)} pairs)")
     columns = [c for c in COLUMNS if any(c in m for m in rows.values())]
     print(f"{'policy':12s}" + "".join(f"{c:>15s}" for c in columns))
     for name, m in rows.items():

@@ -26,8 +26,7 @@ def naive_token_logps(h, weight, labels, ignore_index=IGNORE_INDEX, chunk_size=N
     logits = F.linear(h, weight)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 stays fp64, for gradcheck)
     valid = labels != ignore_index
-    logps = logits.log_softmax(-1).gather(-1, labels.where(valid, 0).unsqueeze(-1)).squeeze(-1)
-    return logps * valid
+    return logits.log_softmax(-1).gather(-1, labels.where(valid, 0).unsqueeze(-1)).squeeze(-1) * valid
 
 
 class _FusedTokenLogps(torch.autograd.Function):
@@ -36,8 +35,7 @@ class _FusedTokenLogps(torch.autograd.Function):
     def forward(ctx, h, weight, labels, ignore_index, chunk_size, shape):
         # backward reruns its matmuls under forward's autocast state (bf16 on one GPU), so the recomputed logits
         # match lse: torch.amp.custom_fwd / custom_bwd, but for h's device type (they take one fixed device_type)
-        device_type = h.device.type
-        ctx.device_type = device_type
+        ctx.device_type = device_type = h.device.type
         ctx.autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         acc = torch.promote_types(h.dtype, torch.float32)  # fp32 for bf16/fp16/fp32 inputs
         # only rows with a label cost a matmul (prompt and padding do not); nonzero is a sync point on GPU
@@ -94,9 +92,8 @@ class _FusedTokenLogps(torch.autograd.Function):
 
 
 def fused_token_logps(h, weight, labels, ignore_index=IGNORE_INDEX, chunk_size=1024):
-    """log_softmax(h @ weight.T).gather(-1, labels) in chunks of rows (`naive_token_logps`): h (..., D) final hidden
-    states, weight (V, D) output embedding (h's dtype), labels (...) target ids, `ignore_index` where skipped ->
-    (...) fp32 (fp64 for fp64 inputs) log-probs, 0 where ignored."""
+    """log_softmax(h @ weight.T).gather(-1, labels) in chunks of rows: h (..., D), weight (V, D) (h's dtype), labels
+    (...) -> (...) fp32 (fp64 for fp64 inputs) log-probs, 0 where labels == ignore_index. As `naive_token_logps`."""
     return _FusedTokenLogps.apply(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1), ignore_index,
                                   max(1, int(chunk_size)), labels.shape)
 

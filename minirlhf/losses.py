@@ -1,8 +1,7 @@
 """The losses of reward modelling and direct preference optimisation, one pure function each.
 
 Every preference loss maps per-pair tensors (B,) to per-pair losses (B,), never a mean: the mean over a whole
-gradient-accumulation window (and over ranks) is taken once, by `window_mean`. Sequence log-probs `logps` come
-from `logprobs.sequence_logps` (summed over response tokens, or length-normalised with `average=True`).
+gradient-accumulation window (and ranks) is taken once, by `window_mean`. `logps`: `logprobs.sequence_logps`.
 - `bradley_terry_loss`: reward model (Bradley & Terry 1952; Ouyang et al. 2022; Dong et al. 2024, eq. 2).
 - `regression_loss`: HelpSteer2's multi-attribute regression reward model (Wang et al. 2024, sec. 3).
 - `pairwise_preference_loss`, `preference_probability`: RLHFlow's pairwise preference model (Dong et al. 2024,
@@ -36,9 +35,8 @@ def pairwise_preference_loss(chosen_first_label_logps, chosen_second_label_logps
 
 
 def preference_probability(label_logps_ab, label_logps_ba):
-    """P(a better than b) from a pairwise preference model, (B, 2) x 2 -> (B,): the log-probs of the tokens ("A",
-    "B") with a shown first, and with b first. Each order is renormalised over the two labels, p("A") =
-    sigmoid(l_A - l_B), and the orders averaged: P(a > b) = 1/2 [p_ab("A") + 1 - p_ba("A")]."""
+    """P(a better than b), (B, 2) x 2 -> (B,), from the log-probs of ("A", "B") with a shown first and with b first:
+    each order renormalised, p("A") = sigmoid(l_A - l_B), then averaged: P(a > b) = 1/2 [p_ab("A") + 1 - p_ba("A")]."""
     p_first_ab = (label_logps_ab[:, 0] - label_logps_ab[:, 1]).sigmoid()
     p_first_ba = (label_logps_ba[:, 0] - label_logps_ba[:, 1]).sigmoid()
     return 0.5 * (p_first_ab + 1 - p_first_ba)
@@ -78,8 +76,7 @@ def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
     margin exceeds 1 / beta. label_smoothing is unused. Outputs as `dpo_loss`."""
     chosen_rewards, rejected_rewards = _implicit_rewards(policy_chosen_logps, policy_rejected_logps,
                                                          ref_chosen_logps, ref_rejected_logps, beta)
-    losses = F.relu(1 - (chosen_rewards - rejected_rewards))
-    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+    return F.relu(1 - (chosen_rewards - rejected_rewards)), chosen_rewards.detach(), rejected_rewards.detach()
 
 
 # --loss-type name -> loss function; all share dpo_loss's signature and outputs

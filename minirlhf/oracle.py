@@ -1,14 +1,13 @@
 """The preference oracle queried during the loop: online labels that follow the policy.
 
-Dong et al. 2024 (Algorithm 1) and Xiong et al. 2024 (ICML, online iterative GSHF, Sec. 3) query the oracle
-P(a > b | x) on the current policy's samples; the RLHF Workflow paper stands a proxy reward model in for it, as
-labels are expensive. `iterate.py --labels-per-iteration K` shows it one pair for K prompts per iteration and
-refits the reward model on all labels so far. An oracle is f(prompts, responses_a, responses_b) -> [P(a preferred
-to b)] (0/1 for a hard judge), a label one seeded Bernoulli draw (like a noisy human): "builtin" (the task's
-annotators) or "module:function" (an LLM judge, a labelling tool). The pair shown (`--label-pair`): `max_min`,
-the reward model's best vs worst (DPO's pair); `max_random`, its best vs a random other; `random`, two of the
-samples (the built-in default: it measured best, since the reward model's picks aim the labels at its own errors
-and DPO prefers on-policy pairs; README).
+Dong et al. 2024 (Algorithm 1) and Xiong et al. 2024 (online iterative GSHF, Sec. 3) query the oracle P(a > b | x)
+on the current policy's samples (the RLHF Workflow paper's proxy reward model stands in, as labels are expensive).
+`iterate.py --labels-per-iteration K` shows it one pair for K prompts per iteration, refitting the reward model.
+An oracle is f(prompts, responses_a, responses_b) -> [P(a preferred to b)] (0/1 for a hard judge), a label one
+seeded Bernoulli draw (like a noisy human): "builtin" (the task's annotators) or "module:function" (an LLM judge,
+a labelling tool). The pair shown (`--label-pair`): `max_min`, the reward model's best vs worst (DPO's pair);
+`max_random`, its best vs a random other; `random`, two of the samples (the built-in default: it measured best,
+since the reward model's picks aim the labels at its own errors and DPO prefers on-policy pairs; README).
 """
 import math
 import os
@@ -70,8 +69,7 @@ def ask_oracle(oracle, rows, k, rule, path, seed, name="oracle"):
     if not os.path.exists(path) and dist.is_main():
         generator, shown = torch.Generator().manual_seed(seed), []
         for r in rows:
-            pair = pick_label_pair(r["rewards"], r["responses"], rule, generator)
-            if pair is not None:
+            if (pair := pick_label_pair(r["rewards"], r["responses"], rule, generator)) is not None:
                 shown.append((r, *pair))
             if len(shown) == k:
                 break

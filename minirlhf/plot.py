@@ -69,10 +69,9 @@ def plot_stages(plt, kind, stages, path):
 
 
 def plot_summary(rows: dict, path, proxy_scale=1.0):
-    """iterate.py's summary (policy name -> metrics): "sft", "iter1".."iterT" as a path, other rows as reference
-    lines. Left: gold and proxy reward, the proxy times `proxy_scale` (task.TAU puts a calibrated proxy on the gold
-    scale) and shifted to gold at SFT (a BT reward is defined up to a constant): over-optimisation shows as a gap.
-    Middle: KL(pi || pi_0). Right: gold against KL (Gao et al. 2023 in miniature). -> path (None: no matplotlib)."""
+    """iterate.py's summary {policy: metrics}, "sft", "iter1".."iterT" as a path, others as lines. Left: gold and proxy
+    reward times `proxy_scale` (task.TAU: a calibrated proxy), shifted to gold at SFT (a BT reward is defined up to a
+    constant), over-optimisation a gap; middle: KL(pi || pi_0); right: gold against KL (Gao et al. 2023). -> path."""
     if (plt := pyplot()) is None:
         return None
     names = [n for n in rows if n == "sft" or (n.startswith("iter") and n[4:].isdigit())]

@@ -183,8 +183,7 @@ def mark_done(path, info):
 
 
 def nonfinite_message(step, loss, grad_norm, ckpt, saved_step):
-    """A non-finite loss or gradient at `step`: the weights were not updated, and the last checkpoint is good
-    (saved only once the next step came out finite)."""
+    """Non-finite loss or gradient at `step`: no update; the last checkpoint is good (saved after a finite step)."""
     where = (f"resume from the last good checkpoint, {ckpt} (step {saved_step}), with --resume --lr LOWER "
              "--allow-changed-args" if saved_step else "no checkpoint was saved yet: rerun with a lower --lr")
     return (f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; stopped before updating the weights. "

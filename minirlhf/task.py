@@ -3,10 +3,9 @@ demonstrations, human preferences and the hidden true quality.
 
 The user names a few distinct letters; the assistant must say each exactly once and nothing else
 ("c j f h o p" -> "c f h j o p"; any order scores the same, writers sort).
-- Gold reward, hidden from the learner: r*(x, y) = (hits - EXTRA_PENALTY * (len(y) - hits)) / len(x), hits =
-  |set(y) & set(x)|; 1 exactly for a permutation of x, prompt-dependent and graded so that a label carries
-  information. (A positional task, "reverse the prompt", gave a 2-layer reward model ~50% held-out accuracy from
-  1000-5000 pairs; this content lookup 68% from 1000 pairs, 79% from 2000.)
+- Gold reward, hidden: r*(x, y) = (hits - EXTRA_PENALTY * (len(y) - hits)) / len(x), hits = |set(y) & set(x)|, 1
+  for a permutation of x: graded, so a label carries information. (A positional task, "reverse the prompt", gave a
+  2-layer reward model ~50% held-out accuracy from 1000-5000 pairs; this one 68% from 1000 pairs, 79% from 2000.)
 - Demonstrations: the sorted letters, each replaced w.p. DEMO_NOISE, the length off by one w.p. LENGTH_NOISE. SFT
   learns the noise too: its samples reach ~50% of the best reward, the best of 8 ~90%, the gap to close.
 - Annotators: Bradley-Terry as Dong et al. 2024 assume, P(a > b | x) = sigmoid((r*(x, a) - r*(x, b)) / TAU), TAU =

@@ -3,7 +3,7 @@ metrics.jsonl (at its "step") and the resolved arguments to that tracker. Rank 0
 - tensorboard: events in OUTPUT/tensorboard, a run per stage (of an iterate.py run: named by its folder), the
   arguments as the text summary "args". A resumed stage's events replace the killed run's from its first step.
 - wandb: one run per stage in OUTPUT/wandb, project $WANDB_PROJECT (default "minirlhf"), named by its folder in
-  the iterate.py run and grouped under that run (WANDB_MODE=offline keeps it on disk); a resumed stage is a new run.
+  the iterate.py run and grouped under it (WANDB_MODE=offline: on disk); a resumed stage is a new run.
 The package is imported only when asked for; a missing one stops the run before any work.
 """
 import importlib
