@@ -24,8 +24,7 @@ from minirlhf.model import CausalLM, RewardModel, config_from_hf
 # model_type -> (causal LM class, reward model class) names in transformers
 ARCHITECTURES = {model_type: (f"{name}ForCausalLM", f"{name}ForSequenceClassification") for model_type, name in
                  (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))}
-# heads that the other kind of model does not load: lm_head (a causal LM read as a reward model, or tied embeddings
-# saved twice) and score (a reward model read as a causal LM)
+# heads that the other kind of model does not load (and lm_head: tied embeddings saved twice)
 OTHER_HEADS = ("lm_head.weight", "score.weight", "score.bias")
 
 
@@ -72,8 +71,7 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0, n
         num_labels = len(hf.get("id2label") or [0]) if "SequenceClassification" in str(hf.get("architectures")) else 1
     with torch.device("meta"):
         model = CausalLM(cfg) if kind == "causal" else RewardModel(cfg, num_labels)
-    expected = model.state_dict()
-    state = {}
+    expected, state = model.state_dict(), {}
     for file in weight_files(path):
         try:
             f = safe_open(file, framework="pt", device=str(device))
@@ -187,7 +185,6 @@ def _old_name(out_dir):
 
 
 # Training state beside the model, for --resume: safetensors and JSON only, never pickle.
-
 def weights_dtype(path) -> torch.dtype:
     """The dtype a checkpoint folder's weights are stored in (that of its first tensor, read from the header)."""
     if cfg := lora.read_adapter(path):

@@ -56,8 +56,7 @@ def add_common_arguments(p, batch_size, grad_accum):
     p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) bad rows instead of failing")
     # perplexity filter of --train-data's pairs (a reconstruction of Kutalev & Markoff 2024: minirlhf/perplexity.py)
     p.add_argument("--filter-model", help="the policy that scores perplexities (default: --model)")
-    p.add_argument("--max-perplexity", type=float, help="keep the pairs whose two responses both have perplexity "
-                   "<= X (default: no filter)")
+    p.add_argument("--max-perplexity", type=float, help="keep pairs with both perplexities <= X (default: no filter)")
     p.add_argument("--perplexity-quantile", type=float, help="keep the pairs up to the q-quantile of max(PPL "
                    "chosen, PPL rejected): about a fraction q of them (default: no filter)")
     # optimisation

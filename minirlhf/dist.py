@@ -54,8 +54,8 @@ def cleanup():
 
 
 def apply_fsdp(model, bf16=False):
-    """Shard each block (FSDP gathers one block's weights at a time), then the root: it holds the (possibly tied)
-    output embedding, so the fused log-prob op inside `CausalLM.forward` sees it unsharded. One rank: unchanged."""
+    """Shard each block (gathered one at a time), then the root, whose (maybe tied) output embedding the fused
+    log-prob op inside `CausalLM.forward` then sees whole. One rank: unchanged."""
     if world_size() == 1:
         return model
     mp = MixedPrecisionPolicy(**(dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else {}))

@@ -45,9 +45,6 @@ def evaluate_policy(policy, ref_model, tokenizer, prompts, reward_fn, max_new_to
     return metrics, responses
 
 
-COLUMNS = ["gold_reward", "gold_win_rate", "proxy_reward", "length", "kl_to_ref", "human_labels"]
-
-
 def evaluate_iterations(out, iterations, sft_dir, offline_dir, tokenizer, prompts, reward_fn, max_new_tokens, seed=0,
                         gold_fn=None, device="cpu", proxy_scale=1.0, start=None):
     """iterate.py's evaluation of SFT (the reference), offline DPO and each iteration, with the labels each cost -> a
@@ -78,7 +75,8 @@ def evaluate_iterations(out, iterations, sft_dir, offline_dir, tokenizer, prompt
         agree = [(proxy[i][0] > proxy[i + len(a)][0]) == (ga > gb) for i, (ga, gb) in enumerate(gold) if ga != gb]
         summary[f"reward_model_gold_accuracy_{name}"] = acc = sum(agree) / max(len(agree), 1)  # gold ties excluded
         print(f"reward model accuracy against gold labels on held-out {name} pairs: {acc:.3f} ({len(agree)} pairs)")
-    columns = [c for c in COLUMNS if any(c in m for m in rows.values())]
+    columns = [c for c in ("gold_reward", "gold_win_rate", "proxy_reward", "length", "kl_to_ref", "human_labels")
+               if any(c in m for m in rows.values())]
     print(f"{'policy':12s}" + "".join(f"{c:>15s}" for c in columns))
     for name, m in rows.items():
         print(f"{name:12s}" + "".join(f"{m[c]:15d}" if isinstance(m.get(c), int) else f"{m[c]:15.3f}" if c in m

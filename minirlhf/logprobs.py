@@ -41,8 +41,7 @@ class _FusedTokenLogps(torch.autograd.Function):
         # only rows with a label cost a matmul (prompt and padding do not); nonzero is a sync point on GPU
         rows = (labels != ignore_index).nonzero().squeeze(1)
         h_v, target = h[rows], labels[rows]  # (n, D), (n,)
-        lse = torch.empty(len(rows), dtype=acc, device=h.device)
-        logps = torch.empty(len(rows), dtype=acc, device=h.device)
+        lse, logps = torch.empty(2, len(rows), dtype=acc, device=h.device)  # per labelled row
         for s in range(0, len(rows), chunk_size):
             logits = (h_v[s:s + chunk_size] @ weight.T).to(acc)  # (C, V): the only O(V) tensor alive
             logps[s:s + chunk_size] = logits.gather(1, target[s:s + chunk_size, None]).squeeze(1)

@@ -5,8 +5,7 @@ sqrt(r)), A (r, in) Kaiming-uniform, B (out, r) zero, so the model starts equal 
 model's `score` head) train and are saved, in PEFT's layout: `peft.PeftModel` loads ours, and PEFT's load here.
 QLoRA keeps the frozen block linears in NF4 (QLoRA sec. 3) as bitsandbytes does: the weight flattened row-major in
 blocks of 64, each scaled by 1 / absmax and rounded to the nearest of 16 N(0, 1) quantiles, two codes a byte, high
-nibble first; `double_quant` keeps the absmaxes minus their mean in 8 bits (bitsandbytes' dynamic map, blocks of
-256). The forward dequantises in plain torch (CPU or GPU, no Triton).
+nibble first; `double_quant`: the absmaxes minus their mean in 8 bits (dynamic map, blocks of 256). Plain torch.
 """
 import contextlib
 import json

@@ -72,8 +72,7 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
                label_smoothing=0.0):
-    """SLiC (Zhao et al. 2023) / RSO (Liu et al. 2024): L = max(0, 1 - beta h), h as in `dpo_loss`: zero once the
-    margin exceeds 1 / beta. label_smoothing is unused. Outputs as `dpo_loss`."""
+    """SLiC (Zhao et al. 2023) / RSO (Liu et al. 2024): L = max(0, 1 - beta h), h and outputs as in `dpo_loss`."""
     chosen_rewards, rejected_rewards = _implicit_rewards(policy_chosen_logps, policy_rejected_logps,
                                                          ref_chosen_logps, ref_rejected_logps, beta)
     return F.relu(1 - (chosen_rewards - rejected_rewards)), chosen_rewards.detach(), rejected_rewards.detach()

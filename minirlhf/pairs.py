@@ -61,8 +61,7 @@ def training_pairs(rows, labels=()) -> list[dict]:
     by_index, labelled, extra = {r["index"]: r for r in rows}, {}, []
     for label in labels:
         record = {c: label.get(c) for c in PAIR_COLUMNS}
-        r = by_index.get(label.get("index"))
-        if r is not None and r["prompt"] == label["prompt"]:
+        if (r := by_index.get(label.get("index"))) is not None and r["prompt"] == label["prompt"]:
             labelled[r["index"]] = record
             r.update(chosen=label["chosen"], rejected=label["rejected"])
         else:

@@ -42,8 +42,7 @@ def find_stages(run_dir):
     paths = glob.glob(os.path.join(run_dir, "**", "metrics.jsonl"), recursive=True)
     for path in sorted(paths, key=lambda p: [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", p)]):
         folder = os.path.dirname(path)
-        args = rundir.read_json(os.path.join(folder, "args.json"))
-        if args is None:
+        if (args := rundir.read_json(os.path.join(folder, "args.json"))) is None:
             continue
         rel, running = os.path.relpath(folder, run_dir), os.path.basename(folder) == rundir.STAGING
         rel = (os.path.dirname(rel) or ".") if running else rel
@@ -59,11 +58,9 @@ def plot_stages(plt, kind, stages, path):
     fig, axes = plt.subplots(1, len(PANELS[kind]), figsize=(4.3 * len(PANELS[kind]), 3.4))
     for ax, key in zip(axes, PANELS[kind]):
         for label, rows in stages.items():
-            points = [(r["step"], r[key]) for r in rows if key in r]
-            if points:
+            if points := [(r["step"], r[key]) for r in rows if key in r]:
                 ax.plot(*zip(*points), label=label)
-        ax.set_xlabel("optimizer step")
-        ax.set_title(f"{kind.replace('_', ' ')}: {key}")
+        ax.set(xlabel="optimizer step", title=f"{kind.replace('_', ' ')}: {key}")
     axes[0].legend(fontsize=7)
     save(plt, fig, path)
 

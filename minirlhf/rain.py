@@ -93,8 +93,7 @@ def similarity_update(path, score, gamma=0.2, threshold=0.95):
     """Siblings X of each path node Y with cos(e_X, e_Y) > threshold move toward s with weight gamma * cos."""
     for parent, node in zip(path, path[1:]):
         for sibling in (c for c in parent.children if c is not node and c.embedding is not None):
-            cos = F.cosine_similarity(sibling.embedding, node.embedding, dim=0).item()
-            if cos > threshold:
+            if (cos := F.cosine_similarity(sibling.embedding, node.embedding, dim=0).item()) > threshold:
                 w = gamma * cos
                 sibling.value, sibling.n = (sibling.value * sibling.n + w * score) / (sibling.n + w), sibling.n + w
 
@@ -213,8 +212,7 @@ def search(model, prompt_ids, evaluate, cfg, generator, stop_ids, sentence_end, 
     def one_search():
         node, path, base = root, [root], len(committed)
         while node.children:  # 1. selection, with dynamic node addition
-            length = SPAN_LENGTHS[min(node.depth + 1, 3)]
-            if needs_child(node, length):
+            if needs_child(node, length := SPAN_LENGTHS[min(node.depth + 1, 3)]):
                 expand(path, 1 if length == 1 else 2, base, keep=1)
             path.append(node := puct_select(node, cfg.c))
             base += len(node.tokens)

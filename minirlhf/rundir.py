@@ -56,8 +56,7 @@ def _fsync(path):
 
 
 def durable_replace(src, dst):
-    """os.replace(src, dst) after src's data is on disk (a file, or every file and folder of a tree), and the
-    rename itself made durable by an fsync of dst's folder: after a power cut dst is old or new, never empty."""
+    """os.replace after fsyncing src (file or tree), then dst's folder: after a power cut dst is old or new, whole."""
     if os.path.isdir(src):
         for root, _, files in os.walk(src, topdown=False):
             for name in files:
@@ -147,8 +146,7 @@ def claim(out, names, published=None):
 
 
 def foreign_files(out):
-    """Top-level names in `out` that this program did not write: not in the manifest, and not a temporary of a
-    name in it (NAME.tmp-xxxx, .NAME.tmp, .NAME.old: what a killed write leaves)."""
+    """Top-level names in `out` neither in the manifest nor a killed write's leftover (NAME.tmp-x, .NAME.tmp/.old)."""
     ours = set(manifest(out)["files"]) | {LOCK, MANIFEST}
     temp = re.compile(r"\.?(.+?)(\.tmp-[0-9a-f]+|\.tmp|\.old)")
     return [n for n in sorted(os.listdir(out)) if n not in ours and not
@@ -221,15 +219,13 @@ class Run:
                 self.tracker.log(metrics)
 
     def publish(self, ckpt, files, keep_checkpoint=True):
-        """Rank 0: OUTPUT becomes the finished run: the checkpoint's model files (hard links, else copies) and
-        `files` ({name: JSON object}) join staging/ with done.json, all moves in (done.json and config.json last),
-        and an earlier publish's other files go; `ckpt` too without `keep_checkpoint` (its optimizer state)."""
+        """Rank 0: OUTPUT becomes the finished run: the checkpoint's model files (linked, else copied) and `files`
+        join staging/, all move in (done.json, config.json last), older published files go, `ckpt` too unless kept."""
         if not dist.is_main():
             return
-        staging = self.staging
         for name in os.listdir(ckpt):
             if not name.startswith(("optimizer.", "rng.", "trainer_state")):
-                src, dst = os.path.join(ckpt, name), os.path.join(staging, name)
+                src, dst = os.path.join(ckpt, name), os.path.join(self.staging, name)
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(dst)
                 try:
@@ -237,21 +233,21 @@ class Run:
                 except OSError:
                     shutil.copy2(src, dst)
         for name, obj in files.items():
-            atomic_write_json(os.path.join(staging, name), obj)
-        names = sorted(set(os.listdir(staging)) | {DONE})
-        atomic_write_json(os.path.join(staging, DONE), {"files": names, **files.get("eval.json", {})})
+            atomic_write_json(os.path.join(self.staging, name), obj)
+        names = sorted(set(os.listdir(self.staging)) | {DONE})
+        atomic_write_json(os.path.join(self.staging, DONE), {"files": names, **files.get("eval.json", {})})
         earlier = manifest(self.out)["published"]
         claim(self.out, names, published=set(earlier) | set(names))  # a kill from here on: all of them are ours
         for name in (DONE, "config.json"):  # not finished, not loadable, until the end
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.out, name))
         for name in sorted(names, key=lambda n: (n == DONE, n == "config.json")):
-            durable_replace(os.path.join(staging, name), os.path.join(self.out, name))
+            durable_replace(os.path.join(self.staging, name), os.path.join(self.out, name))
         for name in set(earlier) - set(names):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.out, name))
         claim(self.out, [], published=names)
-        shutil.rmtree(staging)
+        shutil.rmtree(self.staging)
         if not keep_checkpoint:
             shutil.rmtree(ckpt)
 
@@ -271,10 +267,9 @@ class Run:
 
 
 def start(out, args, names, *, resume=False, overwrite=False, allow_changed_args=False, ignore=(), staged=True):
-    """Take OUTPUT before any work: lock it, refuse foreign files (unless `overwrite`) and changed arguments, claim
-    `names`, record `args`, start the --report-to tracker. staged (train scripts): `resume` continues
-    OUTPUT/checkpoint if any; without it an unfinished run's checkpoint is refused unless `overwrite` (forgetting
-    --resume loses no work), a finished one's cleared. Not staged (iterate.py): args.json compared, rewritten."""
+    """Take OUTPUT before any work: lock, refuse foreign files (unless `overwrite`) and changed arguments, claim
+    `names`, record `args`, start the tracker. staged: `resume` continues OUTPUT/checkpoint; without, an unfinished
+    one is refused unless `overwrite` (a forgotten --resume loses nothing), a finished one cleared. Else: args.json."""
     from minirlhf import tracking  # both import this module
     from minirlhf.checkpoint import recover_dir, step_checkpoints
     out, report_to, ignore = str(out), args.get("report_to"), (*ignore, "report_to")

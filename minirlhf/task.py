@@ -29,8 +29,7 @@ DEMO_NOISE = 0.3  # probability that a writer replaces a letter by a random one
 LENGTH_NOISE = 0.2  # probability that a demonstration drops its last letter or adds a random one
 TAU = 0.1  # annotator temperature, in gold-reward units (a one-letter difference is 0.17 to 0.33)
 
-# One user turn, then the assistant turn closed by eos; the generation prompt opens the assistant turn.
-CHAT_TEMPLATE = (
+CHAT_TEMPLATE = (  # one user turn, then the assistant's closed by eos; the generation prompt opens it
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}<|user|> {{ message['content'] }} "
     "{% elif message['role'] == 'assistant' %}<|assistant|> {{ message['content'] }}{{ eos_token }}"
@@ -44,8 +43,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
                                                  pre_tokenizers.Split(Regex("."), "isolated")])
     tok.add_special_tokens(SPECIAL)  # matched in the raw text before pre-tokenization
-    # no decoder: decode joins tokens with spaces, which is the response format "c f h j o p"
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # no decoder: decode joins tokens with spaces, the response format "c f h j o p"
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
         extra_special_tokens=[USER, ASSISTANT], chat_template=CHAT_TEMPLATE, model_max_length=64)
 

@@ -29,7 +29,6 @@ def pad_token_id(tokenizer) -> int:
 
 
 def as_messages(prompt) -> list[dict]:
-    """A string prompt becomes a single user message."""
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
@@ -57,10 +56,9 @@ def apply_template(tokenizer, messages, add_generation_prompt, chat_template=Non
 
 
 def _encode_content_as_text(tokenizer, messages, render, specials) -> list[int]:
-    """The rendered conversation's ids, special-token strings in message content as text: swapped for private-use
-    placeholders before rendering, so every special string left is the template's own; the text is cut there (as
-    the tokenizer cuts at added tokens) and each piece, its strings back, tokenised with split_special_tokens=True.
-    ValueError when the template changes such content or the tokenizer tokenises text cut there differently."""
+    """The rendered conversation's ids, special-token strings in message content as text: private-use placeholders
+    while rendering (every special string left is the template's own), the text cut there as the tokenizer cuts, and
+    each piece, strings back, tokenised with split_special_tokens=True. ValueError where either step changes them."""
     pattern = re.compile("|".join(map(re.escape, specials)))
     found = []  # found[k]: the special string placeholder k stands for
     def hide(match):
@@ -97,9 +95,8 @@ def encode_prompt(tokenizer, prompt, chat_template=None) -> list[int]:
 
 
 def encode_pair(tokenizer, prompt, response, chat_template=None, whole=False) -> tuple[list[int], list[int]]:
-    """(prompt_ids, response_ids) of the templated conversation, the response (a string or assistant messages) cut
-    after its last EOS (what the policy generates), or with `whole` all the template renders (ChatML's "\n" after
-    <|im_end|> too: what a reward model reads, as in TRL)."""
+    """(prompt_ids, response_ids) of the templated conversation, the response (str or assistant messages) cut after
+    its last EOS (as generated), or with `whole` all the template renders (ChatML's "\n" after it: as RMs read it)."""
     messages = as_messages(prompt)
     response = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
     prompt_ids = encode_prompt(tokenizer, messages, chat_template)
