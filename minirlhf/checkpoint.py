@@ -184,7 +184,6 @@ def _old_name(out_dir):
     return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.old")
 
 
-# Training state beside the model, for --resume: safetensors and JSON only, never pickle.
 def weights_dtype(path) -> torch.dtype:
     """The dtype a checkpoint folder's weights are stored in (that of its first tensor, read from the header)."""
     if cfg := lora.read_adapter(path):

@@ -164,8 +164,7 @@ class Progress:
             self.bar.set_postfix(**info)
         elif self.show and (self.done // self.every > (self.done - k) // self.every or self.done == self.total):
             extra = "".join(f" {key} {value}" for key, value in info.items())
-            print(f"{self.name}: {self.unit} {self.done}/{self.total}{extra} ({time.time() - self.start:.0f} s)",
-                  flush=True)
+            dist.print0(f"{self.name}: {self.unit} {self.done}/{self.total}{extra} ({time.time() - self.start:.0f} s)")
 
     def close(self):
         if self.bar is not None:

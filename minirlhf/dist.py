@@ -1,8 +1,7 @@
 """One code path from a single CPU process to many GPUs and nodes: process groups, FSDP2, gathering.
 
-`python script.py` is rank 0 of 1; under `torchrun` ranks shard every block, then the root, with FSDP2: NCCL on
-CUDA, gloo on CPU, bf16 compute and fp32 gradient reduction on GPU. FSDP averages gradients over ranks, so
-`losses.window_mean` multiplies by `world_size`.
+`python script.py` is rank 0 of 1; under `torchrun` ranks shard every block, then the root, with FSDP2 (NCCL on
+CUDA, gloo on CPU; bf16 compute, fp32 reduction on GPU), which averages gradients: `window_mean` x `world_size`.
 """
 import contextlib
 import os

@@ -1,9 +1,8 @@
 """Per-token log-probs log p(y_t | y_<t) without ever holding the (N, V) logits, and sequence log-probs.
 
 `fused_token_logps(h, W, labels)` equals `naive_token_logps`, log_softmax((h @ W.T).float(), -1).gather(-1, labels)
-(0 where labels == ignore_index); a test holds them equal in values and gradients. The naive form holds several
-(N, V) fp32 tensors: 8 GB each at N = 16k tokens and V = 128256 (Llama 3). The fused op keeps only the per-row
-log-sum-exp between passes:
+(0 where labels == ignore_index), in values and gradients (tested). The naive form holds several (N, V) fp32 tensors:
+8 GB each at N = 16k tokens and V = 128256 (Llama 3); the fused op keeps only the per-row log-sum-exp between passes:
 
     forward   walk the N rows in chunks of C = chunk_size:
               z = h_c @ W.T (C, V) -> lse = logsumexp(z) (fp32) -> logp = z[y] - lse

@@ -116,8 +116,7 @@ def lock(out):
                         "another --output-dir") from None
     f.seek(0)
     if stale := f.read().strip():
-        print(f"note: {path} was left by {stale}, which ended without releasing it (killed?); taking it over",
-              flush=True)
+        dist.print0(f"note: {path} was left by {stale}, which ended without releasing it (killed?); taking it over")
     f.truncate(0)  # "a+": the write below goes to the (new) end
     f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
     f.flush()
