@@ -3,8 +3,8 @@
     python -m minirlhf.plot RUN_DIR      # an iterate.py run, or the folder of one train_dpo.py / train_rm.py run
 
 Every folder in RUN_DIR with a metrics.jsonl and an args.json (a running stage's staging/, labelled "(running)")
-is one line per panel against its optimizer step in sft.png, reward_model.png or dpo.png (`PANELS`), and
-summary.json is summary.png (`plot_summary`), in RUN_DIR/plots/, added to RUN_DIR's manifest.
+is one line per panel against its optimizer step: sft.png (loss, lr, grad norm), reward_model.png (loss, accuracy,
+margin), dpo.png (loss, margin, accuracy); summary.png from summary.json; in RUN_DIR/plots/, added to its manifest.
 """
 import argparse
 import glob
