@@ -1,13 +1,10 @@
 """Hugging Face checkpoint folders in and out, with `safetensors` only, and atomic writes.
 
-`load_model` reads `config.json` and `model.safetensors` (or the shards listed in
-`model.safetensors.index.json`) straight into our modules: the network is built on the meta device (no random
-init, no `transformers` model in between) and the tensors are assigned in the dtype and on the device asked for.
-`save_model` writes the same layout back (sharded above `max_shard_bytes`), with the tokenizer, so
-`transformers.AutoModelForCausalLM` / `AutoModelForSequenceClassification` load what we save. Every write goes
-to a temporary path first, is fsynced and renamed into place, so a killed run never leaves a half-written output.
-`save_training_state` / `load_training_state` keep what `--resume` needs beside the model: each rank's optimizer
-shard and RNG state (safetensors) and the step (JSON).
+`load_model` reads `config.json` and `model.safetensors` (or the shards of `model.safetensors.index.json`)
+straight into our modules, built on the meta device (no random init, no `transformers` model in between).
+`save_model` writes the same layout back (sharded above `max_shard_bytes`) with the tokenizer, for `transformers`'
+AutoModelFor*, into a temporary folder fsynced and renamed into place: a killed run leaves no half-written output.
+`save_training_state` / `load_training_state`: what `--resume` needs (optimizer shards, RNG states, the step).
 """
 import json
 import os
@@ -24,16 +21,10 @@ from minirlhf import dist, lora
 from minirlhf.rundir import UserError, atomic_write_json, claim, durable_replace, manifest, read_json, writing
 from minirlhf.model import CausalLM, RewardModel, config_from_hf
 
-ARCHITECTURES = {  # model_type -> (causal LM class, reward model class) names in transformers
-    "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
-    "mistral": ("MistralForCausalLM", "MistralForSequenceClassification"),
-    "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
-    "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
-}
-
-
-# heads a checkpoint may carry that the other kind of model does not load: lm_head (a causal LM read as a reward
-# model, or tied embeddings saved twice) and score (a reward model read as a causal LM)
+# model_type -> (causal LM class, reward model class) names in transformers
+ARCHITECTURES = {model_type: (f"{name}ForCausalLM", f"{name}ForSequenceClassification") for model_type, name in
+                 (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))}
+# heads that the other kind of model does not load (and lm_head: tied embeddings saved twice)
 OTHER_HEADS = ("lm_head.weight", "score.weight", "score.bias")
 
 
@@ -43,8 +34,7 @@ def read_config(path) -> dict:
         raise UserError(f"{path}: no such folder (expected a Hugging Face checkpoint folder)")
     if not os.path.isfile(config_path):
         raise UserError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
-    with open(config_path) as f:
-        return json.load(f)
+    return read_json(config_path)
 
 
 def weight_files(path) -> list[str]:
@@ -53,16 +43,14 @@ def weight_files(path) -> list[str]:
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise UserError(f"{index}: no \"weight_map\" {{tensor name: shard file}}")
         shards = sorted(set(weight_map.values()))
-        outside = [s for s in shards if os.path.isabs(s) or os.path.normpath(s).startswith("..")]
-        if outside:  # a shard path is a name inside the folder, never a way to read other files
+        # a shard path is a name inside the folder, never a way to read other files
+        if outside := [s for s in shards if os.path.isabs(s) or os.path.normpath(s).startswith("..")]:
             raise UserError(f"{index}: shard path(s) outside the checkpoint folder: {outside}")
-        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
-        if missing:
+        if missing := [s for s in shards if not os.path.isfile(os.path.join(path, s))]:
             raise UserError(f"{index}: lists shard(s) that do not exist: {missing}")
         return [os.path.join(path, s) for s in shards]
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json "
@@ -70,13 +58,9 @@ def weight_files(path) -> list[str]:
 
 
 def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0, num_labels=None):
-    """Load a checkpoint as a `CausalLM` (kind="causal") or a `RewardModel` (kind="reward").
-
-    A reward model may start from a causal LM checkpoint: the backbone is loaded and the new `score` head is
-    drawn from N(0, initializer_range^2) with a generator seeded by `seed`, as `transformers` initialises it.
-    A PEFT LoRA adapter folder (adapter_config.json, no config.json) loads as its base with the adapter merged.
-    Its outputs: `num_labels`, else those of a *ForSequenceClassification checkpoint's id2label, else 1.
-    """
+    """A checkpoint as a `CausalLM` (kind="causal") or a `RewardModel` (kind="reward") of `num_labels` outputs, else
+    a *ForSequenceClassification's id2label's, else 1; a new `score` head ~ N(0, initializer_range^2) seeded by `seed`
+    (as in `transformers`). A PEFT LoRA adapter folder (adapter_config.json, no config.json): its base, merged."""
     if cfg := lora.read_adapter(path):
         model = lora.add_lora(load_model(cfg["base_model_name_or_path"], kind, dtype, device, seed), cfg["r"],
                               cfg.get("lora_alpha", 8), cfg["target_modules"], rslora=cfg.get("use_rslora", False))
@@ -87,10 +71,13 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0, n
         num_labels = len(hf.get("id2label") or [0]) if "SequenceClassification" in str(hf.get("architectures")) else 1
     with torch.device("meta"):
         model = CausalLM(cfg) if kind == "causal" else RewardModel(cfg, num_labels)
-    expected = model.state_dict()
-    state = {}
+    expected, state = model.state_dict(), {}
     for file in weight_files(path):
-        with _open_safetensors(file, device) as f:
+        try:
+            f = safe_open(file, framework="pt", device=str(device))
+        except (SafetensorError, OSError) as e:  # its own message names no file
+            raise UserError(f"{file}: not a readable safetensors file (truncated or empty?): {e}") from None
+        with f:
             for name in f.keys():
                 if name not in expected:
                     if name in OTHER_HEADS or name.endswith("rotary_emb.inv_freq"):
@@ -103,30 +90,19 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0, n
                                     f"{tuple(expected[name].shape)}")
                 state[name] = tensor.to(dtype)
     if kind == "reward" and "score.weight" not in state:
-        std = hf.get("initializer_range", 0.02)
-        generator = torch.Generator().manual_seed(seed)
-        state["score.weight"] = (torch.randn(num_labels, cfg.hidden_size, generator=generator) * std).to(dtype).to(
-            device)
-    missing = [name for name in expected if name not in state]
-    if missing:
+        score = torch.randn(num_labels, cfg.hidden_size, generator=torch.Generator().manual_seed(seed))
+        state["score.weight"] = (score * hf.get("initializer_range", 0.02)).to(dtype).to(device)
+    if missing := [name for name in expected if name not in state]:
         raise UserError(f"{path}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(state, assign=True, strict=True)
     return model
 
 
-def _open_safetensors(file, device):
-    try:
-        return safe_open(file, framework="pt", device=str(device))
-    except (SafetensorError, OSError) as e:  # its own message names no file
-        raise UserError(f"{file}: not a readable safetensors file (truncated or empty?): {e}") from None
-
-
 def hf_config_for(model, tokenizer=None, dtype=None) -> dict:
-    cfg = model.config
-    hf = dict(cfg.hf)
+    hf = dict(model.config.hf)
     hf.pop("auto_map", None)  # remote-code classes of the input checkpoint: what we save is plain transformers
     is_reward = isinstance(model, RewardModel)
-    hf["architectures"] = [ARCHITECTURES[cfg.model_type][1 if is_reward else 0]]
+    hf["architectures"] = [ARCHITECTURES[model.config.model_type][1 if is_reward else 0]]
     if dtype is not None:
         hf["dtype"] = str(dtype).removeprefix("torch.")
     if is_reward:  # K > 1: the attribute names a regression model's config carries (train_rm.py)
@@ -140,30 +116,27 @@ def hf_config_for(model, tokenizer=None, dtype=None) -> dict:
 
 def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=5 * 2**30, extra_files=None,
                dtype=None, adapter=None):
-    """Write `model` (or a gathered full `state_dict` of it) as a Hugging Face folder, atomically, in `dtype`
-    (default: the tensors' own); `extra_files` {file name: JSON-able object} go into the same folder. `adapter`: a
-    LoRA model's state dict, its adapter written beside (lora.write_adapter; an empty `state_dict`: it alone)."""
+    """`model` (or a gathered full `state_dict`) as a Hugging Face folder in `dtype` (default: its own), atomically,
+    with `extra_files` {name: JSON object}; `adapter`: a LoRA state dict, its adapter beside (or alone: empty state)."""
     state = state_dict if state_dict is not None else model.state_dict()
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
     dtype = next(iter(state.values())).dtype if state else dtype
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
         with writing(out_dir):  # disk full: an error naming the folder, and no temporary left
             if adapter is not None:
                 lora.write_adapter(tmp, model, adapter, dtype)
-            shards, current, size = [], {}, 0
+            shards, size = [{}], 0
             for name, tensor in state.items():
                 nbytes = tensor.numel() * tensor.element_size()
-                if current and size + nbytes > max_shard_bytes:
-                    shards.append(current)
-                    current, size = {}, 0
-                current[name] = tensor
+                if shards[-1] and size + nbytes > max_shard_bytes:
+                    shards, size = shards + [{}], 0
+                shards[-1][name] = tensor
                 size += nbytes
-            shards.append(current)
+            files = {"config.json": hf_config_for(model, tokenizer, dtype)} if state else {}
             if len(shards) == 1 and state:
                 save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             elif state:
@@ -173,14 +146,10 @@ def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=
                     save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
                     weight_map.update({name: fname for name in shard})
                 total = sum(t.numel() * t.element_size() for t in state.values())
-                with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-            if state:
-                with open(os.path.join(tmp, "config.json"), "w") as f:
-                    json.dump(hf_config_for(model, tokenizer, dtype), f, indent=2)
+                files["model.safetensors.index.json"] = {"metadata": {"total_size": total}, "weight_map": weight_map}
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            for fname, obj in (extra_files or {}).items():
+            for fname, obj in {**files, **(extra_files or {})}.items():
                 with open(os.path.join(tmp, fname), "w") as f:
                     json.dump(obj, f, indent=2)
     except BaseException:
@@ -191,9 +160,8 @@ def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=
 
 
 def replace_dir(tmp, out_dir, keep_as=None):
-    """Move the finished folder `tmp` to `out_dir`. An existing `out_dir` is first renamed to `.NAME.old` beside
-    it and deleted afterwards (or renamed to `keep_as`); after a kill between the two renames `recover_dir` puts
-    it back."""
+    """Move the finished folder `tmp` to `out_dir`; an existing `out_dir` is renamed to `.NAME.old` first, then
+    deleted (or renamed to `keep_as`); after a kill between the two renames `recover_dir` puts it back."""
     old = _old_name(out_dir)
     if os.path.exists(old):
         shutil.rmtree(old)
@@ -216,8 +184,6 @@ def _old_name(out_dir):
     return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.old")
 
 
-# Training state beside the model, for --resume: safetensors and JSON only, never pickle.
-
 def weights_dtype(path) -> torch.dtype:
     """The dtype a checkpoint folder's weights are stored in (that of its first tensor, read from the header)."""
     if cfg := lora.read_adapter(path):
@@ -233,11 +199,9 @@ def rng_state():
 
 def save_training_state(policy, optimizer, tokenizer, output_dir, train_state, extra_files=None, dtype=None, keep=1,
                         merge=False, rng=None):
-    """OUTPUT/checkpoint: HF model (rank 0, in `dtype`: a run's final save keeps the input's, mid-run ones the fp32
-    master weights --resume needs), optimizer shard and RNG state per rank, trainer_state.json. Written in a
-    temporary folder renamed into place, so a kill at any moment leaves the previous checkpoint whole. `keep` > 1
-    (--save-total-limit): the previous one stays as OUTPUT/checkpoint-STEP, the oldest beyond keep - 1 go. A LoRA
-    policy saves its adapter, with `merge` the merged model too. `rng`: the RNG state to resume from (default: now)."""
+    """OUTPUT/checkpoint, replaced whole: HF model (rank 0, in `dtype`; mid-run the fp32 master weights), optimizer
+    shard and RNG state (`rng`, default: now) per rank, trainer_state.json. `keep` > 1: the previous one stays as
+    OUTPUT/checkpoint-STEP, the oldest beyond keep - 1 go. A LoRA policy saves its adapter (`merge`: merged too)."""
     adapted = hasattr(policy, "lora_config")  # lora.add_lora
     full = dist.full_state_dict(policy, None if merge or not adapted else lora.trainable_names(policy))  # collective
     name = dist.all_gather_objects(uuid.uuid4().hex[:8])[0]
@@ -275,13 +239,12 @@ def step_checkpoints(output_dir) -> list[str]:
 
 def load_training_state(policy, optimizer, ckpt, device):
     """This rank's optimizer shard (back into DTensors under FSDP) and RNG state; returns trainer_state."""
-    rank = dist.get_rank()
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         train_state = json.load(f)
     if train_state["world_size"] != dist.world_size():
         raise UserError(f"{ckpt} was saved by {train_state['world_size']} ranks, each with its own optimizer "
                         f"shard: resume with the same world size (got {dist.world_size()})")
-    saved = load_file(os.path.join(ckpt, f"optimizer.rank{rank}.safetensors"))
+    saved = load_file(os.path.join(ckpt, f"optimizer.rank{dist.get_rank()}.safetensors"))
     for name, p in policy.named_parameters():
         state = {k.rsplit("/", 1)[1]: v for k, v in saved.items() if k.rsplit("/", 1)[0] == name}
         for k, v in state.items():
@@ -291,7 +254,7 @@ def load_training_state(policy, optimizer, ckpt, device):
                     if isinstance(p, DTensor) else v
         if state:
             optimizer.state[p] = state
-    rng = load_file(os.path.join(ckpt, f"rng.rank{rank}.safetensors"))
+    rng = load_file(os.path.join(ckpt, f"rng.rank{dist.get_rank()}.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

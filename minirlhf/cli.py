@@ -1,9 +1,8 @@
 """The command line shared by train_rm.py and train_dpo.py: one vocabulary, one behaviour, defaults in --help.
 
 Both trainers read the same data flags, split off the same held-out set, save the same way and start from the
-same seed, so a flag learnt on one means the same on the other. Flag names must survive `torchrun`, which
-prefix-matches every option, even those after the script's name: an abbreviation of two torchrun options (`--n`)
-is an error before the script starts (tests/test_cli.py runs each flag through torchrun's own parser).
+same seed. Flag names must survive `torchrun`, which prefix-matches every option, even after the script's name:
+an abbreviation of two torchrun options (`--n`) fails before the script starts (tests/test_cli.py checks each).
 """
 import argparse
 import os
@@ -22,13 +21,10 @@ MIN_STEPS = 10  # fewer optimizer steps than this train almost nothing at the pa
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the docstring's layout (its command lines) and shows each flag's default, unless its help already
-    says what happens when it is unset."""
-
+    """Keeps the docstring's layout and shows each flag's default, unless its help already says what it is."""
     def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is not None and action.default is not False and action.default != argparse.SUPPRESS \
-                and "default" not in text:
+        text, default = action.help or "", action.default
+        if default is not None and default is not False and default != argparse.SUPPRESS and "default" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -42,35 +38,29 @@ def add_common_arguments(p, batch_size, grad_accum):
     """The flags train_rm.py and train_dpo.py share (each adds its own objective and optimiser flags)."""
     # models and data
     p.add_argument("--model", required=True, help="starting checkpoint folder (Hugging Face layout)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
-    p.add_argument("--chat-template", default=None, help="Jinja chat template file overriding the tokenizer's "
-                                                         "(default: the tokenizer's own)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
+    p.add_argument("--chat-template", help="Jinja chat template file (default: the tokenizer's own)")
     p.add_argument("--train-data", required=True, help="training data: .json/.jsonl/.parquet, save_to_disk folder "
                                                        "or hub:NAME (formats: see minirlhf/data.py)")
     p.add_argument("--train-split", default="train", help="split of --train-data (hub datasets / DatasetDicts)")
-    p.add_argument("--eval-data", default=None, help="held-out data in the same format (default: a --eval-fraction "
-                                                     "of --train-data)")
+    p.add_argument("--eval-data", help="held-out data, same format (default: a --eval-fraction of --train-data)")
     p.add_argument("--eval-split", default="test", help="split of --eval-data")
-    p.add_argument("--eval-fraction", type=float, default=0.05,
-                   help="hold out this fraction of --train-data for evaluation when there is no --eval-data")
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="held-out fraction without --eval-data")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
     p.add_argument("--output-dir", required=True, help="output folder: the model (HF layout), logs, checkpoint/")
     p.add_argument("--prompt-column", default="prompt", help="prompt column (string or chat messages)")
     p.add_argument("--chosen-column", default="chosen", help="preferred response column")
     p.add_argument("--rejected-column", default="rejected", help="dispreferred response column")
     p.add_argument("--max-length", type=int, default=4096, help="prompt + response tokens (responses are cut)")
-    p.add_argument("--max-prompt-length", type=int, default=None, help="longer prompts are bad rows (default: "
-                                                                       "--max-length / 4)")
+    p.add_argument("--max-prompt-length", type=int, help="longer prompts are bad rows (default: --max-length / 4)")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) bad rows instead of failing")
     # perplexity filter of --train-data's pairs (a reconstruction of Kutalev & Markoff 2024: minirlhf/perplexity.py)
-    p.add_argument("--filter-model", default=None, help="the policy that scores perplexities (default: --model)")
-    p.add_argument("--max-perplexity", type=float, default=None, help="keep the pairs whose two responses both have "
-                                                                      "perplexity <= X (default: no filter)")
-    p.add_argument("--perplexity-quantile", type=float, default=None, help="keep the pairs up to the q-quantile of "
-                   "max(PPL chosen, PPL rejected): about a fraction q of them (default: no filter)")
+    p.add_argument("--filter-model", help="the policy that scores perplexities (default: --model)")
+    p.add_argument("--max-perplexity", type=float, help="keep pairs with both perplexities <= X (default: no filter)")
+    p.add_argument("--perplexity-quantile", type=float, help="keep the pairs up to the q-quantile of max(PPL "
+                   "chosen, PPL rejected): about a fraction q of them (default: no filter)")
     # optimisation
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs; sizes the "
-                                                               "schedule)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs; sizes the schedule)")
     p.add_argument("--batch-size", type=positive_int, default=batch_size, help="pairs (SFT: sequences) per "
                                                                                "micro-batch per rank")
     p.add_argument("--grad-accum", type=positive_int, default=grad_accum, help="micro-batches per optimizer step")
@@ -78,15 +68,13 @@ def add_common_arguments(p, batch_size, grad_accum):
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--seed", type=int, default=0, help="data order, eval split and new weights (iterate.py's too)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
-    p.add_argument("--name", default=None, help="label of the progress lines (default: the objective)")
+    p.add_argument("--name", help="label of the progress lines (default: the objective)")
     # checkpoints and the output folder (minirlhf/rundir.py)
     p.add_argument("--save-steps", type=int, default=500, help="save OUTPUT/checkpoint every N steps (0: at the end)")
     p.add_argument("--save-total-limit", type=positive_int, default=1, help="checkpoints kept while training: "
                    "OUTPUT/checkpoint (the latest, which --resume reads) and the N-1 before it as checkpoint-STEP/")
-    p.add_argument("--save-dtype", default="input", choices=list(SAVE_DTYPES),
-                   help="dtype of the saved weights: that of the --model checkpoint, or the one named")
-    p.add_argument("--keep-optimizer", action="store_true", help="keep OUTPUT/checkpoint's optimizer shards after "
-                   "a finished run (to train on with --resume); by default they are deleted")
+    p.add_argument("--save-dtype", default="input", choices=list(SAVE_DTYPES), help="weights' dtype (input: --model's)")
+    p.add_argument("--keep-optimizer", action="store_true", help="keep the finished run's optimizer (for --resume)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if there is one")
     p.add_argument("--allow-changed-args", action="store_true", help="with --resume: continue although arguments "
                    "that change results differ from the recorded ones (e.g. a lower --lr after a non-finite loss)")
@@ -102,7 +90,7 @@ def add_lora_arguments(p):
     g = p.add_argument_group("LoRA and QLoRA (minirlhf/lora.py)")
     g.add_argument("--lora-rank", type=int, default=0, help="train rank-r LoRA adapters on the frozen base instead of "
                    "every weight (0: full fine-tuning); OUTPUT then holds a PEFT adapter")
-    g.add_argument("--lora-alpha", type=float, default=None, help="updates scaled by alpha / rank (default: rank)")
+    g.add_argument("--lora-alpha", type=float, help="updates scaled by alpha / rank (default: rank)")
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(rank) instead (rsLoRA)")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
     g.add_argument("--lora-targets", default=lora.DEFAULT_TARGETS, help="comma-separated linear layers to adapt")
@@ -123,8 +111,7 @@ def lora_flags(args):
 def defaults_table(modes):
     """The end of iterate.py's --help: the value each flag left unset takes in each mode ({mode: {dest: value}})."""
     keys = list(dict.fromkeys(k for d in modes.values() for k in d))
-    rows = [["", *modes]] + [[f"--{k.replace('_', '-')}", *(str(d.get(k, "-")) for d in modes.values())]
-                             for k in keys]
+    rows = [["", *modes]] + [[f"--{k.replace('_', '-')}", *(str(d.get(k, "-")) for d in modes.values())] for k in keys]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "defaults of the flags left unset, per mode:\n" + "\n".join(
         "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
@@ -139,8 +126,7 @@ def resolve_common(args):
 
 
 def load_tokenizer(args):
-    """--tokenizer (or --model's) with --chat-template in place of its own, so that every encoding and the saved
-    tokenizer use the same template."""
+    """--tokenizer (or --model's) with --chat-template as its own: every encoding and the saved tokenizer use it."""
     tokenizer = tokenizers.load_tokenizer(args.tokenizer or args.model)
     if args.chat_template:
         if not os.path.isfile(args.chat_template):
@@ -164,15 +150,12 @@ def warn_few_steps(total_steps, batch_size, grad_accum, world_size, n_examples, 
 
 
 class Progress:
-    """Progress of a stage, on rank 0: a tqdm bar when stdout is a terminal, else (a log file) a plain line
-    "NAME: k/total ..." at every tenth of the total, so that a log shows every stage moving."""
-
+    """A stage's progress on rank 0: a tqdm bar on a terminal, else (a log) a line "NAME: step k/total" every tenth."""
     def __init__(self, name, total, initial=0, unit="step"):
         self.name, self.total, self.done, self.unit, self.start = name, total, initial, unit, time.time()
-        self.show = dist.is_main()
+        self.show, self.every = dist.is_main(), max(1, total // 10)
         self.bar = tqdm(total=total, initial=initial, desc=name, unit=unit) if self.show and sys.stdout.isatty() \
             else None
-        self.every = max(1, total // 10)
 
     def update(self, k=1, **info):
         self.done += k
@@ -181,8 +164,7 @@ class Progress:
             self.bar.set_postfix(**info)
         elif self.show and (self.done // self.every > (self.done - k) // self.every or self.done == self.total):
             extra = "".join(f" {key} {value}" for key, value in info.items())
-            print(f"{self.name}: {self.unit} {self.done}/{self.total}{extra} ({time.time() - self.start:.0f} s)",
-                  flush=True)
+            dist.print0(f"{self.name}: {self.unit} {self.done}/{self.total}{extra} ({time.time() - self.start:.0f} s)")
 
     def close(self):
         if self.bar is not None:

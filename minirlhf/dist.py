@@ -1,9 +1,7 @@
 """One code path from a single CPU process to many GPUs and nodes: process groups, FSDP2, gathering.
 
-`python script.py` is rank 0 of 1; `torchrun --nproc_per_node=N [--nnodes M] script.py` starts ranks that shard
-every block and then the root with FSDP2 (`fully_shard`): NCCL on CUDA, gloo on CPU, bf16 compute with fp32
-gradient reduction on GPU. FSDP averages gradients over ranks, so a loss normalised by the global number of pairs
-times `world_size` (`losses.window_mean`) gives the gradient of one process that sees the global batch.
+`python script.py` is rank 0 of 1; under `torchrun` ranks shard every block, then the root, with FSDP2 (NCCL on
+CUDA, gloo on CPU; bf16 compute, fp32 reduction on GPU), which averages gradients: `window_mean` x `world_size`.
 """
 import contextlib
 import os
@@ -55,8 +53,8 @@ def cleanup():
 
 
 def apply_fsdp(model, bf16=False):
-    """Shard each block (FSDP gathers one block's weights at a time), then the root: it holds the (possibly tied)
-    output embedding, so the fused log-prob op inside `CausalLM.forward` sees it unsharded. One rank: unchanged."""
+    """Shard each block (gathered one at a time), then the root, whose (maybe tied) output embedding the fused
+    log-prob op inside `CausalLM.forward` then sees whole. One rank: unchanged."""
     if world_size() == 1:
         return model
     mp = MixedPrecisionPolicy(**(dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else {}))
@@ -74,8 +72,7 @@ def autocast(device):
 
 
 def full_state_dict(model, names=None):
-    """The full (unsharded) state dict (or its entries `names`) on CPU, on every rank: a collective, so every rank
-    must call it."""
+    """The full (unsharded) state dict (or its entries `names`) on CPU, on every rank: a collective."""
     return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu", copy=True)  # all-gather
             for name, t in model.state_dict().items() if names is None or name in names}
 

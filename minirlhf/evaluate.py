@@ -1,9 +1,7 @@
 """Measure a policy on held-out prompts: proxy and gold reward, win rate, length, and KL to the reference.
 
-Dong et al. 2024's KL-regularised objective (their eq. 3: max_pi E[r(x, y)] - eta KL(pi || pi_0)) is judged by
-both terms; with the built-in task's gold reward we also see over-optimisation (the proxy rises, gold stalls).
-KL(pi || pi_ref) ~ mean_x [log pi(y | x) - log pi_ref(y | x)] on the same samples y ~ pi at temperature 1, log pi
-from the sampler and log pi_ref from one forward pass of the reference.
+Dong et al. 2024's objective (eq. 3: max_pi E[r(x, y)] - eta KL(pi || pi_0)) is judged by both terms, KL(pi ||
+pi_ref) ~ mean_x [log pi(y | x) - log pi_ref(y | x)], y ~ pi; gold reward also shows over-optimisation.
 """
 import time
 
@@ -21,9 +19,8 @@ from minirlhf.tokenizer import decode_response, encode_prompt, pad_token_id
 
 def evaluate_policy(policy, ref_model, tokenizer, prompts, reward_fn, max_new_tokens, seed=0, gold_fn=None,
                     baseline_gold=None, batch_size=64):
-    """One sample per prompt at temperature 1 -> (metrics, responses as text). reward_fn: the proxy (as
-    `rewards.load_reward_source`); gold_fn(prompt, response) and baseline_gold (the reference policy's gold rewards)
-    add the gold reward and the gold win rate (ties count one half)."""
+    """One sample per prompt at temperature 1 -> (metrics, responses as text). reward_fn: the proxy; gold_fn(prompt,
+    response) and baseline_gold (the reference policy's) add the gold reward and win rate (ties count one half)."""
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     gen = generate(policy, prompt_ids, max_new_tokens, n=1, temperature=1.0, eos_token_id=tokenizer.eos_token_id,
                    seed=seed, batch_size=batch_size)
@@ -35,8 +32,7 @@ def evaluate_policy(policy, ref_model, tokenizer, prompts, reward_fn, max_new_to
         for i in range(0, len(prompts), batch_size):
             pairs = [Sequence(p, r) for p, r in zip(prompt_ids[i:i + batch_size], response_ids[i:i + batch_size])]
             batch = {k: v.to(device) for k, v in collate_sequences(pairs, pad_token_id(tokenizer)).items()}
-            ref_logps += sequence_logps(ref_model, batch["input_ids"], batch["attention_mask"],
-                                        batch["loss_mask"])[0].tolist()
+            ref_logps += sequence_logps(ref_model, **batch)[0].tolist()
     proxy = [r[0] for r in reward_fn(prompts, [[r] for r in responses])]
     metrics = {"proxy_reward": sum(proxy) / len(proxy), "length": sum(map(len, response_ids)) / len(response_ids),
                "kl_to_ref": sum(p - q for p, q in zip(policy_logps, ref_logps)) / len(prompts)}
@@ -49,15 +45,10 @@ def evaluate_policy(policy, ref_model, tokenizer, prompts, reward_fn, max_new_to
     return metrics, responses
 
 
-COLUMNS = ["gold_reward", "gold_win_rate", "proxy_reward", "length", "kl_to_ref", "human_labels"]
-
-
 def evaluate_iterations(out, iterations, sft_dir, offline_dir, tokenizer, prompts, reward_fn, max_new_tokens, seed=0,
                         gold_fn=None, device="cpu", proxy_scale=1.0, start=None):
-    """iterate.py's evaluation of SFT (the reference), offline DPO (if any) and each iteration's policy, with the
-    human labels each cost -> the table on stdout, OUT/summary.json and OUT/summary.png; with gold_fn, also the
-    proxy's accuracy against gold on two fresh samples per prompt of the SFT policy and of the last one (later
-    policies drift away from the samples the reward model was trained on)."""
+    """iterate.py's evaluation of SFT (the reference), offline DPO and each iteration, with the labels each cost -> a
+    table, OUT/summary.json and .png; gold_fn: the proxy's accuracy on fresh samples of SFT and of the last policy."""
     policies = {"sft": sft_dir, **({"offline_dpo": offline_dir} if offline_dir else {}),
                 **{f"iter{t}": f"{out}/iter{t}/policy" for t in range(1, iterations + 1)}}
     ref_model = load_model(sft_dir, device=device).eval()
@@ -82,10 +73,10 @@ def evaluate_iterations(out, iterations, sft_dir, offline_dir, tokenizer, prompt
         proxy = reward_fn(prompts + prompts, [[r] for r in a + b])
         gold = [(gold_fn(p, x), gold_fn(p, y)) for p, x, y in zip(prompts, a, b)]
         agree = [(proxy[i][0] > proxy[i + len(a)][0]) == (ga > gb) for i, (ga, gb) in enumerate(gold) if ga != gb]
-        acc, n = sum(agree) / max(len(agree), 1), len(agree)  # gold ties excluded
-        summary[f"reward_model_gold_accuracy_{name}"] = acc
-        print(f"reward model accuracy against gold labels on held-out {name} pairs: {acc:.3f} ({n} pairs)")
-    columns = [c for c in COLUMNS if any(c in m for m in rows.values())]
+        summary[f"reward_model_gold_accuracy_{name}"] = acc = sum(agree) / max(len(agree), 1)  # gold ties excluded
+        print(f"reward model accuracy against gold labels on held-out {name} pairs: {acc:.3f} ({len(agree)} pairs)")
+    columns = [c for c in ("gold_reward", "gold_win_rate", "proxy_reward", "length", "kl_to_ref", "human_labels")
+               if any(c in m for m in rows.values())]
     print(f"{'policy':12s}" + "".join(f"{c:>15s}" for c in columns))
     for name, m in rows.items():
         print(f"{name:12s}" + "".join(f"{m[c]:15d}" if isinstance(m.get(c), int) else f"{m[c]:15.3f}" if c in m

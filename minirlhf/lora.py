@@ -3,11 +3,9 @@
 LoRA freezes a linear W (out, in) and learns y = W x + (alpha / r) B A dropout(x) (Hu et al. eq. 3; rsLoRA: alpha /
 sqrt(r)), A (r, in) Kaiming-uniform, B (out, r) zero, so the model starts equal to the base. Only A, B (and a reward
 model's `score` head) train and are saved, in PEFT's layout: `peft.PeftModel` loads ours, and PEFT's load here.
-
 QLoRA keeps the frozen block linears in NF4 (QLoRA sec. 3) as bitsandbytes does: the weight flattened row-major in
 blocks of 64, each scaled by 1 / absmax and rounded to the nearest of 16 N(0, 1) quantiles, two codes a byte, high
-nibble first; `double_quant` keeps the absmaxes minus their mean in 8 bits (bitsandbytes' dynamic map, blocks of
-256). The forward dequantises in plain torch (CPU or GPU, no Triton).
+nibble first; `double_quant`: the absmaxes minus their mean in 8 bits (dynamic map, blocks of 256). Plain torch.
 """
 import contextlib
 import json
@@ -21,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from minirlhf import dist
 from minirlhf.model import CausalLM, RewardModel
-from minirlhf.rundir import UserError
+from minirlhf.rundir import UserError, read_json
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the HF model)
@@ -74,7 +72,6 @@ def nf4_dequantize(q, shape, dtype=torch.float32):
 
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is NF4 buffers (FSDP2 shards parameters only: these stay replicated)."""
-
     def __init__(self, linear: nn.Linear, double_quant=False):
         super().__init__()
         self.in_features, self.out_features, self.bias = linear.in_features, linear.out_features, linear.bias
@@ -92,7 +89,6 @@ class NF4Linear(nn.Module):
 class NF4Matmul(torch.autograd.Function):
     """F.linear(x, W, bias) with W dequantised for the product and again in backward, never saved: autograd would
     otherwise keep every layer's full-precision weight until backward (bitsandbytes' MatMul4Bit does the same)."""
-
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
@@ -105,7 +101,6 @@ class NF4Matmul(torch.autograd.Function):
 
 class LoRALinear(nn.Module):
     """base_layer(x) + scaling * lora_B(lora_A(dropout(x))) (the base alone while not `enabled`); PEFT's names."""
-
     def __init__(self, base_layer, r, alpha, dropout, rslora, generator):
         super().__init__()
         ref = base_layer.weight if isinstance(base_layer, nn.Linear) else base_layer.absmax
@@ -180,8 +175,7 @@ def read_adapter(folder):
     path = os.path.join(folder, "adapter_config.json")
     if os.path.isfile(os.path.join(folder, "config.json")) or not os.path.isfile(path):
         return None
-    with open(path) as f:
-        cfg = json.load(f)
+    cfg = read_json(path)
     bad = [k for k in ("rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out", "lora_bias",
                        "layers_to_transform") if cfg.get(k)]
     bad += [k for k, v in (("peft_type", "LORA"), ("bias", "none")) if cfg.get(k, v) != v]

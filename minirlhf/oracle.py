@@ -1,14 +1,11 @@
 """The preference oracle queried during the loop: online labels that follow the policy.
 
-Dong et al. 2024 (Algorithm 1) and Xiong et al. 2024 (ICML, the online iterative GSHF of their Sec. 3) query the
-preference oracle P(a > b | x) on the current policy's samples; the RLHF Workflow paper stands a proxy reward
-model in for it because labels are expensive. With `iterate.py --labels-per-iteration K` each iteration shows the
-oracle one pair for K prompts and refits the reward model on all labels so far. An oracle is
-f(prompts, responses_a, responses_b) -> [P(a preferred to b)] (0/1 for a hard judge); a label is one seeded
-Bernoulli draw, so a probabilistic oracle labels like a noisy human. "builtin" is the task's annotators,
-"module:function" imports user code (an LLM judge, a labelling tool).
-
-The pair shown (`--label-pair`): `max_min`, the reward model's best vs worst (the pair DPO would train on);
+Dong et al. 2024 (Algorithm 1) and Xiong et al. 2024 (online iterative GSHF, Sec. 3) query the oracle P(a > b | x)
+on the current policy's samples (the RLHF Workflow paper's proxy reward model stands in, as labels are expensive).
+`iterate.py --labels-per-iteration K` shows it one pair for K prompts per iteration, refitting the reward model.
+An oracle is f(prompts, responses_a, responses_b) -> [P(a preferred to b)] (0/1 for a hard judge), a label one
+seeded Bernoulli draw (like a noisy human): "builtin" (the task's annotators) or "module:function" (an LLM judge,
+a labelling tool). The pair shown (`--label-pair`): `max_min`, the reward model's best vs worst (DPO's pair);
 `max_random`, its best vs a random other; `random`, two of the samples (the built-in default: it measured best,
 since the reward model's picks aim the labels at its own errors and DPO prefers on-policy pairs; README).
 """
@@ -67,15 +64,12 @@ def pick_label_pair(scores, responses, rule, generator):
 
 
 def ask_oracle(oracle, rows, k, rule, path, seed, name="oracle"):
-    """One pair for each of the first K rows (index, prompt, responses, rewards) with two distinct responses,
-    labelled by the oracle on rank 0 and written to `path` with the sampled ids -> (path, its rows, the reward
-    model's agreement with the oracle). The file is the record: a rerun reads it and asks nothing twice, and a user
-    may label outside the run and put it there."""
+    """One pair for each of the first K rows with two distinct responses, labelled on rank 0 into `path` -> (path,
+    its rows, reward model-oracle agreement). The file is the record: a rerun asks nothing twice, a user may fill it."""
     if not os.path.exists(path) and dist.is_main():
         generator, shown = torch.Generator().manual_seed(seed), []
         for r in rows:
-            pair = pick_label_pair(r["rewards"], r["responses"], rule, generator)
-            if pair is not None:
+            if (pair := pick_label_pair(r["rewards"], r["responses"], rule, generator)) is not None:
                 shown.append((r, *pair))
             if len(shown) == k:
                 break

@@ -1,9 +1,8 @@
 """Turn n scored responses of one prompt into one (chosen, rejected) pair: step 4 of online iterative DPO.
 
-Dong et al. 2024 (Sec. 3.2) pick the best and worst of n samples, the largest reward gap per prompt. Rules, with
-RLHFlow/Online-RLHF's names: `max_min` (the paper's), `max_random` (best vs a random other), `max_min_p` (max_min
-that insists on `length_penalty > 0`). Every rule ranks r - length_penalty * tokens - truncation_penalty * [cut
-off]; a gap of `min_gap` or less gives no pair (ties carry no preference). Pairs keep the sampled token ids.
+Dong et al. 2024 (Sec. 3.2) pick the best and worst of n samples, the largest reward gap. Rules (RLHFlow's names):
+`max_min` (the paper's), `max_random` (best vs a random other), `max_min_p` (max_min needing length_penalty > 0),
+ranking r - length_penalty * tokens - truncation_penalty * [cut off]; a gap <= `min_gap` (a tie) gives no pair.
 """
 import torch
 
@@ -62,8 +61,7 @@ def training_pairs(rows, labels=()) -> list[dict]:
     by_index, labelled, extra = {r["index"]: r for r in rows}, {}, []
     for label in labels:
         record = {c: label.get(c) for c in PAIR_COLUMNS}
-        r = by_index.get(label.get("index"))
-        if r is not None and r["prompt"] == label["prompt"]:
+        if (r := by_index.get(label.get("index"))) is not None and r["prompt"] == label["prompt"]:
             labelled[r["index"]] = record
             r.update(chosen=label["chosen"], rejected=label["rejected"])
         else:

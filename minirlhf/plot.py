@@ -2,10 +2,9 @@
 
     python -m minirlhf.plot RUN_DIR      # an iterate.py run, or the folder of one train_dpo.py / train_rm.py run
 
-Every folder in RUN_DIR with a metrics.jsonl and an args.json is one line per panel against its optimizer step
-(a stage still running is read from its staging/, labelled "(running)"): sft.png (loss, lr, grad norm),
-reward_model.png (loss, accuracy, margin), dpo.png (loss, margin, accuracy), and summary.png from summary.json
-(`plot_summary`). They go to RUN_DIR/plots/, added to RUN_DIR's manifest.
+Every folder in RUN_DIR with a metrics.jsonl and an args.json (a running stage's staging/, labelled "(running)")
+is one line per panel against its optimizer step: sft.png (loss, lr, grad norm), reward_model.png (loss, accuracy,
+margin), dpo.png (loss, margin, accuracy); summary.png from summary.json; in RUN_DIR/plots/, added to its manifest.
 """
 import argparse
 import glob
@@ -43,8 +42,7 @@ def find_stages(run_dir):
     paths = glob.glob(os.path.join(run_dir, "**", "metrics.jsonl"), recursive=True)
     for path in sorted(paths, key=lambda p: [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", p)]):
         folder = os.path.dirname(path)
-        args = rundir.read_json(os.path.join(folder, "args.json"))
-        if args is None:
+        if (args := rundir.read_json(os.path.join(folder, "args.json"))) is None:
             continue
         rel, running = os.path.relpath(folder, run_dir), os.path.basename(folder) == rundir.STAGING
         rel = (os.path.dirname(rel) or ".") if running else rel
@@ -60,37 +58,31 @@ def plot_stages(plt, kind, stages, path):
     fig, axes = plt.subplots(1, len(PANELS[kind]), figsize=(4.3 * len(PANELS[kind]), 3.4))
     for ax, key in zip(axes, PANELS[kind]):
         for label, rows in stages.items():
-            points = [(r["step"], r[key]) for r in rows if key in r]
-            if points:
+            if points := [(r["step"], r[key]) for r in rows if key in r]:
                 ax.plot(*zip(*points), label=label)
-        ax.set_xlabel("optimizer step")
-        ax.set_title(f"{kind.replace('_', ' ')}: {key}")
+        ax.set(xlabel="optimizer step", title=f"{kind.replace('_', ' ')}: {key}")
     axes[0].legend(fontsize=7)
     save(plt, fig, path)
 
 
 def plot_summary(rows: dict, path, proxy_scale=1.0):
-    """iterate.py's summary (policy name -> metrics): "sft", "iter1".."iterT" as a path, other rows as reference
-    lines. Left: gold (solid) and proxy reward (dashed), the proxy times `proxy_scale` and shifted to the gold
-    reward at SFT (a BT reward is defined up to a constant; proxy_scale = task.TAU puts a calibrated proxy on the
-    gold scale), so over-optimisation shows as a gap. Middle: KL(pi || pi_0). Right: gold reward against KL (Gao
-    et al. 2023's curve in miniature). -> path, or None without matplotlib."""
-    plt = pyplot()
-    if plt is None:
+    """iterate.py's summary {policy: metrics}, "sft", "iter1".."iterT" as a path, others as lines. Left: gold and proxy
+    reward times `proxy_scale` (task.TAU: a calibrated proxy), shifted to gold at SFT (a BT reward is defined up to a
+    constant), over-optimisation a gap; middle: KL(pi || pi_0); right: gold against KL (Gao et al. 2023). -> path."""
+    if (plt := pyplot()) is None:
         return None
     names = [n for n in rows if n == "sft" or (n.startswith("iter") and n[4:].isdigit())]
     baselines = [n for n in rows if n not in names]
     x, has_gold = list(range(len(names))), "gold_reward" in rows[names[0]]
-
-    def column(key):
-        return [rows[n][key] for n in names]
+    proxy, kl = ([rows[n][key] for n in names] for key in ("proxy_reward", "kl_to_ref"))
+    gold = [rows[n]["gold_reward"] for n in names] if has_gold else None
     fig, axes = plt.subplots(1, 3 if has_gold else 2, figsize=(13 if has_gold else 9, 3.6))
     shift = rows["sft"]["gold_reward"] - proxy_scale * rows["sft"]["proxy_reward"] if has_gold else 0.0
     if has_gold:
-        axes[0].plot(x, column("gold_reward"), "o-", color="C0", label="gold reward")
-    axes[0].plot(x, [shift + proxy_scale * p for p in column("proxy_reward")], "s--", color="C1",
+        axes[0].plot(x, gold, "o-", color="C0", label="gold reward")
+    axes[0].plot(x, [shift + proxy_scale * p for p in proxy], "s--", color="C1",
                  label="proxy reward" + (" (shifted to gold at SFT)" if has_gold else ""))
-    axes[1].plot(x, column("kl_to_ref"), "o-", color="C0", label="online iterations")
+    axes[1].plot(x, kl, "o-", color="C0", label="online iterations")
     key = "gold_reward" if has_gold else "proxy_reward"
     for k, b in enumerate(baselines):
         axes[0].axhline(rows[b][key], color=f"C{k + 2}", ls=":", label=f"{b} ({key.split('_')[0]})")
@@ -100,7 +92,7 @@ def plot_summary(rows: dict, path, proxy_scale=1.0):
         ax.set_title(title)
         ax.legend(fontsize=7)
     if has_gold:
-        axes[2].plot(column("kl_to_ref"), column("gold_reward"), "o-", color="C0", label="online iterations")
+        axes[2].plot(kl, gold, "o-", color="C0", label="online iterations")
         for n in names:
             axes[2].annotate(n, (rows[n]["kl_to_ref"], rows[n]["gold_reward"]), fontsize=7)
         for k, b in enumerate(baselines):
@@ -116,8 +108,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run's --output-dir")
     args = p.parse_args(argv)
-    plt = pyplot()
-    if plt is None:
+    if (plt := pyplot()) is None:
         raise SystemExit("error: python -m minirlhf.plot needs matplotlib, an optional extra: "
                          "pip install matplotlib (or pip install 'minirlhf[plot]')")
     stages, summary = find_stages(args.run_dir), rundir.read_json(os.path.join(args.run_dir, "summary.json"))
@@ -128,11 +119,9 @@ def main(argv=None):
     if os.path.exists(os.path.join(args.run_dir, rundir.MANIFEST)):
         rundir.claim(args.run_dir, ["plots"])
     os.makedirs(out, exist_ok=True)
-    written = {}
-    for kind in PANELS:
-        if kind in stages:
-            written[kind] = os.path.join(out, f"{kind}.png")
-            plot_stages(plt, kind, stages[kind], written[kind])
+    written = {kind: os.path.join(out, f"{kind}.png") for kind in PANELS if kind in stages}
+    for kind, path in written.items():
+        plot_stages(plt, kind, stages[kind], path)
     if summary is not None:  # the built-in task's proxy is put on the gold scale as iterate.py does
         builtin = (rundir.read_json(os.path.join(args.run_dir, "args.json")) or {}).get("sft_model", "") is None
         written["summary"] = plot_summary(summary["policies"], os.path.join(out, "summary.png"),

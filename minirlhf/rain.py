@@ -93,8 +93,7 @@ def similarity_update(path, score, gamma=0.2, threshold=0.95):
     """Siblings X of each path node Y with cos(e_X, e_Y) > threshold move toward s with weight gamma * cos."""
     for parent, node in zip(path, path[1:]):
         for sibling in (c for c in parent.children if c is not node and c.embedding is not None):
-            cos = F.cosine_similarity(sibling.embedding, node.embedding, dim=0).item()
-            if cos > threshold:
+            if (cos := F.cosine_similarity(sibling.embedding, node.embedding, dim=0).item()) > threshold:
                 w = gamma * cos
                 sibling.value, sibling.n = (sibling.value * sibling.n + w * score) / (sibling.n + w), sibling.n + w
 
@@ -213,8 +212,7 @@ def search(model, prompt_ids, evaluate, cfg, generator, stop_ids, sentence_end, 
     def one_search():
         node, path, base = root, [root], len(committed)
         while node.children:  # 1. selection, with dynamic node addition
-            length = SPAN_LENGTHS[min(node.depth + 1, 3)]
-            if needs_child(node, length):
+            if needs_child(node, length := SPAN_LENGTHS[min(node.depth + 1, 3)]):
                 expand(path, 1 if length == 1 else 2, base, keep=1)
             path.append(node := puct_select(node, cfg.c))
             base += len(node.tokens)
@@ -312,8 +310,7 @@ def counting(model, cost):
 
 
 def align(model, tokenizer, prompts, evaluator, cfg=RainConfig(), seed=0, progress=False):
-    """RAIN-decode `prompts` (strings or messages) with a frozen `model`; evaluator(prompt, response text) -> score
-    in [-1, 1]. -> (responses, scores, costs): text, the evaluator's score of it, a cost dict per prompt."""
+    """RAIN-decode `prompts` (strings or messages); evaluator(prompt, response) in [-1, 1] -> (texts, scores, costs)."""
     generator = torch.Generator(model.output_weight().device).manual_seed(seed)
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])  # a simulation stops after a sentence end
     sentence_end = {i for i, t in enumerate(texts) if t.rstrip(" ")[-1:] in set(SENTENCE_END) and t.strip(" ")}

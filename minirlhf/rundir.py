@@ -1,16 +1,13 @@
 """Output folders that say what they hold: a lock, a manifest, a staging folder, one publish step, done.json.
 
-- OUTPUT/.lock, held with flock while the run lives, says "pid P on host H"; a second run into the folder is
-  refused with that line. The kernel drops the lock when its process dies, so a killed run never blocks the next.
-- OUTPUT/manifest.json lists every top-level name this program wrote; a run replaces or deletes only those, and
-  a folder holding anything else is refused before any work unless --overwrite.
-- OUTPUT/staging/ (train_rm.py, train_dpo.py) holds the run in progress (args.json, metrics.jsonl, then model,
-  eval.json, done.json); `publish` moves it into OUTPUT at once, done.json last, so until then OUTPUT describes
-  the previous run, and a folder with a done.json holds one run's files. checkpoint/ (--resume) sits beside it.
-- --resume (and iterate.py's reruns) refuse arguments that differ from the recorded ones, listing them, except
-  those that cannot change results (--save-steps and the like).
-Every write is atomic (a unique temporary renamed into place) and durable (fsync of the file or tree, then of
-the folder, around the rename).
+- OUTPUT/.lock (flock, held while the run lives) says "pid P on host H", the line a second run is refused with;
+  the kernel drops the lock when its process dies, so a killed run never blocks the next.
+- OUTPUT/manifest.json lists every top-level name this program wrote: a run replaces or deletes only those, and
+  refuses a folder holding anything else before any work unless --overwrite.
+- OUTPUT/staging/ (train_rm.py, train_dpo.py) holds the run in progress; `publish` moves it all into OUTPUT,
+  done.json last, so until then OUTPUT holds the previous run whole. checkpoint/ (--resume) sits beside it.
+- --resume (and iterate.py's reruns) refuse changed arguments that can change results (not --save-steps...).
+Every write is atomic (a unique temporary renamed into place) and durable (fsyncs around the rename).
 """
 import argparse
 import contextlib
@@ -59,8 +56,7 @@ def _fsync(path):
 
 
 def durable_replace(src, dst):
-    """os.replace(src, dst) after src's data is on disk (a file, or every file and folder of a tree), and the
-    rename itself made durable by an fsync of dst's folder: after a power cut dst is old or new, never empty."""
+    """os.replace after fsyncing src (file or tree), then dst's folder: after a power cut dst is old or new, whole."""
     if os.path.isdir(src):
         for root, _, files in os.walk(src, topdown=False):
             for name in files:
@@ -120,8 +116,7 @@ def lock(out):
                         "another --output-dir") from None
     f.seek(0)
     if stale := f.read().strip():
-        print(f"note: {path} was left by {stale}, which ended without releasing it (killed?); taking it over",
-              flush=True)
+        dist.print0(f"note: {path} was left by {stale}, which ended without releasing it (killed?); taking it over")
     f.truncate(0)  # "a+": the write below goes to the (new) end
     f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
     f.flush()
@@ -129,8 +124,7 @@ def lock(out):
 
 
 def unlock(f):
-    """Empty the lock file (no stale holder for the next run) and release it. The file stays: deleting it would let
-    a process that opened it just before lock an inode that no longer has a name."""
+    """Empty the lock file and release it; it stays (deleted, a process that opened it just before locks no name)."""
     f.truncate(0)
     f.flush()
     fcntl.flock(f, fcntl.LOCK_UN)
@@ -151,8 +145,7 @@ def claim(out, names, published=None):
 
 
 def foreign_files(out):
-    """Top-level names in `out` that this program did not write: not in the manifest, and not a temporary of a
-    name in it (NAME.tmp-xxxx, .NAME.tmp, .NAME.old: what a killed write leaves)."""
+    """Top-level names in `out` neither in the manifest nor a killed write's leftover (NAME.tmp-x, .NAME.tmp/.old)."""
     ours = set(manifest(out)["files"]) | {LOCK, MANIFEST}
     temp = re.compile(r"\.?(.+?)(\.tmp-[0-9a-f]+|\.tmp|\.old)")
     return [n for n in sorted(os.listdir(out)) if n not in ours and not
@@ -187,8 +180,7 @@ def mark_done(path, info):
 
 
 def nonfinite_message(step, loss, grad_norm, ckpt, saved_step):
-    """The message for a non-finite loss or gradient at `step`: the weights were not updated, and the last
-    checkpoint is good (saved only once the next step's forward and backward came out finite)."""
+    """Non-finite loss or gradient at `step`: no update; the last checkpoint is good (saved after a finite step)."""
     where = (f"resume from the last good checkpoint, {ckpt} (step {saved_step}), with --resume --lr LOWER "
              "--allow-changed-args" if saved_step else "no checkpoint was saved yet: rerun with a lower --lr")
     return (f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; stopped before updating the weights. "
@@ -207,8 +199,7 @@ class Run:
     metrics_path = property(lambda self: os.path.join(self.staging, "metrics.jsonl"))
 
     def start_metrics(self, step):
-        """The run's metrics.jsonl: on resume the interrupted run's lines up to `step` (a partial last line is
-        dropped), else empty."""
+        """metrics.jsonl: on resume the interrupted run's whole lines up to `step`, else empty."""
         if not dist.is_main():
             return
         old = []
@@ -227,16 +218,13 @@ class Run:
                 self.tracker.log(metrics)
 
     def publish(self, ckpt, files, keep_checkpoint=True):
-        """Rank 0: OUTPUT becomes the finished run. The checkpoint's model files (hard links, else copies) and
-        `files` ({name: JSON object}) join staging/ with done.json; done.json and config.json leave OUTPUT, all moves
-        in (those two last), and an earlier publish's files that this one did not write go. Without
-        `keep_checkpoint`, `ckpt` goes too (the rest is optimizer state that only --resume would read)."""
+        """Rank 0: OUTPUT becomes the finished run: the checkpoint's model files (linked, else copied) and `files`
+        join staging/, all move in (done.json, config.json last), older published files go, `ckpt` too unless kept."""
         if not dist.is_main():
             return
-        staging = self.staging
         for name in os.listdir(ckpt):
             if not name.startswith(("optimizer.", "rng.", "trainer_state")):
-                src, dst = os.path.join(ckpt, name), os.path.join(staging, name)
+                src, dst = os.path.join(ckpt, name), os.path.join(self.staging, name)
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(dst)
                 try:
@@ -244,9 +232,9 @@ class Run:
                 except OSError:
                     shutil.copy2(src, dst)
         for name, obj in files.items():
-            atomic_write_json(os.path.join(staging, name), obj)
-        names = sorted(set(os.listdir(staging)) | {DONE})
-        atomic_write_json(os.path.join(staging, DONE), {"files": names, **files.get("eval.json", {})})
+            atomic_write_json(os.path.join(self.staging, name), obj)
+        names = sorted(set(os.listdir(self.staging)) | {DONE})
+        atomic_write_json(os.path.join(self.staging, DONE), {"files": names, **files.get("eval.json", {})})
         earlier = manifest(self.out)["published"]
         claim(self.out, names, published=set(earlier) | set(names))  # a kill from here on: all of them are ours
         for name in (DONE, "config.json"):  # not finished, not loadable, until the end
@@ -255,12 +243,12 @@ class Run:
         for name in sorted(names, key=lambda n: (n == DONE, n == "config.json")):
             if os.path.isdir(os.path.join(self.out, name)):  # a folder (train_ppo.py's value_model/) is not replaced
                 shutil.rmtree(os.path.join(self.out, name))  # by a rename: the earlier one goes first
-            durable_replace(os.path.join(staging, name), os.path.join(self.out, name))
+            durable_replace(os.path.join(self.staging, name), os.path.join(self.out, name))
         for name in set(earlier) - set(names):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.out, name))
         claim(self.out, [], published=names)
-        shutil.rmtree(staging)
+        shutil.rmtree(self.staging)
         if not keep_checkpoint:
             shutil.rmtree(ckpt)
 
@@ -280,11 +268,9 @@ class Run:
 
 
 def start(out, args, names, *, resume=False, overwrite=False, allow_changed_args=False, ignore=(), staged=True):
-    """Take OUTPUT before any work: lock it, refuse foreign files (unless `overwrite`) and changed arguments, claim
-    `names` in the manifest, record `args` and start the --report-to tracker that Run.log feeds.
-    staged (train scripts): `resume` continues OUTPUT/checkpoint if there is one (a kill inside its last save is
-    undone first); without it an unfinished run's checkpoint is refused unless `overwrite` (no kill is lost by
-    forgetting --resume), a finished one's is cleared. Not staged (iterate.py): args.json is compared, rewritten."""
+    """Take OUTPUT before any work: lock, refuse foreign files (unless `overwrite`) and changed arguments, claim
+    `names`, record `args`, start the tracker. staged: `resume` continues OUTPUT/checkpoint; without, an unfinished
+    one is refused unless `overwrite` (a forgotten --resume loses nothing), a finished one cleared. Else: args.json."""
     from minirlhf import tracking  # both import this module
     from minirlhf.checkpoint import recover_dir, step_checkpoints
     out, report_to, ignore = str(out), args.get("report_to"), (*ignore, "report_to")

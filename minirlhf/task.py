@@ -3,15 +3,13 @@ demonstrations, human preferences and the hidden true quality.
 
 The user names a few distinct letters; the assistant must say each exactly once and nothing else
 ("c j f h o p" -> "c f h j o p"; any order scores the same, writers sort).
-- Gold reward, hidden from the learner: r*(x, y) = (hits - EXTRA_PENALTY * (len(y) - hits)) / len(x), hits =
-  |set(y) & set(x)|; 1 exactly for a permutation of x. It depends on the prompt and is graded, so a label carries
-  information. (Positional correctness, e.g. "reverse the prompt", was not learnable by a 2-layer reward model from
-  1000-5000 pairs, ~50% held-out accuracy; this content lookup reached 68% from 1000 pairs, 79% from 2000.)
-- Demonstrations: the sorted letters, each replaced w.p. DEMO_NOISE, the length off by one w.p. LENGTH_NOISE. The
-  policy learns the noise too: SFT samples reach ~50% of the best reward, the best of 8 ~90%, the gap to close.
-- Annotators follow the Bradley-Terry model Dong et al. 2024 assume for human labels:
-  P(a > b | x) = sigmoid((r*(x, a) - r*(x, b)) / TAU), TAU = 0.1 (one missing letter of five is noticed 88% of
-  the time; ties are coin flips).
+- Gold reward, hidden: r*(x, y) = (hits - EXTRA_PENALTY * (len(y) - hits)) / len(x), hits = |set(y) & set(x)|, 1
+  for a permutation of x: graded, so a label carries information. (A positional task, "reverse the prompt", gave a
+  2-layer reward model ~50% held-out accuracy from 1000-5000 pairs; this one 68% from 1000 pairs, 79% from 2000.)
+- Demonstrations: the sorted letters, each replaced w.p. DEMO_NOISE, the length off by one w.p. LENGTH_NOISE. SFT
+  learns the noise too: its samples reach ~50% of the best reward, the best of 8 ~90%, the gap to close.
+- Annotators: Bradley-Terry as Dong et al. 2024 assume, P(a > b | x) = sigmoid((r*(x, a) - r*(x, b)) / TAU), TAU =
+  0.1 (one missing letter of five is noticed 88% of the time; ties are coin flips).
 """
 import math
 
@@ -31,8 +29,7 @@ DEMO_NOISE = 0.3  # probability that a writer replaces a letter by a random one
 LENGTH_NOISE = 0.2  # probability that a demonstration drops its last letter or adds a random one
 TAU = 0.1  # annotator temperature, in gold-reward units (a one-letter difference is 0.17 to 0.33)
 
-# One user turn, then the assistant turn closed by eos; the generation prompt opens the assistant turn.
-CHAT_TEMPLATE = (
+CHAT_TEMPLATE = (  # one user turn, then the assistant's closed by eos; the generation prompt opens it
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}<|user|> {{ message['content'] }} "
     "{% elif message['role'] == 'assistant' %}<|assistant|> {{ message['content'] }}{{ eos_token }}"
@@ -46,22 +43,20 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
                                                  pre_tokenizers.Split(Regex("."), "isolated")])
     tok.add_special_tokens(SPECIAL)  # matched in the raw text before pre-tokenization
-    # no decoder: decode joins tokens with spaces, which is the response format "c f h j o p"
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # no decoder: decode joins tokens with spaces, the response format "c f h j o p"
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
         extra_special_tokens=[USER, ASSISTANT], chat_template=CHAT_TEMPLATE, model_max_length=64)
 
 
 def policy_config(tokenizer) -> dict:
     """A 126k-parameter 2-layer Llama config dict (the keys of `LlamaConfig(...).to_dict()`) for `tokenizer`."""
-    return dict(
-        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=len(tokenizer), hidden_size=64,
-        intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        hidden_act="silu", max_position_embeddings=64, initializer_range=0.02, rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attention_bias=False, mlp_bias=False,
-        attention_dropout=0.0, tie_word_embeddings=False, use_cache=True, dtype="float32",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+    return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=len(tokenizer), hidden_size=64,
+                intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                hidden_act="silu", max_position_embeddings=64, initializer_range=0.02, rms_norm_eps=1e-5,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attention_bias=False, mlp_bias=False,
+                attention_dropout=0.0, tie_word_embeddings=False, use_cache=True, dtype="float32",
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
 
 
 def make_prompts(n: int, seed: int) -> list[str]:

@@ -2,11 +2,10 @@
 
 Every prompt (a string is one user message, or a list of {"role", "content"} messages) is templated and the text
 tokenised with add_special_tokens=False (templates write their own BOS). A (prompt, response) pair is the whole
-conversation templated, the prompt's tokens (with the generation prompt) checked to be a prefix, and the rest
-the response, cut after its last EOS (ChatML adds "\\n" after it) or given one, so every response ends with the
-token generation stops on. A reward model reads the conversation whole, as rendered (`whole=True`).
-Special-token strings inside message content stay text ("<|im_end|>" in a response is characters, never the
-end of turn, which would end the turn early and train on what follows): see `_encode_content_as_text`.
+conversation templated, the prompt's tokens (with the generation prompt) checked to be a prefix, and the rest the
+response, cut after its last EOS (ChatML adds "\\n" after it) or given one: the token generation stops on. A
+reward model reads the conversation as rendered (`whole=True`). Special-token strings in message content stay
+text ("<|im_end|>" in a response would end the turn early and train on what follows): `_encode_content_as_text`.
 """
 import os
 import re
@@ -30,7 +29,6 @@ def pad_token_id(tokenizer) -> int:
 
 
 def as_messages(prompt) -> list[dict]:
-    """A string prompt becomes a single user message."""
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
@@ -58,11 +56,9 @@ def apply_template(tokenizer, messages, add_generation_prompt, chat_template=Non
 
 
 def _encode_content_as_text(tokenizer, messages, render, specials) -> list[int]:
-    """Token ids of the rendered conversation with special-token strings in message content as text: they are
-    swapped for placeholders (private-use characters) before rendering, so every special string left is the
-    template's own; the text is cut there (as the tokenizer cuts at added tokens), each piece gets its strings
-    back and is tokenised with split_special_tokens=True. Refused (ValueError) when the template changes such
-    content, or when this tokenizer does not tokenise a text cut at its special tokens as it tokenises it whole."""
+    """The rendered conversation's ids, special-token strings in message content as text: private-use placeholders
+    while rendering (every special string left is the template's own), the text cut there as the tokenizer cuts, and
+    each piece, strings back, tokenised with split_special_tokens=True. ValueError where either step changes them."""
     pattern = re.compile("|".join(map(re.escape, specials)))
     found = []  # found[k]: the special string placeholder k stands for
     def hide(match):
@@ -99,9 +95,8 @@ def encode_prompt(tokenizer, prompt, chat_template=None) -> list[int]:
 
 
 def encode_pair(tokenizer, prompt, response, chat_template=None, whole=False) -> tuple[list[int], list[int]]:
-    """(prompt_ids, response_ids) of the templated conversation, the response (a string or assistant messages) cut
-    after its last EOS (what the policy generates), or with `whole` all the template renders (what a reward model
-    reads: ChatML's "\n" after <|im_end|> too, as the hub's reward models and TRL read it)."""
+    """(prompt_ids, response_ids) of the templated conversation, the response (str or assistant messages) cut after
+    its last EOS (as generated), or with `whole` all the template renders (ChatML's "\n" after it: as RMs read it)."""
     messages = as_messages(prompt)
     response = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
     prompt_ids = encode_prompt(tokenizer, messages, chat_template)

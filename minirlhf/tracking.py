@@ -1,10 +1,9 @@
 """Experiment tracking as TRL's `report_to`: --report-to tensorboard|wandb also sends every line of a stage's
 metrics.jsonl (at its "step") and the resolved arguments to that tracker. Rank 0 reports; rundir.start starts it.
-
-- tensorboard: events in OUTPUT/tensorboard; each stage of an iterate.py run is a run named by its folder, the
-  arguments are the text summary "args". A resumed stage's events replace the killed run's from its first step.
+- tensorboard: events in OUTPUT/tensorboard, a run per stage (of an iterate.py run: named by its folder), the
+  arguments as the text summary "args". A resumed stage's events replace the killed run's from its first step.
 - wandb: one run per stage in OUTPUT/wandb, project $WANDB_PROJECT (default "minirlhf"), named by its folder in
-  the iterate.py run and grouped under that run (WANDB_MODE=offline keeps it on disk); a resumed stage is a new run.
+  the iterate.py run and grouped under it (WANDB_MODE=offline: on disk); a resumed stage is a new run.
 The package is imported only when asked for; a missing one stops the run before any work.
 """
 import importlib
@@ -18,15 +17,12 @@ GROUPS = []  # folders of the iterate.py runs in progress in this process (their
 
 
 class Tracker:
-    """One stage's run in TensorBoard or wandb; for an iterate.py run (`group`), only the name its stages' runs
-    are grouped under."""
-
+    """One stage's run in TensorBoard or wandb; for an iterate.py run (`group`), the name its stages are grouped by."""
     def __init__(self, report_to, out, config, resume=False, group=False):
         self.report_to, self.out, self.config, self.writer = report_to, out, config, None
         self.group = os.path.abspath(out) if group else None
         try:  # before any work, also for iterate.py's run, whose stages come later
-            self.module = importlib.import_module("torch.utils.tensorboard" if report_to == "tensorboard" else
-                                                  "wandb")
+            self.module = importlib.import_module("torch.utils.tensorboard" if report_to == "tensorboard" else "wandb")
         except ImportError as e:
             raise UserError(f"--report-to {report_to} needs the {report_to} package ({e}): pip install "
                             f"{report_to}, or run with --report-to none") from None
@@ -55,10 +51,8 @@ class Tracker:
     def close(self):
         if self.group:
             GROUPS.remove(self.group)
-        elif self.writer is not None and self.report_to == "tensorboard":
-            self.writer.close()
-        elif self.writer is not None:
-            self.writer.finish()
+        elif self.writer is not None:  # SummaryWriter.close, wandb's Run.finish
+            getattr(self.writer, "close" if self.report_to == "tensorboard" else "finish")()
 
 
 def start(report_to, out, config, resume=False, group=False):
