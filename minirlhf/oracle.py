@@ -50,8 +50,8 @@ def label_pairs(oracle, prompts, responses_a, responses_b, generator, name="orac
 def pick_label_pair(scores, responses, rule, generator):
     """Indices (a, b) of the two responses to show (`scores`: the reward model's), None if they are the same text."""
     if rule == "random":  # two of the i.i.d. samples, so the pair is distributed as the policy's own
-        a, b = torch.randperm(len(responses), generator=generator)[:2].tolist()
-        return None if responses[a] == responses[b] else (a, b)
+        pair = torch.randperm(len(responses), generator=generator)[:2].tolist()
+        return None if len(pair) < 2 or responses[pair[0]] == responses[pair[1]] else tuple(pair)
     distinct = {r: i for i, r in enumerate(responses)}
     if len(distinct) < 2:
         return None

@@ -4,7 +4,8 @@
 
 Every folder in RUN_DIR with a metrics.jsonl and an args.json (a running stage's staging/, labelled "(running)")
 is one line per panel against its optimizer step: sft.png (loss, lr, grad norm), reward_model.png (loss, accuracy,
-margin), dpo.png (loss, margin, accuracy); summary.png from summary.json; in RUN_DIR/plots/, added to its manifest.
+margin), dpo.png (loss, margin, accuracy), ppo.png (policy and value loss, lr); summary.png from summary.json;
+in RUN_DIR/plots/, added to its manifest.
 """
 import argparse
 import glob
@@ -15,7 +16,7 @@ import re
 from minirlhf import rundir, task
 
 PANELS = {"sft": ["loss", "lr", "grad_norm"], "reward_model": ["loss", "accuracy", "margin"],
-          "dpo": ["loss", "margin", "accuracy"]}  # stage kind -> the metrics.jsonl keys drawn, one panel each
+          "dpo": ["loss", "margin", "accuracy"], "ppo": ["pg_loss", "vf_loss", "lr"]}  # stage kind -> the metrics.jsonl keys drawn, one panel each
 
 
 def pyplot():
@@ -49,7 +50,8 @@ def find_stages(run_dir):
         label = (os.path.basename(os.path.abspath(run_dir)) if rel == "." else rel) + " (running)" * running
         with open(path) as f:  # a line cut by a kill or still being written has no newline yet
             rows = [json.loads(line) for line in f if line.endswith("\n")]
-        kind = "reward_model" if "kind" in args else "sft" if args.get("loss") == "sft" else "dpo"  # train_rm/dpo.py
+        kind = ("reward_model" if "kind" in args else "ppo" if "ppo_epochs" in args else  # train_rm/ppo/dpo.py
+                "sft" if args.get("loss") == "sft" else "dpo")
         stages.setdefault(kind, {})[label] = rows
     return stages
 

@@ -293,6 +293,8 @@ def test_builtin_ppo_and_drpo_iteration(base_run, tmp_path):
     assert sum(s["forced_tokens"][0] > 0 for s in samples) == round(metrics["resets"] * 300)
     summary = json.load(open(os.path.join(run, "summary.json")))
     assert set(summary["policies"]) == {"sft", "offline_dpo", "iter1"} and summary["policies"]["iter1"]["kl_to_ref"] > 0
+    plot.main([run])  # PPO's curves: policy and value loss, lr
+    assert os.path.exists(os.path.join(run, "plots", "ppo.png"))
 
 
 def free_port():

@@ -57,6 +57,8 @@ def test_pick_label_pair_shows_best_vs_worst_distinct_texts():
     assert oracle.pick_label_pair([0.9, 0.1, -1.0, 0.5], ["a b", "c", "a b", "d"], "max_min", g) == (0, 1)
     assert oracle.pick_label_pair([0.3, 0.3], ["same", "same"], "max_min", g) is None
     assert oracle.pick_label_pair([0.3, 0.1], ["", "a"], "max_min", g) == (0, 1)  # an empty answer is an answer
+    for rule in ("random", "max_min", "max_random"):  # one sample: nothing to compare, for every rule alike
+        assert oracle.pick_label_pair([0.3], ["a"], rule, g) is None
     seen, none = set(), 0
     texts = ["a", "b", "c", "a"]
     for _ in range(600):  # random: two of the samples uniformly, so a repeated text is shown as often as sampled
