@@ -8,10 +8,11 @@ from torch.distributed.run import get_args_parser
 
 import iterate
 import train_dpo
+import train_ppo
 import train_rm
 from minirlhf import cli
 
-SCRIPTS = {"train_rm": train_rm, "train_dpo": train_dpo, "iterate": iterate}
+SCRIPTS = {"train_rm": train_rm, "train_dpo": train_dpo, "train_ppo": train_ppo, "iterate": iterate}
 
 
 def options(script):
