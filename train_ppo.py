@@ -110,15 +110,7 @@ def build_parser():
     p.add_argument("--iteration", type=rundir.positive_int, default=1, help="t: this is rollout batch t of T")
     p.add_argument("--iterations", type=rundir.positive_int, default=1, help="T: the lr decays linearly over all T")
     p.add_argument("--name", default="ppo", help="label of the progress lines")
-    p.add_argument("--save-dtype", default="input", choices=list(cli.SAVE_DTYPES), help="dtype of the saved policy")
-    p.add_argument("--resume", action="store_true", help="continue after the last finished epoch")
-    p.add_argument("--allow-changed-args", action="store_true", help="with --resume: continue although arguments "
-                                                                     "differ from the recorded ones")
-    p.add_argument("--overwrite", action="store_true", help="run into a folder holding files this program did not "
-                                                            "write (same-named ones are replaced)")
-    p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also send "
-                   "metrics.jsonl's scalars to TensorBoard or wandb (minirlhf/tracking.py)")
-    return add_ppo_arguments(p)
+    return add_ppo_arguments(cli.add_run_arguments(p))
 
 
 def is_bradley_terry(spec):

@@ -73,8 +73,13 @@ def add_common_arguments(p, batch_size, grad_accum):
     p.add_argument("--save-steps", type=int, default=500, help="save OUTPUT/checkpoint every N steps (0: at the end)")
     p.add_argument("--save-total-limit", type=positive_int, default=1, help="checkpoints kept while training: "
                    "OUTPUT/checkpoint (the latest, which --resume reads) and the N-1 before it as checkpoint-STEP/")
-    p.add_argument("--save-dtype", default="input", choices=list(SAVE_DTYPES), help="weights' dtype (input: --model's)")
     p.add_argument("--keep-optimizer", action="store_true", help="keep the finished run's optimizer (for --resume)")
+    return add_lora_arguments(add_run_arguments(p))
+
+
+def add_run_arguments(p):
+    """The output folder's flags (minirlhf/rundir.py), of train_ppo.py too."""
+    p.add_argument("--save-dtype", default="input", choices=list(SAVE_DTYPES), help="weights' dtype (input: --model's)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if there is one")
     p.add_argument("--allow-changed-args", action="store_true", help="with --resume: continue although arguments "
                    "that change results differ from the recorded ones (e.g. a lower --lr after a non-finite loss)")
@@ -82,7 +87,7 @@ def add_common_arguments(p, batch_size, grad_accum):
                    "write (same-named ones are replaced), or restart an unfinished run without --resume")
     p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also send "
                    "metrics.jsonl's scalars and the arguments to TensorBoard or wandb (minirlhf/tracking.py)")
-    return add_lora_arguments(p)
+    return p
 
 
 def add_lora_arguments(p):
