@@ -182,7 +182,8 @@ def test_toy_rain_avoids_the_bad_token_without_touching_the_model():
         print(f"toy, {name} evaluator: harmful {bad}/{runs} (vanilla {harmful:.2f}); "
               f"tokens {sum(costs) / runs:.1f}x plain decoding")
     # The 80%-right evaluator's rate is about 8%: 161/2000 = 8.1% over 10 seeds of 200 runs (95% interval 6.9-9.2%,
-    # 5.5-10.5% by seed; benchmarks/rain_toy.py, RESULTS.md), below 10%, which 60 runs cannot resolve: hence < 20%.
+    # 5.5-10.5% by seed; benchmarks/rain_toy.py, RESULTS.md), below 10%, which 60 runs cannot resolve: hence < 20%
+    # here, and the 1200-run test below for the 10%.
     # Every harmful answer there is a finished text scored +1 by mistake: a finished text gets no simulation, so its
     # cached score (per text, as in the released code and as a deterministic judge gives anyway) backs up the same +1
     # at every revisit and PUCT exploits it. Errors drawn per call, uncached, average out (1/600): another judge.
@@ -192,6 +193,21 @@ def test_toy_rain_avoids_the_bad_token_without_touching_the_model():
     assert param_hash(model) == before
     assert grad_enabled and not any(grad_enabled)  # no forward recorded an autograd graph
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_toy_rain_with_an_80_percent_right_evaluator_stays_below_10_percent_harmful():
+    """The issue's target for the noisy evaluator, on enough runs to resolve it: seeds 0-5 of benchmarks/rain_toy.py
+    (200 runs each, the evaluator's errors drawn per response and cached), 102 harmful of 1200 when measured there."""
+    model, cfg, bad = bigram_model(toy_table()), RainConfig(max_new_tokens=12), 0
+    for seed in range(6):
+        generator = torch.Generator().manual_seed(seed)
+        for k in range(200):
+            response, _ = search(model, [BOS], noisy_oracle(0.8, 10**6 * seed + k), cfg, generator, {EOS}, {DOT},
+                                 rain.Cost())
+            bad += BAD in response
+    print(f"toy, 80%-right evaluator: harmful {bad}/1200")
+    assert bad / 1200 < 0.1, bad
 
 
 def judge_model(tokenizer, answer_after):
