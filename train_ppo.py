@@ -11,8 +11,8 @@ T); the equations are in minirlhf/ppo.py.
    probability beta from a prefix of its row's reference response (--reference-column: a string, or a
    conversation whose last assistant message is the reference): the sampler forces those tokens, counted inside
    --max-new-tokens, and samples the rest. --reward scores the whole response (a BT model folder, a pairwise
-   model folder, or module:function, which imports and runs that code); one without a stop token loses
-   --truncation-penalty.
+   model folder: win rates among a prompt's n >= 2 responses, or module:function, which imports and runs that
+   code); one without a stop token loses --truncation-penalty.
 2. pi_ref (--ref-model), pi_old and the value model V_old on every episode: per-token rewards, GAE advantages and
    returns. The value model is the reward-model layout read at every position, started from --value-model
    (default: --reward when it is a Bradley-Terry model folder, as DR-PO does, else --model).
@@ -58,8 +58,8 @@ def probability(text):
 def add_ppo_arguments(p):
     """The PPO / DR-PO flags, shared with iterate.py --algorithm ppo, which passes them on (`ppo_flags`)."""
     g = p.add_argument_group("PPO and DR-PO (train_ppo.py, minirlhf/ppo.py)")
-    g.add_argument("--reset-prob", type=probability, default=0.0, help="DR-PO's beta: probability that an episode starts "
-                   "from a prefix of its prompt's reference response (0: plain PPO; DR-PO: 1)")
+    g.add_argument("--reset-prob", type=probability, default=0.0, help="DR-PO's beta: probability that an episode "
+                   "starts from a prefix of its prompt's reference response (0: plain PPO; DR-PO: 1)")
     g.add_argument("--reference-column", default="completion", help="column of the prompts with the reference "
                    "responses (a string, or a conversation whose last assistant message is the reference)")
     g.add_argument("--ppo-epochs", type=rundir.positive_int, default=4, help="epochs over each batch of rollouts")
@@ -113,12 +113,15 @@ def build_parser():
     return add_ppo_arguments(cli.add_run_arguments(p))
 
 
-def is_bradley_terry(spec):
-    """A reward model folder with one output (not a pairwise model, a regression model or module:function)."""
+def reward_kind(spec):
+    """"bt" (a reward model folder with one output), "regression", "pairwise" (any other model folder: a judge) or
+    "function" (module:function)."""
     if not os.path.isfile(os.path.join(str(spec), "config.json")):
-        return False
+        return "function"
     config = checkpoint.read_config(spec)
-    return config["architectures"][0].endswith("ForSequenceClassification") and len(config.get("id2label", [0])) == 1
+    if not config["architectures"][0].endswith("ForSequenceClassification"):
+        return "pairwise"
+    return "bt" if len(config.get("id2label", [0])) == 1 else "regression"
 
 
 def micro_batch(batch, labels, rows, device):
@@ -147,6 +150,9 @@ def main(argv=None):
     args.ref_model, args.top_p = args.ref_model or args.model, 1.0  # PPO's log-probs: the whole distribution
     if args.iteration > args.iterations:
         raise rundir.UserError(f"--iteration {args.iteration} is past --iterations {args.iterations}")
+    if reward_kind(args.reward) == "pairwise" and args.samples_per_prompt < 2:
+        raise rundir.UserError(f"--reward {args.reward} is a pairwise preference model: it scores a response by its "
+                               "win rate against the prompt's other responses, so it needs --samples-per-prompt >= 2")
     _, _, device = dist.init_distributed()
     names = ["samples.jsonl", "metrics.jsonl", "eval.json", "args.json", "value_model"]  # what this script writes
     run = rundir.start(args.output_dir, vars(args), names, resume=args.resume, overwrite=args.overwrite,
@@ -191,7 +197,7 @@ def train(args, run, device):
         return dist.apply_fsdp(model, bf16=device.type == "cuda").to(device)
     bs, temperature = args.batch_size, args.temperature or 1.0
     ref_logps = forward_all(load(args.ref_model).eval(), batch, labels, bs, device, temperature)
-    value_dir = args.value_model or (args.reward if is_bradley_terry(args.reward) else args.model)
+    value_dir = args.value_model or (args.reward if reward_kind(args.reward) == "bt" else args.model)
     policy, value = load(args.model).eval(), load(value_dir, "reward").eval()
     old_logps, old_values = (forward_all(policy, batch, labels, bs, device, temperature),
                              forward_all(value, batch, labels, bs, device))

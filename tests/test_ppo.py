@@ -279,3 +279,18 @@ def test_two_fsdp_ranks_killed_and_resumed_equal_one_process(tmp_path, tokenizer
     for name in ("", "value_model"):
         a, b = weights(tmp_path / "one" / name), weights(tmp_path / "two" / name)
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4, name
+
+
+def test_a_pairwise_judge_needs_two_samples_per_prompt(tmp_path, tokenizer):
+    """A pairwise preference model scores a response by its win rate against the prompt's other responses: with
+    one sample per prompt there is nothing to compare (every score would be 0), so that is refused before any work;
+    with two, each prompt's two scores are win rates that sum to 1."""
+    ppo_setup(tmp_path, tokenizer)
+    judge = ["--reward", tmp_path / "sft", "--ppo-epochs", 1, "--batch-size", 10]  # a causal LM folder: a judge
+    with pytest.raises(train_ppo.rundir.UserError, match="pairwise preference model.*--samples-per-prompt >= 2"):
+        train_ppo.main(ppo_flags(tmp_path, tmp_path / "one", *map(str, judge)))
+    assert not (tmp_path / "one").exists()
+    train_ppo.main(ppo_flags(tmp_path, tmp_path / "two", *map(str, judge), "--samples-per-prompt", "2",
+                             "--temperature", "1"))
+    rows = [json.loads(line) for line in (tmp_path / "two/samples.jsonl").read_text().splitlines()]
+    assert all(len(r["rewards"]) == 2 and r["rewards"][0] + r["rewards"][1] == pytest.approx(1) for r in rows)
