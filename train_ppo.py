@@ -222,7 +222,7 @@ def train(args, run, device):
     steps_per_epoch = math.ceil(N / window)
     step0 = (t - 1) * args.ppo_epochs * steps_per_epoch  # the learning rate decays linearly over all T iterations
     step, fail_after = step0 + epoch * steps_per_epoch, int(os.environ.get("MINIRLHF_FAIL_AFTER_STEP", -1))
-    run.start_metrics(step)
+    run.start_metrics(step - step0)  # metrics.jsonl counts this run's steps
     bar = cli.Progress(args.name, (args.ppo_epochs - epoch) * steps_per_epoch)
     policy.train(), value.train()
     for epoch in range(epoch, args.ppo_epochs):

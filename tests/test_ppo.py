@@ -5,6 +5,7 @@ combination lock that isolates what resets buy)."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -214,6 +215,21 @@ def test_reset_prob_zero_is_plain_ppo_bit_for_bit_and_resume_continues_exactly(l
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (lock / "killed/iter1/policy/checkpoint").exists()
     assert not (lock / "killed/iter1/policy/staging").exists()
+    # killed in iteration 2 (its lr schedule, value model and KL coefficient carried from iteration 1): the same
+    # weights, and its metrics.jsonl holds each of its 8 steps once
+    shutil.copytree(lock / "plain", lock / "late")
+    shutil.rmtree(lock / "late/iter2")
+    (lock / "late/args.json").unlink()  # it names the other folder
+    monkeypatch.setenv("MINIRLHF_FAIL_AFTER_STEP", "5")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_lock(lock, "late", 0.0, *short, prompts="short.jsonl")
+    monkeypatch.delenv("MINIRLHF_FAIL_AFTER_STEP")
+    run_lock(lock, "late", 0.0, *short, "--resume", prompts="short.jsonl")
+    for name in ("policy", "policy/value_model"):
+        a, b = weights(lock / f"plain/iter2/{name}"), weights(lock / f"late/iter2/{name}")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (lock / "late/iter2/policy/metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
 
 
 # ---- train_ppo.py on a user's chat data, one process and two FSDP ranks ------------------------------------------
