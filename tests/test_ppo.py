@@ -175,8 +175,10 @@ def test_combination_lock_opens_with_resets_only(lock, monkeypatch, reset_prob, 
     """8 tokens over 4 letters, reward 1 for one secret string, a uniform policy (P(secret) = 4^-8 = 1.5e-5), the
     secret as every prompt's reference: with the same 4096 episodes DR-PO opens the lock and PPO never sees it open.
     Evaluated from the prompt without resets at DR-PO's evaluation temperature 0.1 (Table 5). Beta 0.75, not 1:
-    h >= 1, so with beta 1 the first token is always forced and never trained by the policy gradient, and the
-    lock's first letter stays a guess (measured: 0 of 200 at temperature 0.1 after 4096 episodes)."""
+    h >= 1, so with beta 1 the first token is always forced and gets no policy gradient of its own. Measured: beta 1
+    opens this lock anyway (400 of 400; P(first letter) = 0.91), but only because the secret holds the transition
+    "a" -> "c" and the prompt ends in "a", so the gradient at that later position teaches the first letter through
+    the shared weights; with the secret "c b d b a d c d" (no such transition) beta 1 opens it 0 times in 400."""
     monkeypatch.syspath_prepend(str(lock))
     monkeypatch.chdir(lock)
     assert success_rate(lock / "sft", 1.0) == 0.0
@@ -281,8 +283,8 @@ def test_two_fsdp_ranks_killed_and_resumed_equal_one_process(tmp_path, tokenizer
     one = train_ppo.main(ppo_flags(tmp_path, tmp_path / "one", "--batch-size", 4))
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    cmd = lambda: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-addr=127.0.0.1",  # noqa: E731
-                   f"--master-port={free_port()}", os.path.join(ROOT, "train_ppo.py"),
+    cmd = lambda: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",  # noqa: E731
+                   "--master-addr=127.0.0.1", f"--master-port={free_port()}", os.path.join(ROOT, "train_ppo.py"),
                    *ppo_flags(tmp_path, tmp_path / "two", "--batch-size", 2)]
     killed = subprocess.run(cmd(), env={**env, "MINIRLHF_FAIL_AFTER_STEP": "4"}, capture_output=True, text=True,
                             timeout=300)
