@@ -43,7 +43,7 @@ from minirlhf import checkpoint, cli, dist, ppo, rundir
 from minirlhf.data import Sequence, check_prompts, collate_sequences, load_prompts, write_jsonl
 from minirlhf.logprobs import IGNORE_INDEX, shift_labels
 from minirlhf.losses import lr_at, window_mean
-from minirlhf.rewards import score_rows
+from minirlhf.rewards import reward_kind, score_rows
 from minirlhf.sampler import gather_rows, sample_responses
 from minirlhf.tokenizer import encode_pair, load_tokenizer, pad_token_id
 
@@ -111,17 +111,6 @@ def build_parser():
     p.add_argument("--iterations", type=rundir.positive_int, default=1, help="T: the lr decays linearly over all T")
     p.add_argument("--name", default="ppo", help="label of the progress lines")
     return add_ppo_arguments(cli.add_run_arguments(p))
-
-
-def reward_kind(spec):
-    """"bt" (a reward model folder with one output), "regression", "pairwise" (any other model folder: a judge) or
-    "function" (module:function)."""
-    if not os.path.isfile(os.path.join(str(spec), "config.json")):
-        return "function"
-    config = checkpoint.read_config(spec)
-    if not config["architectures"][0].endswith("ForSequenceClassification"):
-        return "pairwise"
-    return "bt" if len(config.get("id2label", [0])) == 1 else "regression"
 
 
 def micro_batch(batch, labels, rows, device):

@@ -57,6 +57,12 @@ def weight_files(path) -> list[str]:
                             "(minirlhf reads safetensors only, never pickled .bin weights)")
 
 
+def score_outputs(hf: dict) -> int:
+    """The outputs of a *ForSequenceClassification config (a reward model: its id2label), 0 for any other model
+    (str(): "architectures" is null in some hub configs)."""
+    return len(hf.get("id2label") or [0]) if "SequenceClassification" in str(hf.get("architectures")) else 0
+
+
 def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0, num_labels=None):
     """A checkpoint as a `CausalLM` (kind="causal") or a `RewardModel` (kind="reward") of `num_labels` outputs, else
     a *ForSequenceClassification's id2label's, else 1; a new `score` head ~ N(0, initializer_range^2) seeded by `seed`
@@ -67,8 +73,8 @@ def load_model(path, kind="causal", dtype=torch.float32, device="cpu", seed=0, n
         return lora.merge_lora(lora.load_adapter(model, path))
     hf = read_config(path)
     cfg = config_from_hf(hf, source=os.path.join(path, "config.json"))
-    if kind == "reward" and num_labels is None:  # str(): "architectures" is null in some hub configs
-        num_labels = len(hf.get("id2label") or [0]) if "SequenceClassification" in str(hf.get("architectures")) else 1
+    if kind == "reward" and num_labels is None:
+        num_labels = score_outputs(hf) or 1
     with torch.device("meta"):
         model = CausalLM(cfg) if kind == "causal" else RewardModel(cfg, num_labels)
     expected, state = model.state_dict(), {}

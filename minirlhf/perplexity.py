@@ -42,8 +42,8 @@ def check_arguments(args) -> str | None:
             (x is None or x > 0) and (q is None or 0 < q <= 1)):
         raise UserError(f"the perplexity filter needs one threshold, --max-perplexity X > 0 (got {x}) or "
                         f"--perplexity-quantile q in (0, 1] (got {q}): give one")
-    if (x or q) and os.path.isfile(os.path.join(path, "config.json")) and "SequenceClassification" in str(
-            checkpoint.read_config(path).get("architectures")):  # on (x, q > 0 by now); LoRA adapters: no config
+    if (x or q) and os.path.isfile(os.path.join(path, "config.json")) and checkpoint.score_outputs(
+            checkpoint.read_config(path)):  # on (x, q > 0 by now); LoRA adapters: no config
         raise UserError(f"--filter-model {path} (default --model) is a reward model (*ForSequenceClassification): "
                         "the filter needs the causal LM policy whose perplexity it measures")
     return path if x or q else None

@@ -15,17 +15,16 @@ Unlike the released code (SafeAILab/RAIN): embeddings are our mean-pooled final 
 import argparse
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minirlhf.checkpoint import load_model, read_config
+from minirlhf.checkpoint import load_model
 from minirlhf.rundir import atomic_write_json, atomic_write_text
 from minirlhf.data import load_dataset_any, split_row
-from minirlhf.rewards import load_reward_source, pairwise_context
+from minirlhf.rewards import load_reward_source, pairwise_context, reward_kind
 from minirlhf.sampler import KVCache, generate, mkl_packed, sample, sampling_logits
 from minirlhf.tokenizer import decode_response, encode_prompt, load_tokenizer
 
@@ -284,8 +283,7 @@ def reward_evaluator(spec, model, tokenizer, max_new_tokens, scale=1.0):
     """A reward source of `rewards.py` -> evaluate(prompt, response) = 2 P(response > `model`'s greedy one) - 1; P is
     a pairwise model's probability, or sigmoid((r - r_ref) / scale) for a BT model or a function."""
     reward_fn = load_reward_source(spec)
-    pairwise = os.path.isdir(spec) and not read_config(spec).get("architectures", [""])[0].endswith(
-        "ForSequenceClassification")
+    pairwise = reward_kind(spec) == "pairwise"
     references = {}  # prompt -> (greedy response, its reward)
 
     def evaluate(prompt, response):

@@ -25,7 +25,7 @@ import sys
 import torch
 
 from minirlhf import dist
-from minirlhf.checkpoint import load_model, read_config
+from minirlhf.checkpoint import load_model, read_config, score_outputs
 from minirlhf.data import Sequence, collate_sequences
 from minirlhf.logprobs import IGNORE_INDEX
 from minirlhf.losses import preference_probability
@@ -217,6 +217,15 @@ def import_function(spec, what, expected="expected 'module:function'"):
     return getattr(importlib.import_module(module), name)
 
 
+def reward_kind(spec) -> str:
+    """"bt" or "regression" (a reward model folder, one output or K), "pairwise" (any other model folder: a judge) or
+    "function" (module:function), as `load_reward_source` reads them."""
+    if not os.path.isdir(str(spec)):
+        return "function"
+    outputs = score_outputs(read_config(spec))
+    return "pairwise" if outputs == 0 else "bt" if outputs == 1 else "regression"
+
+
 def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pairs_max=ALL_PAIRS_MAX, seed=0):
     """spec: a BT or regression reward model folder (architectures end in ForSequenceClassification), a pairwise
     preference model folder (any other checkpoint; its pairwise.json gives template, label tokens and max_length;
@@ -236,7 +245,7 @@ def load_reward_source(spec, device="cpu", batch_size=8, max_length=None, all_pa
         return score_with_function
 
     tokenizer, config = load_tokenizer(spec), read_config(spec)
-    if config.get("architectures", [""])[0].endswith("ForSequenceClassification"):
+    if score_outputs(config):
         reward_model = load_model(spec, kind="reward", device=device).eval()
         K, weights = reward_model.score.out_features, config.get("attribute_weights")  # train_rm.py --kind regression
         if K > 1 and not (isinstance(weights, list) and len(weights) == K and

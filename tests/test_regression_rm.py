@@ -179,6 +179,8 @@ def test_verbosity_is_disentangled(tmp_path, model_dir):
         r.shuffle(longer)
         tests.append((f"q{r.randint(0, 999)}", " ".join(words), " ".join(longer)))
     prefer_short = {}
+    assert [rewards.reward_kind(tmp_path / k) for k in ("reg", "bt")] == ["regression", "bt"]
+    assert rewards.reward_kind(model_dir) == "pairwise" and rewards.reward_kind("mod:fn") == "function"
     for kind in ("reg", "bt"):
         scores = rewards.load_reward_source(tmp_path / kind)([p for p, _, _ in tests],
                                                              [[s, l] for _, s, l in tests])
