@@ -236,14 +236,15 @@ def generate_batch(model, prompts, max_new_tokens, n, temperature, top_k, top_p,
 
     out_tokens = torch.zeros(R, max_new_tokens, dtype=torch.long, device=device)  # by original row
     out_logps = torch.zeros(R, max_new_tokens, device=device)
-    if forced is not None:  # (R, max_new_tokens): the given token, -1 where the row samples
-        forced = torch.tensor([(f + [-1] * max_new_tokens)[:max_new_tokens] for f in forced], device=device)
+    h = min(max(map(len, forced or [[]])), max_new_tokens)  # forcing ends after step h: no cost in the steps after
+    if h:  # (R, h): the given token, -1 where the row samples
+        forced = torch.tensor([(f + [-1] * h)[:h] for f in forced], device=device)
     rows = torch.arange(R, device=device)  # current batch row -> original row (rows shrink on compaction)
     done = torch.zeros(R, dtype=torch.bool, device=device)
     check_every = 1 if device.type == "cpu" else 8  # a check is a host sync: on GPU let the CPU queue steps ahead
     for t in range(max_new_tokens):
         tokens, logps = sample(logits, generator, temperature, top_k, top_p)
-        if forced is not None:
+        if t < h:
             given = forced[rows, t]
             tokens = torch.where(given >= 0, given, tokens)
             logps = torch.where(given >= 0, sampling_logits(logits, temperature or 1.0, top_k, top_p).log_softmax(
