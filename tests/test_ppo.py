@@ -232,6 +232,10 @@ def test_reset_prob_zero_is_plain_ppo_bit_for_bit_and_resume_continues_exactly(l
         assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (lock / "late/iter2/policy/metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
+    # --kl-target: iteration 2 starts from the coefficient iteration 1's controller chose
+    run_lock(lock, "adaptive", 0.0, *short, "--kl-target", "0.01", "--kl-horizon", "100", prompts="short.jsonl")
+    first, second = (json.loads((lock / f"adaptive/iter{t}/metrics.json").read_text()) for t in (1, 2))
+    assert first["kl_coef"] == 0.05 and second["kl_coef"] == first["next_kl_coef"] != 0.05
 
 
 # ---- train_ppo.py on a user's chat data, one process and two FSDP ranks ------------------------------------------
@@ -257,11 +261,16 @@ def ppo_flags(d, out, *extra):
 
 def test_train_ppo_on_chat_references_with_a_reward_model(tmp_path, tokenizer):
     """Resets force a prefix of the last assistant message of each conversation; the value model starts from the BT
-    reward model (its score head, not a fresh one); the output is a policy folder with its value model beside."""
+    reward model (its score head, not a fresh one); the output is a policy folder with its value model beside; a
+    response cut at --max-new-tokens scores its reward minus --truncation-penalty."""
     ppo_setup(tmp_path, tokenizer)
-    summary = train_ppo.main(ppo_flags(tmp_path, tmp_path / "out", "--batch-size", 4, "--lr", "1e-12"))
+    summary = train_ppo.main(ppo_flags(tmp_path, tmp_path / "out", "--batch-size", 4, "--lr", "1e-12",
+                                       "--truncation-penalty", "0.5"))
     assert summary["episodes"] == 10 and 0 < summary["resets"] < 1
     rows = [json.loads(line) for line in (tmp_path / "out/samples.jsonl").read_text().splitlines()]
+    cut = [t for r in rows for t in r["truncated"]]
+    assert 0 < sum(cut) and summary["mean_score"] == pytest.approx(
+        sum(x - 0.5 * c for r in rows for x, c in zip(r["rewards"], r["truncated"])) / 10)
     chat = [json.loads(line) for line in (tmp_path / "chat.jsonl").read_text().splitlines()]
     for r, c in zip(rows, chat):
         reference = tokenizer(c["messages"][1]["content"], add_special_tokens=False)["input_ids"]
