@@ -380,7 +380,7 @@ def ppo_iteration(args, t, it_dir, policy_dir, sft_dir, reward_spec, prompts, re
     flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
         "samples_per_prompt", "temperature", "max_new_tokens", "gen_batch_size", "truncation_penalty", "lr",
         "grad_accum", "seed", "iterations", "save_dtype", "report_to")] + ["--resume"] * args.resume
-    summary = train_ppo.main(flags + train_ppo.ppo_flags(args) + [
+    summary = train_ppo.main(flags + cli.passed_flags(train_ppo.add_ppo_arguments, args) + [
         "--model", policy_dir, "--ref-model", sft_dir, "--reward", str(reward_spec), "--prompts",
         f"{it_dir}/prompts.jsonl", "--output-dir", f"{it_dir}/policy", "--name", f"iter{t} ppo", "--iteration",
         str(t), "--batch-size", str(args.ppo_batch_size or args.batch_size), "--kl-coef",

@@ -56,7 +56,7 @@ def probability(text):
 
 
 def add_ppo_arguments(p):
-    """The PPO / DR-PO flags, shared with iterate.py --algorithm ppo, which passes them on (`ppo_flags`)."""
+    """The PPO / DR-PO flags, shared with iterate.py --algorithm ppo, which passes them on (`cli.passed_flags`)."""
     g = p.add_argument_group("PPO and DR-PO (train_ppo.py, minirlhf/ppo.py)")
     g.add_argument("--reset-prob", type=probability, default=0.0, help="DR-PO's beta: probability that an episode "
                    "starts from a prefix of its prompt's reference response (0: plain PPO; DR-PO: 1)")
@@ -72,18 +72,6 @@ def add_ppo_arguments(p):
     for what in ("rewards", "advantages"):  # DR-PO: both on
         g.add_argument(f"--whiten-{what}", action=argparse.BooleanOptionalAction, default=True, help=f"whiten {what}")
     return p
-
-
-def ppo_flags(args):
-    """The command line of `add_ppo_arguments`'s flags with args' values."""
-    flags = []
-    for action in add_ppo_arguments(argparse.ArgumentParser())._actions[1:]:
-        value = getattr(args, action.dest)
-        if isinstance(action, argparse.BooleanOptionalAction):
-            flags.append(action.option_strings[0 if value else 1])
-        elif value is not None:
-            flags += [action.option_strings[0], str(value)]
-    return flags
 
 
 def build_parser():

@@ -91,7 +91,7 @@ def add_run_arguments(p):
 
 
 def add_lora_arguments(p):
-    """LoRA / QLoRA flags (minirlhf/lora.py) of both trainers; iterate.py passes them on (`lora_flags`)."""
+    """LoRA / QLoRA flags (minirlhf/lora.py) of both trainers; iterate.py passes them on (`passed_flags`)."""
     g = p.add_argument_group("LoRA and QLoRA (minirlhf/lora.py)")
     g.add_argument("--lora-rank", type=int, default=0, help="train rank-r LoRA adapters on the frozen base instead of "
                    "every weight (0: full fine-tuning); OUTPUT then holds a PEFT adapter")
@@ -106,11 +106,23 @@ def add_lora_arguments(p):
     return p
 
 
+def passed_flags(add_arguments, args):
+    """The command line giving the flags that `add_arguments` defines the values they have in `args` where those
+    differ from the defaults: how iterate.py passes its LoRA and PPO flags on to the trainers."""
+    flags = []
+    for action in add_arguments(parser(""))._actions[1:]:  # [0]: --help
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            flags.append(action.option_strings[0 if value else 1])
+        else:
+            flags += [action.option_strings[0]] + ([] if action.nargs == 0 else [str(value)])  # nargs 0: a switch
+    return flags
+
+
 def lora_flags(args):
-    """The LoRA flags `args` sets, as a trainer's command line (iterate.py passes them on)."""
-    defaults = vars(add_lora_arguments(parser("")).parse_args([]))
-    changed = {k: getattr(args, k) for k, v in defaults.items() if getattr(args, k) != v}
-    return [x for k, v in changed.items() for x in [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])]
+    return passed_flags(add_lora_arguments, args)
 
 
 def defaults_table(modes):

@@ -83,3 +83,16 @@ def test_the_two_trainers_share_one_vocabulary():
         args = cli.resolve_common(module.build_parser().parse_args(["--model", "m", "--train-data", "d",
                                                                     "--output-dir", "o", "--max-length", "64"]))
         assert (args.max_prompt_length, args.eval_fraction, args.seed) == (16, 0.05, 0)
+
+
+def test_passed_flags_give_back_the_values_that_differ_from_the_defaults():
+    """iterate.py passes its LoRA and PPO flags on this way: each trainer parses them back to the same values."""
+    argv = ["--lora-rank", "4", "--use-rslora", "--lora-targets", "q_proj", "--reset-prob", "0.5", "--no-whiten-rewards",
+            "--kl-target", "6"]
+    args = iterate.build_parser().parse_args(argv)
+    lora, ppo = cli.passed_flags(cli.add_lora_arguments, args), cli.passed_flags(train_ppo.add_ppo_arguments, args)
+    assert lora == ["--lora-rank", "4", "--use-rslora", "--lora-targets", "q_proj"] == cli.lora_flags(args)
+    assert ppo == ["--reset-prob", "0.5", "--kl-target", "6.0", "--no-whiten-rewards"]
+    again = train_ppo.build_parser().parse_args(["--model", "m", "--reward", "r", "--prompts", "p", "--output-dir", "o",
+                                                 *ppo])
+    assert (again.reset_prob, again.kl_target, again.whiten_rewards, again.whiten_advantages) == (0.5, 6.0, False, True)
