@@ -87,8 +87,8 @@ def test_the_two_trainers_share_one_vocabulary():
 
 def test_passed_flags_give_back_the_values_that_differ_from_the_defaults():
     """iterate.py passes its LoRA and PPO flags on this way: each trainer parses them back to the same values."""
-    argv = ["--lora-rank", "4", "--use-rslora", "--lora-targets", "q_proj", "--reset-prob", "0.5", "--no-whiten-rewards",
-            "--kl-target", "6"]
+    argv = ["--lora-rank", "4", "--use-rslora", "--lora-targets", "q_proj", "--reset-prob", "0.5",
+            "--no-whiten-rewards", "--kl-target", "6"]
     args = iterate.build_parser().parse_args(argv)
     lora, ppo = cli.passed_flags(cli.add_lora_arguments, args), cli.passed_flags(train_ppo.add_ppo_arguments, args)
     assert lora == ["--lora-rank", "4", "--use-rslora", "--lora-targets", "q_proj"] == cli.lora_flags(args)
