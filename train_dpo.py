@@ -121,7 +121,7 @@ def reference_logps(ref_model_path, examples, eval_examples, path, batch_size, d
             raise rundir.UserError(f"{path}: the data or the reference model differ from those the run began with "
                                    "(their token ids): resume with the same data, or pass --allow-changed-args")
     ref_model = model if model is not None else dist.apply_fsdp(checkpoint.load_model(
-        ref_model_path, device="cpu" if dist.world_size() > 1 else device), bf16=device.type == "cuda").to(device)
+        ref_model_path, device="cpu" if dist.world_size() > 1 else device), device)
     out = {}
     with lora.adapters_off(ref_model):  # no-op for a plain model
         for prefix, exs in (("", examples), ("eval_", eval_examples)):
@@ -179,7 +179,7 @@ def load_policy(args, resume_ckpt, device):
     policy = checkpoint.load_model(resume_ckpt if full else args.model, device="cpu" if dist.world_size() > 1 else device)
     policy = lora.from_args(policy, args, args.model, resume_ckpt if args.lora_rank else None)
     policy.model.gradient_checkpointing = args.gradient_checkpointing
-    return dist.apply_fsdp(policy, bf16=device.type == "cuda").to(device)
+    return dist.apply_fsdp(policy, device)
 
 
 def load_examples(args, tokenizer, path, split, out_dir=None, device=None):

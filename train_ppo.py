@@ -171,7 +171,7 @@ def train(args, run, device):
     # 2. pi_ref, pi_old and V_old on every episode -> rewards, advantages, returns (the same on every rank)
     def load(path, kind="causal"):
         model = checkpoint.load_model(path, kind, device="cpu" if world > 1 else device)
-        return dist.apply_fsdp(model, bf16=device.type == "cuda").to(device)
+        return dist.apply_fsdp(model, device)
     bs, temperature = args.batch_size, args.temperature or 1.0
     ref_logps = forward_all(load(args.ref_model).eval(), batch, labels, bs, device, temperature)
     value_dir = args.value_model or (args.reward if reward_kind(args.reward) == "bt" else args.model)

@@ -300,7 +300,7 @@ def train(args, run, rank, world_size, device):
                                attribute_weights=args.attribute_weights)
     model = lora.from_args(model, args, args.model, ckpt if run.resume and args.lora_rank else None)
     model.model.gradient_checkpointing = args.gradient_checkpointing
-    model = dist.apply_fsdp(model, bf16=device.type == "cuda").to(device)
+    model = dist.apply_fsdp(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],

@@ -52,16 +52,18 @@ def cleanup():
         dist.destroy_process_group()
 
 
-def apply_fsdp(model, bf16=False):
+def apply_fsdp(model, device):
     """Shard each block (gathered one at a time), then the root, whose (maybe tied) output embedding the fused
-    log-prob op inside `CausalLM.forward` then sees whole. One rank: unchanged."""
+    log-prob op inside `CausalLM.forward` then sees whole; bf16 compute with fp32 master weights and gradient
+    reduction on CUDA. -> the model on `device` (one rank: only moved)."""
     if world_size() == 1:
-        return model
+        return model.to(device)
+    bf16 = torch.device(device).type == "cuda"
     mp = MixedPrecisionPolicy(**(dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else {}))
     for block in model.model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    return model
+    return model.to(device)
 
 
 def autocast(device):

@@ -58,7 +58,7 @@ def filter_rows(args, rows, source, out_dir, device) -> set[int] | None:
                                          args.rejected_column, args.max_length, args.max_prompt_length,
                                          skip_bad=args.skip_bad_rows, source=str(source))
     model = checkpoint.load_model(path, device="cpu" if dist.world_size() > 1 else device).eval()
-    ppl = pair_perplexities(dist.apply_fsdp(model, bf16=device.type == "cuda").to(device), pairs,
+    ppl = pair_perplexities(dist.apply_fsdp(model, device), pairs,
                             pad_token_id(tokenizer), device, args.batch_size)
     score = ppl.max(1).values.double()  # (N,) the less natural response of each pair decides
     tau = args.max_perplexity or torch.quantile(score, args.perplexity_quantile).item()
